@@ -12,7 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from runtime.layers import GroupNorm
+from runtime.layers import GroupNorm, attend_heads, geglu
 
 
 class SinusoidalPositionalEmbedding(nn.Module):
@@ -49,14 +49,7 @@ class Attention(nn.Module):
 
     def __call__(self, hidden_states: mx.array, encoder_hidden_states: mx.array | None = None) -> mx.array:
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        batch, length, dim = hidden_states.shape
-
-        def heads(x: mx.array) -> mx.array:
-            return x.reshape(batch, x.shape[1], self.heads, -1).transpose(0, 2, 1, 3)
-
-        q, k, v = heads(self.to_q(hidden_states)), heads(self.to_k(context)), heads(self.to_v(context))
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale)
-        out = out.transpose(0, 2, 1, 3).reshape(batch, length, dim)
+        out = attend_heads(self.to_q(hidden_states), self.to_k(context), self.to_v(context), self.heads, self.scale)
         return self.to_out[0](out)
 
 
@@ -67,7 +60,7 @@ class GEGLU(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         hidden, gate = mx.split(self.proj(x), 2, axis=-1)
-        return hidden * nn.gelu(gate)
+        return geglu(hidden, gate)
 
 
 class FeedForward(nn.Module):

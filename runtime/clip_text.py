@@ -11,12 +11,14 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
+from runtime.layers import attend_heads, sigmoid
+
 
 class QuickGELU(nn.Module):
     """x * sigmoid(1.702 x): the GELU approximation CLIP was trained with (`quick_gelu`)."""
 
     def __call__(self, x: mx.array) -> mx.array:
-        return x * mx.sigmoid(1.702 * x)
+        return x * sigmoid(1.702 * x)
 
 
 ACTIVATIONS = {"quick_gelu": QuickGELU, "gelu": nn.GELU}
@@ -53,15 +55,11 @@ class CLIPAttention(nn.Module):
 
     def __call__(self, hidden_states: mx.array, attention_mask: mx.array | None = None,
                  is_causal: bool = False) -> mx.array:
-        batch, length, hidden = hidden_states.shape
-
-        def heads(x: mx.array) -> mx.array:
-            return x.reshape(batch, length, self.heads, -1).transpose(0, 2, 1, 3)
-
-        q, k, v = heads(self.q_proj(hidden_states)), heads(self.k_proj(hidden_states)), heads(self.v_proj(hidden_states))
+        length = hidden_states.shape[1]
         mask = attention_mask if attention_mask is not None else ("causal" if is_causal and length > 1 else None)
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
-        return self.out_proj(out.transpose(0, 2, 1, 3).reshape(batch, length, hidden))
+        out = attend_heads(self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states),
+                           self.heads, self.scale, mask)
+        return self.out_proj(out)
 
 
 class CLIPMLP(nn.Module):

@@ -13,7 +13,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from runtime.layers import Conv2d, GroupNorm, SiLU
+from runtime.layers import Conv2d, GroupNorm, SiLU, attention
 from runtime.unet_blocks import ResnetBlock2D, Upsample2D
 
 EPS = 1e-6  # every norm of the SD VAE
@@ -51,7 +51,7 @@ class Attention(nn.Module):
         batch, height, width, channels = hidden_states.shape
         x = self.group_norm(hidden_states.reshape(batch, height * width, channels))
         q, k, v = (proj(x)[:, None] for proj in (self.to_q, self.to_k, self.to_v))
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=channels**-0.5)[:, 0]
+        out = attention(q, k, v, channels**-0.5)[:, 0]
         out = self.to_out[1](self.to_out[0](out))
         return out.reshape(batch, height, width, channels) + hidden_states
 

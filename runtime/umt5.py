@@ -15,6 +15,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from runtime.layers import attention, gelu_tanh
+
 
 def relative_position_bucket(relative_position: np.ndarray, num_buckets: int, max_distance: int) -> np.ndarray:
     """Bidirectional T5 buckets of (key - query) offsets: half the buckets per direction, exact
@@ -50,7 +52,7 @@ class GELUTanh(nn.Module):
     """transformers' `gelu_new`: the tanh approximation of GELU."""
 
     def __call__(self, x: mx.array) -> mx.array:
-        return 0.5 * x * (1.0 + mx.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)))
+        return gelu_tanh(x)
 
 
 ACTIVATIONS = {"gelu_new": GELUTanh, "gelu_pytorch_tanh": GELUTanh, "gelu": nn.GELU, "relu": nn.ReLU}
@@ -100,7 +102,7 @@ class UMT5Attention(nn.Module):
         bias = self.compute_bias(length, length).astype(q.dtype)
         mask = additive_mask(attention_mask, q.dtype)
         bias = bias if mask is None else bias + mask
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=bias)
+        out = attention(q, k, v, 1.0, mask=bias)
         return self.o(out.transpose(0, 2, 1, 3).reshape(batch, length, -1))
 
 

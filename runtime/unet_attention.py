@@ -7,7 +7,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from runtime.animatediff_motion import FeedForward
-from runtime.layers import Conv2d, GroupNorm
+from runtime.layers import Conv2d, GroupNorm, attend_heads
 
 
 class Attention(nn.Module):
@@ -27,14 +27,7 @@ class Attention(nn.Module):
 
     def __call__(self, hidden_states: mx.array, encoder_hidden_states: mx.array | None = None) -> mx.array:
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        batch, length, _ = hidden_states.shape
-
-        def split_heads(x: mx.array) -> mx.array:
-            return x.reshape(batch, x.shape[1], self.heads, -1).transpose(0, 2, 1, 3)
-
-        q, k, v = split_heads(self.to_q(hidden_states)), split_heads(self.to_k(context)), split_heads(self.to_v(context))
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale)
-        out = out.transpose(0, 2, 1, 3).reshape(batch, length, -1)
+        out = attend_heads(self.to_q(hidden_states), self.to_k(context), self.to_v(context), self.heads, self.scale)
         return self.to_out[1](self.to_out[0](out))
 
 

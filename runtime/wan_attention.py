@@ -10,6 +10,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from runtime.layers import attention
 from runtime.wan_rope import apply_rotary
 
 # The text context length the pipelines pad prompts to. diffusers splits the cross-attention
@@ -42,8 +43,7 @@ class WanAttention(nn.Module):
 
     def _attend(self, q: mx.array, k: mx.array, v: mx.array) -> mx.array:
         """Heads-split [batch, tokens, heads, dim_head] in, heads merged back out."""
-        out = mx.fast.scaled_dot_product_attention(
-            q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), scale=self.scale)
+        out = attention(q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), self.scale)
         out = out.transpose(0, 2, 1, 3)
         return out.reshape(*out.shape[:2], -1)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from runtime.layers import gelu, gelu_tanh
 from runtime.sd15_unet import TimestepEmbedding, Timesteps
 
 
@@ -34,7 +35,7 @@ class GELU(nn.Module):
 
     def __call__(self, hidden_states: mx.array) -> mx.array:
         x = self.proj(hidden_states)
-        return nn.gelu_approx(x) if self.approximate == "tanh" else nn.gelu(x)
+        return gelu_tanh(x) if self.approximate == "tanh" else gelu(x)
 
 
 class FeedForward(nn.Module):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from runtime.layers import Conv2d, Dropout, SiLU
+from runtime.layers import Conv2d, Dropout, SiLU, attention
 from runtime.wan_vae_conv import CACHE_T, BandedConv2d, Cache, WanCausalConv3d, cached_conv, own_copy
 from runtime.wan_vae_layers import AvgDown3D, DupUp3D, Identity, Sequential, WanRMSNorm, WanUpsample, ZeroPad2d
 
@@ -50,7 +50,7 @@ class WanAttentionBlock(nn.Module):
         b, t, h, w, c = x.shape
         frames = self.to_qkv(self.norm(x.reshape(b * t, h, w, c)))
         q, k, v = mx.split(frames.reshape(b * t, 1, h * w, 3 * c), 3, axis=-1)
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=c**-0.5)
+        out = attention(q, k, v, c**-0.5)
         return self.proj(out.reshape(b * t, h, w, c)).reshape(b, t, h, w, c) + x
 
 

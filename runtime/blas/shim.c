@@ -4,8 +4,37 @@
  * one. scipy-openblas32 ships OpenBLAS with its symbols prefixed `scipy_`, so it cannot stand in
  * directly. This shim exports the three CBLAS functions libmlx imports under their standard names
  * and forwards them; loaded with RTLD_GLOBAL before mlx, it wins symbol resolution.
+ *
+ * Small products run on one thread. OpenBLAS threads a product once m*n*k passes 2^18, but its
+ * worker threads synchronise by spinning and yielding: with every core busy (other processes, or
+ * MLX's own stream thread) a small threaded call can stall for milliseconds to seconds (measured:
+ * a 16x8-head attention over 256 tokens, 22 ms single-threaded, took 20 ms to 3 s with two
+ * threads on a loaded 2-core machine). Below SMALL_WORK multiply-adds (VIDPORT_BLAS_SMALL_WORK
+ * overrides it; 0 disables) the call is made with one thread, where threading gains little anyway;
+ * larger ones use all of OpenBLAS's threads. MLX calls BLAS from its one CPU stream thread, so
+ * switching OpenBLAS's global thread count around a call does not race with another call.
  */
+#include <stdlib.h>
 typedef int blasint;
+
+void scipy_openblas_set_num_threads(int);
+int scipy_openblas_get_num_threads(void);
+
+static double small_work = 4.0 * 1024 * 1024; /* m*n*k below which one thread is used */
+static int all_threads = -1, threads_now = -1;
+
+static void pick_threads(blasint m, blasint n, blasint k) {
+    if (all_threads < 0) {
+        const char *override = getenv("VIDPORT_BLAS_SMALL_WORK");
+        if (override) small_work = atof(override);
+        all_threads = threads_now = scipy_openblas_get_num_threads();
+    }
+    int want = (double)m * (double)n * (double)k < small_work ? 1 : all_threads;
+    if (want != threads_now) {
+        scipy_openblas_set_num_threads(want);
+        threads_now = want;
+    }
+}
 
 void scipy_cblas_sgemm(int, int, int, blasint, blasint, blasint, float, const float *, blasint,
                        const float *, blasint, float, float *, blasint);
@@ -16,15 +45,18 @@ void scipy_cblas_cgemm(int, int, int, blasint, blasint, blasint, const void *, c
 
 void cblas_sgemm(int order, int ta, int tb, blasint m, blasint n, blasint k, float alpha, const float *a,
                  blasint lda, const float *b, blasint ldb, float beta, float *c, blasint ldc) {
+    pick_threads(m, n, k);
     scipy_cblas_sgemm(order, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
 void cblas_dgemm(int order, int ta, int tb, blasint m, blasint n, blasint k, double alpha, const double *a,
                  blasint lda, const double *b, blasint ldb, double beta, double *c, blasint ldc) {
+    pick_threads(m, n, k);
     scipy_cblas_dgemm(order, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
 void cblas_cgemm(int order, int ta, int tb, blasint m, blasint n, blasint k, const void *alpha, const void *a,
                  blasint lda, const void *b, blasint ldb, const void *beta, void *c, blasint ldc) {
+    pick_threads(m, n, k);
     scipy_cblas_cgemm(order, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }

@@ -1,0 +1,425 @@
+"""Shared plumbing for the MLX-vs-diffusers benchmarks (a private module: bench/run.py skips it).
+
+Each side (the MLX runtime, diffusers on torch) runs in a worker subprocess of its own, so its peak
+RSS is its own; the parent drives both workers over pipes and alternates them (MLX, torch, MLX,
+torch, ...): only one computes at a time and drift in the machine's load hits both sides alike.
+A worker builds its model once, reports its RSS with the model and inputs resident (the
+baseline), runs a warm-up call, then times each call the parent asks for and reports wall time,
+CPU time and its peak RSS (VmHWM) so far. "above baseline" is peak - baseline: what the
+computation itself needed on top of the weights.
+
+MLX workers must `import runtime` before mlx (runtime.blas gives MLX OpenBLAS on Linux); workers
+check `runtime.blas.state` and report it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+OUTPUT = ROOT / "bench-output"
+MB = 1024**2
+GB = 1024**3
+
+
+# ---------------------------------------------------------------------------------------------
+# measuring
+
+
+def rss_now() -> int:
+    """Current resident set size in bytes (Linux /proc; psutil elsewhere)."""
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        import psutil
+
+        return psutil.Process().memory_info().rss
+
+
+def peak_rss() -> int:
+    """Peak RSS of this process in bytes (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def start_mlx() -> str:
+    """Import the runtime (its OpenBLAS shim) before mlx; returns which BLAS MLX uses."""
+    sys.path.insert(0, str(ROOT))
+    if "mlx.core" in sys.modules and "runtime" not in sys.modules:
+        raise RuntimeError("mlx was imported before runtime: MLX would keep the reference BLAS")
+    import runtime  # noqa: F401  (loads runtime.blas first)
+    import runtime.blas
+
+    import mlx.core  # noqa: F401
+
+    return runtime.blas.state["blas"]
+
+
+def start_torch() -> str:
+    import torch
+
+    torch.set_grad_enabled(False)
+    return f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+# ---------------------------------------------------------------------------------------------
+# profiles by op category (one extra call per side; the timed calls run unprofiled)
+
+CATEGORIES = ("conv", "attention", "group norm", "layer/RMS norm", "linear", "activation")
+
+
+def mlx_profile(fn: Callable[[], Any]) -> dict[str, float]:
+    """Run `fn` once with the runtime's conv, attention, group/layer norm and linear layers each
+    evaluated on its own (its inputs first, outside the clock): seconds per category, the total,
+    and calls per category. Evaluating op by op costs MLX some overlap, so "total" is a little
+    above an unprofiled call."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    import runtime.layers as layers
+
+    times = {c: 0.0 for c in CATEGORIES}
+    calls = {c: 0 for c in CATEGORIES}
+
+    def arrays(values) -> list:
+        return [v for v in values if isinstance(v, mx.array)]
+
+    def wrap(category: str, original: Callable) -> Callable:
+        def timed(*args, **kwargs):
+            mx.eval(arrays(args) + arrays(kwargs.values()))
+            start = time.perf_counter()
+            out = original(*args, **kwargs)
+            mx.eval(out)
+            times[category] += time.perf_counter() - start
+            calls[category] += 1
+            return out
+
+        return timed
+
+    patches = [(nn.Conv2d, "__call__", "conv"), (nn.Conv3d, "__call__", "conv"), (nn.GroupNorm, "__call__", "group norm"),
+               (nn.LayerNorm, "__call__", "layer/RMS norm"), (nn.RMSNorm, "__call__", "layer/RMS norm"),
+               (nn.Linear, "__call__", "linear")]
+    # the runtime's own layers of those kinds (each __call__ is self-contained: no double counting)
+    own = {"runtime.wan_vae_conv": {"WanCausalConv3d": "conv", "BandedConv2d": "conv"},
+           "runtime.wan_embeddings": {"FP32LayerNorm": "layer/RMS norm"},
+           "runtime.wan_vae_layers": {"WanRMSNorm": "group norm"}}
+    for module_name, classes in own.items():
+        if module_name in sys.modules:
+            patches += [(getattr(sys.modules[module_name], c), "__call__", category) for c, category in classes.items()]
+    patches += [(layers.GroupNorm, "__call__", "group norm"), (layers.Conv2d, "__call__", "conv")]
+    functions = {"attention": "attention", "silu": "activation", "gelu": "activation", "gelu_tanh": "activation",
+                 "geglu": "activation", "sigmoid": "activation"}
+    for module in [m for name, m in sys.modules.items() if name.startswith("runtime.") and m is not None]:
+        for name, category in functions.items():  # the module's own reference to the runtime.layers function
+            if getattr(module, name, None) is getattr(layers, name):
+                patches.append((module, name, category))
+    originals = [(owner, name, owner.__dict__[name] if isinstance(owner, type) else getattr(owner, name))
+                 for owner, name, _ in patches]
+    try:
+        for (owner, name, category), (_, _, original) in zip(patches, originals):
+            setattr(owner, name, wrap(category, original))
+        start = time.perf_counter()
+        fn()
+        total = time.perf_counter() - start
+    finally:
+        for owner, name, original in originals:
+            setattr(owner, name, original)
+    return {"seconds": {**times, "total": total}, "calls": calls}
+
+
+def torch_profile(fn: Callable[[], Any]) -> dict[str, float]:
+    """Run `fn` once under torch.profiler: inclusive CPU seconds of the top-level ops per category."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ops = {"aten::convolution": "conv", "aten::scaled_dot_product_attention": "attention",
+           "aten::group_norm": "group norm", "aten::layer_norm": "layer/RMS norm", "aten::rms_norm": "layer/RMS norm",
+           "aten::linear": "linear", "aten::silu": "activation", "aten::gelu": "activation",
+           "aten::sigmoid": "activation"}
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    total = time.perf_counter() - start
+    times = {c: 0.0 for c in CATEGORIES}
+    calls = {c: 0 for c in CATEGORIES}
+    for event in prof.key_averages():
+        if event.key in ops:
+            times[ops[event.key]] += event.cpu_time_total / 1e6
+            calls[ops[event.key]] += event.count
+    return {"seconds": {**times, "total": total}, "calls": calls}
+
+
+def profile_table(title: str, mlx: dict, reference: dict) -> list[dict]:
+    """Side-by-side category table from mlx_profile / torch_profile results."""
+    rows, records = [], []
+    for category in (*CATEGORIES, "other", "total"):
+        if category == "other":
+            a = mlx["seconds"]["total"] - sum(mlx["seconds"][c] for c in CATEGORIES)
+            b = reference["seconds"]["total"] - sum(reference["seconds"][c] for c in CATEGORIES)
+            count = ("-", "-")
+        else:
+            a, b = mlx["seconds"][category], reference["seconds"][category]
+            count = (str(mlx["calls"].get(category, "-")), str(reference["calls"].get(category, "-")))
+        records.append({"category": category, "mlx_s": a, "torch_s": b, "ratio": a / b if b > 0 else None})
+        rows.append([category, f"{a:.2f}", f"{b:.2f}", f"{a / b:.2f}" if b > 0 else "-",
+                     f"{a - b:+.2f}", f"{100 * a / mlx['seconds']['total']:.0f}%", *count])
+    table(title, ["op category", "MLX s", "torch s", "MLX/torch", "MLX - torch s", "share of MLX", "MLX calls",
+                  "torch calls"], rows)
+    return records
+
+
+# ---------------------------------------------------------------------------------------------
+# worker side
+
+
+def serve(setup: Callable[[], tuple[dict[str, Callable[[], Any]], dict[str, Any]]], warmup: bool = True) -> None:
+    """Run as a worker: `setup()` builds the model and inputs and returns ({call name: function},
+    info); then answer the parent's calls, one JSON line each, until it says quit. Each function
+    must finish its computation (mx.eval / a torch result) before it returns."""
+    reply_fd = os.dup(1)
+    os.dup2(2, 1)  # anything the libraries print goes to stderr, not into the replies
+    reply = os.fdopen(reply_fd, "w")
+
+    def send(message: dict) -> None:
+        reply.write(json.dumps(message) + "\n")
+        reply.flush()
+
+    try:
+        start = time.perf_counter()
+        calls, info = setup()
+        built = time.perf_counter() - start
+        baseline = rss_now()
+        warm = {}
+        if warmup:
+            for name, fn in calls.items():
+                t0 = time.perf_counter()
+                fn()
+                warm[name] = time.perf_counter() - t0
+        send({"ready": True, "info": info, "build_s": built, "baseline_rss": baseline,
+              "baseline_peak": peak_rss(), "warmup_s": warm})
+        for line in sys.stdin:
+            command = json.loads(line)
+            if command["call"] == "quit":
+                break
+            fn = calls[command["call"]]
+            cpu0, t0 = cpu_seconds(), time.perf_counter()
+            result = fn()
+            wall = time.perf_counter() - t0
+            send({"wall_s": wall, "cpu_s": cpu_seconds() - cpu0, "peak_rss": peak_rss(), "rss": rss_now(),
+                  "extra": result if isinstance(result, dict) else None})
+    except Exception as err:  # noqa: BLE001  (reported to the parent, which raises)
+        import traceback
+
+        send({"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()})
+        raise SystemExit(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# parent side
+
+
+class Worker:
+    """A worker subprocess: `python script --worker SIDE [args]`, driven line by line."""
+
+    def __init__(self, script: str | Path, side: str, args: list[str] | None = None, env: dict | None = None):
+        self.side = side
+        self.log = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen([sys.executable, str(script), "--worker", side, *(args or [])], cwd=ROOT,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
+                                     env={**os.environ, "HF_HUB_OFFLINE": "1", "DIFFUSERS_VERBOSITY": "error",
+                                          **(env or {})})
+        self.ready = self._read()
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait()
+            raise RuntimeError(f"{self.side} worker died ({self.proc.returncode}):\n{self.stderr_tail()}")
+        message = json.loads(line)
+        if "error" in message:
+            raise RuntimeError(f"{self.side} worker failed: {message['error']}\n{message.get('traceback', '')}")
+        return message
+
+    def stderr_tail(self, chars: int = 4000) -> str:
+        self.log.seek(0)
+        return self.log.read()[-chars:]
+
+    def call(self, name: str) -> dict:
+        self.proc.stdin.write(json.dumps({"call": name}) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write(json.dumps({"call": "quit"}) + "\n")
+                self.proc.stdin.flush()
+                self.proc.wait(timeout=60)
+            except (BrokenPipeError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+# Before each timed call the parent waits this long: BLAS and OpenMP worker threads busy-wait for
+# a while after their last job (OpenBLAS, libgomp), and on a 2-core machine the other side's
+# spinning threads would otherwise slow the call being timed.
+SETTLE_S = 0.3
+
+
+def interleaved(script: str | Path, sides: list[str], calls: list[str], repeat: int, args: list[str] | None = None,
+                one_at_a_time: bool = False, log: Callable[[str], None] = print,
+                extra_calls: list[str] | None = None) -> dict[str, dict]:
+    """Build a worker per side, then run every call `repeat` times on each side, alternating sides
+    within each round. With `one_at_a_time` only one worker lives at a time (for models too large
+    to hold twice): the sides are then alternated by rebuilding the worker each round.
+    `extra_calls` run once per side after the timed rounds (profiles); what they return is kept
+    under results[side]["extra"][call]."""
+    results: dict[str, dict] = {side: {"runs": {c: [] for c in calls}, "extra": {}} for side in sides}
+    workers: dict[str, Worker] = {}
+
+    def worker_for(side: str) -> Worker:
+        if side not in workers:
+            worker = workers[side] = Worker(script, side, args)
+            ready = worker.ready
+            results[side].update({k: ready[k] for k in ("info", "build_s", "baseline_rss", "warmup_s")})
+            warm = ", ".join(f"{c} {s:.1f} s" for c, s in ready["warmup_s"].items())
+            log(f"  {side}: built in {ready['build_s']:.1f} s, baseline RSS {ready['baseline_rss'] / MB:.0f} MB"
+                + (f"; warm-up {warm}" if warm else ""))
+        return workers[side]
+
+    def timed(number: int, side: str, call: str) -> None:
+        time.sleep(SETTLE_S)
+        measured = worker_for(side).call(call)
+        results[side]["runs"][call].append(measured)
+        log(f"  [{number + 1}/{repeat}] {side} {call}: {measured['wall_s']:.2f} s (cpu {measured['cpu_s']:.2f} s), "
+            f"peak RSS {measured['peak_rss'] / MB:.0f} MB")
+
+    try:
+        for number in range(repeat):
+            if one_at_a_time:  # side by side, each worker rebuilt per round
+                for side in sides:
+                    for call in calls:
+                        timed(number, side, call)
+                    workers.pop(side).close()
+            else:  # call by call, alternating the sides
+                for call in calls:
+                    for side in sides:
+                        timed(number, side, call)
+        for call in extra_calls or []:
+            for side in sides:
+                time.sleep(SETTLE_S)
+                found = worker_for(side).call(call)
+                results[side]["extra"][call] = found["extra"]
+                log(f"  {side} {call}: {found['wall_s']:.2f} s")
+                if one_at_a_time:
+                    workers.pop(side).close()
+    finally:
+        for worker in workers.values():
+            worker.close()
+    for side in sides:
+        runs = results[side]["runs"]
+        results[side]["summary"] = {call: summarize(found, results[side]["baseline_rss"]) for call, found in runs.items()}
+    return results
+
+
+def summarize(runs: list[dict], baseline: int) -> dict:
+    walls = sorted(r["wall_s"] for r in runs)
+    peak = max(r["peak_rss"] for r in runs)
+    return {"wall_s": statistics.median(walls), "wall_min_s": walls[0], "wall_max_s": walls[-1],
+            "cpu_s": statistics.median(r["cpu_s"] for r in runs), "peak_rss": peak, "baseline_rss": baseline,
+            "above_baseline": peak - baseline, "walls_s": [r["wall_s"] for r in runs], "runs": len(runs)}
+
+
+def table(title: str, columns: list[str], rows: list[list[str]]) -> None:
+    """A rich table when rich is installed, else aligned plain text."""
+    try:
+        from rich.console import Console
+        from rich.table import Table
+
+        out = Table(title=title)
+        for i, column in enumerate(columns):
+            out.add_column(column, justify="left" if i == 0 else "right")
+        for row in rows:
+            out.add_row(*row)
+        Console(width=max(shutil.get_terminal_size((170, 24)).columns, 170)).print(out)
+    except ImportError:
+        widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
+        print(title)
+        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(columns, widths))))
+        for row in rows:
+            print("  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths))))
+
+
+def side_by_side(title: str, results: dict[str, dict], calls: dict[str, str], mlx: str | list[str] = "mlx",
+                 reference: str = "torch") -> list[dict]:
+    """One row per (MLX side, call): MLX vs the reference, wall (median, range), ratio, peak RSS
+    and RSS above baseline on each side, and their ratios. Returns the rows as dicts (for --json)."""
+    rows, records = [], []
+    sides = [mlx] if isinstance(mlx, str) else list(mlx)
+    for side in sides:
+        for call, label in calls.items():
+            a, b = results[side]["summary"][call], results[reference]["summary"][call]
+            name = label if len(sides) == 1 else f"{label} [{side}]"
+            record = {"call": call, "side": side, "label": name, "mlx": a, "reference": b,
+                      "time_ratio": a["wall_s"] / b["wall_s"],
+                      "cpu_ratio": a["cpu_s"] / b["cpu_s"] if b["cpu_s"] else None,
+                      "peak_ratio": a["peak_rss"] / b["peak_rss"],
+                      "above_ratio": a["above_baseline"] / b["above_baseline"] if b["above_baseline"] > 0 else None}
+            records.append(record)
+            rows.append([name, f"{a['wall_s']:.2f}", f"{a['wall_min_s']:.2f}-{a['wall_max_s']:.2f}",
+                         f"{b['wall_s']:.2f}", f"{b['wall_min_s']:.2f}-{b['wall_max_s']:.2f}",
+                         f"{record['time_ratio']:.2f}",
+                         "-" if record["cpu_ratio"] is None else f"{record['cpu_ratio']:.2f}",
+                         f"{a['peak_rss'] / MB:.0f}", f"{b['peak_rss'] / MB:.0f}", f"{record['peak_ratio']:.2f}",
+                         f"{a['above_baseline'] / MB:.0f}", f"{b['above_baseline'] / MB:.0f}",
+                         "-" if record["above_ratio"] is None else f"{record['above_ratio']:.2f}"])
+    table(title, ["", "MLX s", "range", "torch s", "range", "time MLX/torch", "cpu MLX/torch", "MLX peak MB",
+                  "torch peak MB", "peak MLX/torch", "MLX above base MB", "torch above base MB", "above MLX/torch"],
+          rows)
+    return records
+
+
+def verdict(records: list[dict], goal_time: float = 1.0) -> dict[str, bool]:
+    """Print and return, per call, whether MLX met the goal: time ratio <= goal, peak no higher."""
+    met = {}
+    for r in records:
+        time_ok = r["time_ratio"] <= goal_time
+        memory_ok = r["peak_ratio"] <= 1.0
+        met[r["label"]] = time_ok and memory_ok
+        print(f"  {r['label']}: time {'met' if time_ok else 'NOT met'} (MLX/torch {r['time_ratio']:.2f}); "
+              f"peak RSS {'met' if memory_ok else 'NOT met'} (MLX/torch {r['peak_ratio']:.2f})")
+    return met
+
+
+def available_memory() -> int:
+    """Bytes the kernel says are available for new allocations (MemAvailable)."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
+def write_json(path: Path | None, report: dict) -> None:
+    if path:
+        path.write_text(json.dumps(report, indent=2, default=str))

@@ -1,0 +1,119 @@
+"""The SD 1.5 VAE decoding an AnimateDiff clip: 16 frames of 32x32 latents to 256x256 RGB
+(runwayml/stable-diffusion-v1-5 vae config, random weights, float32):
+
+- MLX: vidport's `runtime.sd_vae.AutoencoderKL.decode(z)`, all 16 frames in one batch
+  ("mlx"), and 4 frames at a time (`decode(z, slice_size=4)`, "mlx-sliced", in a worker of its
+  own so its peak RSS is its own);
+- torch: diffusers' `AutoencoderKL.decode(z)` on the 16 frames, as the AnimateDiff pipeline
+  decodes them.
+
+Workers alternate call by call (bench/_common.py); the table reports medians, MLX/torch ratios
+of time and peak RSS, and the RSS above each side's baseline (weights and latents resident).
+Goal (issue 3): MLX no slower than diffusers, peak memory no higher.
+
+    .venv/bin/python bench/vae_decode.py            # 16 frames, 32x32 latents
+    .venv/bin/python bench/vae_decode.py --quick    # 4 frames, 16x16 latents
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as common  # noqa: E402
+
+# runwayml/stable-diffusion-v1-5 vae/config.json
+SD15_VAE = {
+    "act_fn": "silu", "block_out_channels": [128, 256, 512, 512], "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "in_channels": 3, "latent_channels": 4, "layers_per_block": 2, "norm_num_groups": 32, "out_channels": 3,
+    "sample_size": 512, "scaling_factor": 0.18215, "up_block_types": ["UpDecoderBlock2D"] * 4,
+}
+SIZES = {"full": {"frames": 16, "latent": 32}, "quick": {"frames": 4, "latent": 16}}
+SLICE = 4
+
+
+def latents(size: str):
+    import numpy as np
+
+    s = SIZES[size]
+    return np.random.default_rng(0).standard_normal((s["frames"], 4, s["latent"], s["latent"]), dtype=np.float32)
+
+
+def _mlx_setup(size: str, slice_size: int | None):
+    blas = common.start_mlx()
+    import mlx.core as mx
+
+    from runtime.sd_vae import AutoencoderKL
+
+    vae = AutoencoderKL.from_config(SD15_VAE)
+    mx.eval(vae.parameters())
+    z = mx.array(latents(size).transpose(0, 2, 3, 1))  # channels-last
+    mx.eval(z)
+
+    def decode():
+        mx.eval(vae.decode(z, slice_size=slice_size))
+
+    return {"decode": decode, "profile": lambda: common.mlx_profile(decode)}, {"blas": blas, "slice_size": slice_size}
+
+
+def _torch_setup(size: str):
+    info = common.start_torch()
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(**{k: v for k, v in SD15_VAE.items()}).eval()
+    z = torch.from_numpy(latents(size))
+
+    def decode():
+        vae.decode(z)
+
+    return {"decode": decode, "profile": lambda: common.torch_profile(decode)}, {"torch": info}
+
+
+def run(quick: bool = False, repeat: int = 3, profile: bool = False) -> dict:
+    size = "quick" if quick else "full"
+    s = SIZES[size]
+    pixels = s["latent"] * 8
+    print(f"SD 1.5 VAE decode, float32: {s['frames']} frames of {s['latent']}x{s['latent']} latents -> "
+          f"{pixels}x{pixels} RGB", flush=True)
+    results = common.interleaved(__file__, ["mlx", "mlx-sliced", "torch"], ["decode"], repeat, ["--size", size],
+                                 extra_calls=["profile"] if profile else [])
+    print(f"  MLX: {results['mlx']['info']['blas']}; diffusers: {results['torch']['info']['torch']}")
+    records = common.side_by_side(
+        f"SD VAE decode, MLX vs diffusers ({size}; median of {repeat}, alternating)", results,
+        {"decode": f"decode {s['frames']} x {pixels}^2"}, mlx=["mlx", "mlx-sliced"])
+    print(f"  [mlx]: all frames in one batch; [mlx-sliced]: decode(z, slice_size={SLICE}); torch: all frames")
+    print("goal: MLX no slower than diffusers, peak RSS no higher")
+    met = common.verdict(records)
+    report = {"size": size, "shape": s, "results": results, "rows": records, "goals_met": met}
+    if profile:
+        report["profile"] = common.profile_table(
+            f"Where the decode's time goes, by op category ({size}; one profiled decode per side, MLX unsliced)",
+            results["mlx"]["extra"]["profile"], results["torch"]["extra"]["profile"])
+    return report
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="4 frames of 16x16 latents")
+    parser.add_argument("--repeat", type=int, default=3, help="timed decodes per side (median reported)")
+    parser.add_argument("--profile", action="store_true", help="also profile one decode per side by op category")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--worker", choices=["mlx", "mlx-sliced", "torch"], help=argparse.SUPPRESS)
+    parser.add_argument("--size", choices=list(SIZES), default="full", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        if args.worker == "torch":
+            common.serve(lambda: _torch_setup(args.size))
+        else:
+            common.serve(lambda: _mlx_setup(args.size, SLICE if args.worker == "mlx-sliced" else None))
+        return {}
+    report = run(args.quick, args.repeat, args.profile)
+    common.write_json(args.json, report)
+    return report
+
+
+if __name__ == "__main__":
+    main()

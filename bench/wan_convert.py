@@ -1,0 +1,260 @@
+"""Conversion benchmark: a full-size Wan 2.1 T2V 1.3B DiT checkpoint (the real 1.3B shapes and the
+official Wan key names, random bfloat16 weights, release-style safetensors shards with an
+`.index.json`, about 2.8 GB) converted by
+
+- vidport's streaming route: `plan_conversion(index_json, "mlx")` then `convert(plan, out)`;
+- the naive route a hand-written converter takes: load every shard with `safetensors.torch`,
+  rename the keys with diffusers' own `convert_wan_transformer_to_diffusers`, `save_file`;
+- a plain copy of the shards: no conversion, the I/O floor on this disk.
+
+Each route runs in a fresh subprocess, so its peak RSS is its own; the routes alternate round by
+round. The child records its RSS right after its imports (the baseline) and its peak RSS when it
+is done; "above baseline" is what the conversion itself needed.
+
+Target (issue 5): peak RSS above baseline bounded by the largest tensor plus a small constant
+(here: largest tensor + 256 MB), wall time no worse than the naive route.
+
+    .venv/bin/python bench/wan_convert.py            # full size, 3 runs per route (checkpoint cached in bench-output/)
+    .venv/bin/python bench/wan_convert.py --quick    # 2 of the 30 blocks (~0.3 GB), seconds
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as common  # noqa: E402
+from wan_forward import WAN_1_3B  # noqa: E402
+
+ROOT, OUTPUT, MB = common.ROOT, common.OUTPUT, common.MB
+CONSTANT_MB = 256
+SIZES = {"full": {"num_layers": 30, "shards": 3}, "quick": {"num_layers": 2, "shards": 2}}
+ROUTES = {
+    "vidport": "vidport streaming (plan_conversion + convert, mlx, bfloat16 kept)",
+    "naive": "naive safetensors.torch.load_file of every shard + diffusers rename + save_file",
+    "copy": "shutil.copyfile of the shards (no conversion: the I/O floor)",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# the checkpoint
+
+
+def _build_child(folder: Path, size: str) -> dict:
+    """Write the shards tensor group by tensor group: diffusers' model on the meta device gives the
+    names and shapes, the official names come from reference.wan_dit_fixtures.to_native_key, and
+    each tensor is drawn in bfloat16 at unit-ish scale (so nothing 1.3 B-sized is ever resident)."""
+    sys.path.insert(0, str(ROOT))
+    import torch
+    from diffusers import WanTransformer3DModel
+    from safetensors.torch import save_file
+
+    from reference.wan_dit_fixtures import to_native_key
+
+    config = {**WAN_1_3B, "num_layers": SIZES[size]["num_layers"]}
+    with torch.device("meta"):
+        model = WanTransformer3DModel(**config)
+    shapes = {to_native_key(k): tuple(v.shape) for k, v in model.state_dict().items()}
+    del model
+    shards = SIZES[size]["shards"]
+    keys = sorted(shapes)
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    generator = torch.Generator().manual_seed(0)
+    weight_map, total = {}, 0
+    for index in range(shards):
+        name = f"diffusion_pytorch_model-{index + 1:05d}-of-{shards:05d}.safetensors"
+        part = keys[index::shards]
+        state = {}
+        for key in part:
+            shape = shapes[key]
+            if len(shape) == 1:
+                value = 1.0 + 0.1 * torch.randn(shape, generator=generator)
+            else:
+                value = torch.randn(shape, generator=generator) / max(1, int(torch.tensor(shape[1:]).prod())) ** 0.5
+            state[key] = value.to(torch.bfloat16)
+            total += state[key].numel() * 2
+        save_file(state, str(partial / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in part})
+        del state
+    (partial / "diffusion_pytorch_model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(partial, folder)
+    largest = max(shapes, key=lambda k: int(torch.tensor(shapes[k]).prod()))
+    largest_elements = int(torch.tensor(shapes[largest]).prod())
+    info = {"config": config, "tensors": len(shapes), "parameters": sum(int(torch.tensor(s).prod()) for s in shapes.values()),
+            "bytes": sum(f.stat().st_size for f in folder.iterdir()), "shards": shards, "largest_key": largest,
+            "largest_shape": list(shapes[largest]), "largest_bytes": largest_elements * 2,
+            "largest_bytes_float32": largest_elements * 4}
+    (folder / "bench-info.json").write_text(json.dumps(info, indent=2))
+    return info
+
+
+def checkpoint(size: str, rebuild: bool = False) -> tuple[Path, dict]:
+    """The cached checkpoint folder (built on first use) and its description."""
+    OUTPUT.mkdir(exist_ok=True)
+    folder = OUTPUT / f"wan2.1-t2v-1.3b-native-bf16-random-{size}"
+    info_file = folder / "bench-info.json"
+    if rebuild or not info_file.exists():
+        print(f"building {folder.relative_to(ROOT)} (once; cached afterwards) ...", flush=True)
+        start = time.perf_counter()
+        _run_child(["--build", str(folder), "--size", size], timeout=1800)
+        print(f"  built in {time.perf_counter() - start:.1f} s", flush=True)
+    return folder, json.loads(info_file.read_text())
+
+
+# ---------------------------------------------------------------------------------------------
+# one route, one process
+
+
+def _child(route: str, folder: Path, out: Path) -> dict:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    sys.path.insert(0, str(ROOT))
+    index = folder / "diffusion_pytorch_model.safetensors.index.json"
+    shards = sorted(folder.glob("*.safetensors"))
+    if route == "vidport":
+        import runtime  # noqa: F401  (before mlx: plan_conversion builds the MLX model to check shapes)
+        import runtime.registry  # noqa: F401
+        import runtime.wan_dit  # noqa: F401
+        from converter.convert import convert, plan_conversion
+    elif route == "naive":
+        from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+        from safetensors.torch import load_file, save_file
+    baseline, baseline_peak = common.rss_now(), common.peak_rss()
+    cpu0 = common.cpu_seconds()
+    start = time.perf_counter()
+    if route == "copy":
+        out.mkdir(parents=True)
+        for shard in shards:
+            shutil.copyfile(shard, out / shard.name)
+        planned, tensors = start, 0
+    elif route == "vidport":
+        plan = plan_conversion(index, "mlx")
+        planned = time.perf_counter()
+        manifest = convert(plan, out)
+        tensors = manifest["tensors"]
+    else:
+        state = {}
+        for shard in shards:
+            state.update(load_file(str(shard)))
+        planned = time.perf_counter()
+        state = convert_wan_transformer_to_diffusers(state)
+        out.mkdir(parents=True)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(out / "diffusion_pytorch_model.safetensors"))
+        tensors = len(state)
+    wall = time.perf_counter() - start
+    peak = common.peak_rss()
+    written = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    return {"route": route, "wall_s": wall, "cpu_s": common.cpu_seconds() - cpu0, "load_or_plan_s": planned - start,
+            "peak_rss": peak, "baseline_rss": baseline, "baseline_peak": baseline_peak,
+            "above_baseline": peak - baseline, "tensors": tensors, "written_bytes": written}
+
+
+def _run_child(args: list[str], timeout: float = 900) -> dict:
+    proc = subprocess.run([sys.executable, __file__, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench child {args} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def measure(route: str, folder: Path) -> dict:
+    out = OUTPUT / f"out-wan-{route}"
+    shutil.rmtree(out, ignore_errors=True)
+    try:
+        return _run_child(["--route", route, str(folder), str(out)])
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def _summary(runs: list[dict]) -> dict:
+    walls = sorted(r["wall_s"] for r in runs)
+    worst = max(runs, key=lambda r: r["peak_rss"])
+    return {**worst, "wall_s": statistics.median(walls), "cpu_s": statistics.median(r["cpu_s"] for r in runs),
+            "load_or_plan_s": statistics.median(r["load_or_plan_s"] for r in runs), "wall_min_s": walls[0],
+            "wall_max_s": walls[-1], "walls_s": [r["wall_s"] for r in runs], "runs": len(runs)}
+
+
+def run(quick: bool = False, repeat: int = 3, routes: list[str] | None = None, rebuild: bool = False) -> dict:
+    size = "quick" if quick else "full"
+    folder, info = checkpoint(size, rebuild)
+    print(f"checkpoint: {folder.relative_to(ROOT)}: {info['bytes'] / MB:.0f} MB in {info['shards']} shards, "
+          f"{info['tensors']} tensors, {info['parameters'] / 1e6:.0f} M parameters (bfloat16), "
+          f"{info['config']['num_layers']} blocks")
+    print(f"largest tensor: {info['largest_key']} {info['largest_shape']}: {info['largest_bytes'] / MB:.1f} MB "
+          f"(bfloat16; {info['largest_bytes_float32'] / MB:.1f} MB as float32)")
+    routes = routes or list(ROUTES)
+    runs: dict[str, list[dict]] = {route: [] for route in routes}
+    for number in range(repeat):
+        for route in routes:  # interleaved, so drift in machine load hits every route alike
+            result = measure(route, folder)
+            runs[route].append(result)
+            print(f"  [{number + 1}/{repeat}] {route}: {result['wall_s']:.2f} s (cpu {result['cpu_s']:.2f} s), peak "
+                  f"{result['peak_rss'] / MB:.0f} MB ({result['above_baseline'] / MB:+.0f} MB above baseline)", flush=True)
+    results = {route: _summary(found) for route, found in runs.items()}
+    naive = results.get("naive")
+    rows = []
+    for route, r in results.items():
+        ratio = (lambda key: f"{r[key] / naive[key]:.2f}" if naive and naive[key] else "-")
+        rows.append([route, f"{r['wall_s']:.2f}", f"{r['wall_min_s']:.2f}-{r['wall_max_s']:.2f}", f"{r['cpu_s']:.2f}",
+                     f"{r['load_or_plan_s']:.2f}", f"{r['peak_rss'] / MB:.0f}", f"{r['baseline_rss'] / MB:.0f}",
+                     f"{r['above_baseline'] / MB:.0f}", ratio("wall_s"), ratio("peak_rss"), ratio("above_baseline"),
+                     f"{r['written_bytes'] / MB:.0f}"])
+    print()
+    for route in results:
+        print(f"  {route}: {ROUTES[route]}")
+    print("  plan/load s: vidport's plan_conversion (catalog, detection, every check) or naive's load_file of the shards")
+    common.table(f"Wan 2.1 T2V 1.3B DiT, native bf16 shards -> MLX safetensors ({size}; {info['bytes'] / MB:.0f} MB, "
+                 f"largest tensor {info['largest_bytes'] / MB:.1f} MB; median of {repeat})",
+                 ["route", "wall s", "range s", "cpu s", "plan/load s", "peak RSS MB", "baseline MB",
+                  "above baseline MB", "wall / naive", "peak / naive", "above / naive", "written MB"], rows)
+    bound = info["largest_bytes"] + CONSTANT_MB * MB
+    verdict = {}
+    print(f"target: peak RSS above baseline at most the largest tensor + {CONSTANT_MB} MB "
+          f"({bound / MB:.0f} MB), wall time no worse than the naive route")
+    if "vidport" in results:
+        r = results["vidport"]
+        memory_ok = r["above_baseline"] <= bound
+        time_ok = naive is None or r["wall_s"] <= naive["wall_s"]
+        verdict["vidport"] = memory_ok and time_ok
+        print(f"  vidport: memory {'met' if memory_ok else 'NOT met'} ({r['above_baseline'] / MB:.0f} MB above "
+              f"baseline = largest tensor x {r['above_baseline'] / info['largest_bytes']:.1f}); time "
+              + ("n/a (naive not run)" if naive is None else
+                 f"{'met' if time_ok else 'NOT met'} ({r['wall_s']:.2f} s vs {naive['wall_s']:.2f} s)"))
+    return {"checkpoint": info, "results": results, "targets_met": verdict}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="2 of the 30 blocks (~0.3 GB)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per route (the median wall time is reported)")
+    parser.add_argument("--routes", nargs="+", choices=list(ROUTES), help="routes to run (default: all)")
+    parser.add_argument("--rebuild", action="store_true", help="rebuild the cached checkpoint")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--route", choices=list(ROUTES), help=argparse.SUPPRESS)
+    parser.add_argument("--build", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--size", choices=list(SIZES), default="full", help=argparse.SUPPRESS)
+    parser.add_argument("paths", nargs="*", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.build:
+        print(json.dumps(_build_child(args.build, args.size)))
+        return {}
+    if args.route:
+        print(json.dumps(_child(args.route, *args.paths)))
+        return {}
+    report = run(args.quick, args.repeat, args.routes, args.rebuild)
+    common.write_json(args.json, report)
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,149 @@
+"""runtime.layers against torch: the fast activations, the blocked attention, the in-place group
+norm and the banded convolution are our own code paths, so each is checked on its own against
+the torch function diffusers calls, including the cases the fast paths treat specially (extreme
+inputs, masks, half precision, several row blocks and head groups, bands of images and of rows)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import runtime  # noqa: F401  (before mlx: the fast BLAS)
+import runtime.layers as layers
+import mlx.core as mx
+import torch
+import torch.nn.functional as F
+
+
+def as_torch(x: mx.array) -> torch.Tensor:
+    return torch.from_numpy(np.array(x.astype(mx.float32)))
+
+
+def close(ours: mx.array, theirs: torch.Tensor, atol: float, rtol: float = 0.0) -> None:
+    np.testing.assert_allclose(np.array(ours.astype(mx.float32)), theirs.float().numpy(), atol=atol, rtol=rtol)
+
+
+EXTREMES = np.array([-1e4, -200.0, -88.0, -87.0, -30.0, -5.0, -1e-3, 0.0, 1e-7, 1e-3, 2.5, 30.0, 88.0, 89.0, 200.0,
+                     1e4, np.inf, -np.inf], dtype=np.float32)
+
+
+def sample_values() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    return np.concatenate([rng.standard_normal(20000).astype(np.float32) * 4, EXTREMES])
+
+
+@pytest.mark.parametrize("name, reference, atol", [
+    ("silu", F.silu, 2e-6),
+    ("sigmoid", torch.sigmoid, 1e-6),
+    ("gelu", F.gelu, 1e-6),
+    ("gelu_tanh", lambda x: F.gelu(x, approximate="tanh"), 2e-6),
+])
+def test_activation_matches_torch(name, reference, atol):
+    x = sample_values()
+    ours = np.array(getattr(layers, name)(mx.array(x)))
+    theirs = reference(torch.from_numpy(x)).numpy()
+    defined = ~np.isnan(theirs)  # torch's exact GELU gives NaN at +-inf; ours the limit
+    np.testing.assert_allclose(ours[defined], theirs[defined], atol=atol, rtol=1e-5)
+    assert np.isnan(np.array(getattr(layers, name)(mx.array([np.nan], dtype=mx.float32)))).all()
+
+
+def test_geglu_and_half_precision_match_torch():
+    rng = np.random.default_rng(1)
+    hidden, gate = (rng.standard_normal((64, 96)).astype(np.float32) * 3 for _ in range(2))
+    close(layers.geglu(mx.array(hidden), mx.array(gate)), torch.from_numpy(hidden) * F.gelu(torch.from_numpy(gate)),
+          atol=2e-5, rtol=1e-5)  # |hidden| up to ~12 times GELU's 1e-6
+    half = layers.silu(mx.array(hidden).astype(mx.bfloat16))
+    assert half.dtype == mx.bfloat16
+    close(half, F.silu(torch.from_numpy(hidden).bfloat16().float()).bfloat16(), atol=0.0, rtol=8e-3)
+
+
+def sdpa(q, k, v, scale, mask=None):
+    if isinstance(mask, str):
+        return F.scaled_dot_product_attention(as_torch(q), as_torch(k), as_torch(v), scale=scale, is_causal=True)
+    return F.scaled_dot_product_attention(as_torch(q), as_torch(k), as_torch(v), scale=scale,
+                                          attn_mask=None if mask is None else torch.from_numpy(np.array(mask)))
+
+
+@pytest.mark.parametrize("shape", [
+    (2, 3, 5, 7, 16),      # tiny: one block
+    (1, 2, 600, 600, 8),   # queries split into row blocks (600 keys -> 436 rows a block)
+    (4, 8, 8, 8, 32),      # many heads grouped into one block (temporal attention's shape)
+    (2, 4, 40, 77, 24),    # cross-attention, keys != queries
+])
+def test_attention_matches_torch_sdpa(shape, monkeypatch):
+    monkeypatch.setattr(layers, "SCORE_BLOCK_ELEMENTS", 256 * 1024 if shape[2] < 100 else 600 * 436)
+    batch, heads, queries, keys, dim = shape
+    rng = np.random.default_rng(2)
+    q, k, v = (mx.array(rng.standard_normal((batch, heads, n, dim)).astype(np.float32) * 2)
+               for n in (queries, keys, keys))
+    close(layers.attention(q, k, v, dim**-0.5), sdpa(q, k, v, dim**-0.5), atol=1e-5, rtol=1e-5)
+
+
+def test_attention_row_blocks_and_head_groups_are_both_exercised(monkeypatch):
+    """A block budget smaller than one head's scores: rows split, then heads one at a time."""
+    monkeypatch.setattr(layers, "SCORE_BLOCK_ELEMENTS", 3 * 50)
+    rng = np.random.default_rng(3)
+    q, k, v = (mx.array(rng.standard_normal((2, 3, 20, 8)).astype(np.float32)) for _ in range(3))
+    k, v = mx.concatenate([k, k[:, :, :10] * 0.5], axis=2), mx.concatenate([v, v[:, :, :10]], axis=2)  # 30 keys
+    close(layers.attention(q, k, v, 0.3), sdpa(q, k, v, 0.3), atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["causal", "bool", "additive"])
+def test_attention_masks_match_torch(kind):
+    rng = np.random.default_rng(4)
+    q = mx.array(rng.standard_normal((2, 2, 6, 16)).astype(np.float32))
+    k, v = (mx.array(rng.standard_normal((2, 2, 6, 16)).astype(np.float32)) for _ in range(2))
+    if kind == "causal":
+        mask = "causal"
+    elif kind == "bool":
+        allowed = rng.random((2, 1, 6, 6)) > 0.4
+        allowed[..., 0] = True  # every row sees something
+        mask = mx.array(allowed)
+    else:
+        mask = mx.array(rng.standard_normal((1, 2, 6, 6)).astype(np.float32) * 3)
+    close(layers.attention(q, k, v, 0.25, mask), sdpa(q, k, v, 0.25, mask), atol=2e-6, rtol=1e-5)
+
+
+def test_attention_keeps_half_precision_and_rejects_unknown_named_mask():
+    rng = np.random.default_rng(5)
+    q, k, v = (mx.array(rng.standard_normal((1, 2, 9, 16)).astype(np.float32)).astype(mx.bfloat16) for _ in range(3))
+    out = layers.attention(q, k, v, 0.25)
+    assert out.dtype == mx.bfloat16
+    close(out, sdpa(q, k, v, 0.25), atol=1e-2)
+    with pytest.raises(ValueError, match="causal"):
+        layers.attention(q, k, v, 0.25, mask="sliding")
+
+
+@pytest.mark.parametrize("groups, channels, affine", [(32, 64, True), (4, 12, False), (1, 5, True)])
+def test_group_norm_matches_torch(groups, channels, affine):
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((3, 7, 9, channels)).astype(np.float32) * 5 + 3  # offset: a one-pass variance would drift
+    norm = layers.GroupNorm(groups, channels, eps=1e-6)
+    if affine:
+        norm.weight = mx.array(rng.standard_normal(channels).astype(np.float32))
+        norm.bias = mx.array(rng.standard_normal(channels).astype(np.float32))
+    else:
+        norm.weight, norm.bias = mx.ones((channels,)), mx.zeros((channels,))
+    theirs = F.group_norm(torch.from_numpy(x).permute(0, 3, 1, 2), groups, as_torch(norm.weight), as_torch(norm.bias),
+                          eps=1e-6).permute(0, 2, 3, 1)
+    close(norm(mx.array(x)), theirs, atol=1e-5)
+
+
+@pytest.mark.parametrize("budget_rows, stride, padding, batch", [
+    (None, 1, 1, 3),  # under budget: one mx.conv2d
+    (20, 1, 1, 3),    # bands of whole images (two images a band)
+    (3, 1, 1, 2),     # one image is too large: bands of output rows
+    (3, 2, 1, 2),     # rows, strided (the downsampler)
+    (4, 1, 0, 1),     # rows, no padding
+])
+def test_banded_conv2d_matches_torch(budget_rows, stride, padding, batch, monkeypatch):
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((batch, 10, 11, 6)).astype(np.float32)
+    weight = rng.standard_normal((5, 3, 3, 6)).astype(np.float32)
+    out_w = (11 + 2 * padding - 3) // stride + 1
+    if budget_rows is not None:  # bytes of unfolded input for that many output rows
+        monkeypatch.setattr(layers, "CONV_UNFOLD_BUDGET_BYTES", budget_rows * out_w * 9 * 6 * 4)
+    ours = layers.conv2d_banded(mx.array(x), mx.array(weight), stride, padding)
+    theirs = F.conv2d(torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(weight).permute(0, 3, 1, 2),
+                      stride=stride, padding=padding).permute(0, 2, 3, 1)
+    assert ours.shape == tuple(theirs.shape)
+    close(ours, theirs, atol=2e-5)
