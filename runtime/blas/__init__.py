@@ -6,6 +6,17 @@ The Linux `mlx[cpu]` wheel links the reference BLAS: a float32 2048^3 matmul run
 the scipy-openblas32 wheel) under the CBLAS names libmlx imports; loading it RTLD_GLOBAL before
 mlx makes libmlx bind to it. The shim is compiled once (gcc) into the environment.
 
+OpenBLAS picks its kernels by CPU model and does not know every recent one: on the development
+machine's AMD EPYC (Zen 5, with AVX-512) it falls back to its AVX2 "Haswell" kernels, and that
+machine's environment also sets OPENBLAS_CORETYPE=Haswell (a common guard for CPUs OpenBLAS does
+not recognise). Haswell kernels run a float32 GEMM at about 190 GFLOP/s there, its AVX-512
+"SkylakeX" kernels at 350-450 (torch's MKL uses AVX-512 on the same machine). So the runtime
+chooses the kernels of its own OpenBLAS copy itself: VIDPORT_BLAS_CORETYPE when set, else SkylakeX
+on any CPU with the AVX-512 subsets those kernels use, else OpenBLAS's own choice (honouring
+OPENBLAS_CORETYPE). The choice applies only while the shim loads; the environment is restored
+after, so numpy's OpenBLAS and child processes see what the user set. `state["blas"]` names the
+kernels in use.
+
 Set VIDPORT_BLAS=reference to keep the wheel's own BLAS (for benchmarks).
 """
 from __future__ import annotations
@@ -46,6 +57,29 @@ def build_shim() -> Path | None:
     return target
 
 
+# what OpenBLAS's SkylakeX kernels need (its own test for them)
+AVX512_FLAGS = {"avx512f", "avx512dq", "avx512cd", "avx512bw", "avx512vl"}
+
+
+def kernel_choice(cpuinfo: str | None = None) -> str | None:
+    """The kernels for the runtime's OpenBLAS, or None to leave it to OpenBLAS: VIDPORT_BLAS_CORETYPE,
+    else SkylakeX when the CPU (the first processor entry of /proc/cpuinfo) has AVX-512."""
+    if os.environ.get("VIDPORT_BLAS_CORETYPE"):
+        return os.environ["VIDPORT_BLAS_CORETYPE"]
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return None
+    first = cpuinfo.split("\n\n", 1)[0]
+    fields = dict(line.split(":", 1) for line in first.splitlines() if ":" in line)
+    fields = {key.strip(): value.strip() for key, value in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    if AVX512_FLAGS <= flags:
+        return "SkylakeX"
+    return None
+
+
 def use_fast_blas() -> str:
     """Load the OpenBLAS shim before mlx (Linux only); returns which BLAS MLX will use."""
     if sys.platform != "linux" or os.environ.get("VIDPORT_BLAS") == "reference":
@@ -56,8 +90,30 @@ def use_fast_blas() -> str:
         warnings.warn("mlx was imported before vidport's runtime: MLX keeps the slow reference BLAS; "
                       "import runtime (or any runtime.* module) before mlx", stacklevel=2)
         return state["blas"]
-    shim = build_shim()
+    core, before = kernel_choice(), os.environ.get("OPENBLAS_CORETYPE")
+    if core:  # OpenBLAS reads it once, when it loads (importing scipy_openblas32 loads it)
+        os.environ["OPENBLAS_CORETYPE"] = core
+    try:
+        shim = build_shim()
+        if shim is not None:
+            ctypes.CDLL(str(shim), mode=ctypes.RTLD_GLOBAL)
+    finally:
+        if core and before is None:
+            del os.environ["OPENBLAS_CORETYPE"]
+        elif core:
+            os.environ["OPENBLAS_CORETYPE"] = before
     if shim is not None:
-        ctypes.CDLL(str(shim), mode=ctypes.RTLD_GLOBAL)
-        state["blas"] = "OpenBLAS (scipy-openblas32 via vidport shim)"
+        state["blas"] = f"OpenBLAS {corename() or ''} kernels (scipy-openblas32 via vidport shim)".replace("  ", " ")
     return state["blas"]
+
+
+def corename() -> str | None:
+    """The kernel set OpenBLAS chose (after use_fast_blas loaded it), e.g. "SkylakeX"."""
+    try:
+        import scipy_openblas32
+
+        lib = ctypes.CDLL(str(next(Path(scipy_openblas32.get_lib_dir()).glob("libscipy_openblas*.so*"))))
+        lib.scipy_openblas_get_corename.restype = ctypes.c_char_p
+        return lib.scipy_openblas_get_corename().decode()
+    except (ImportError, OSError, StopIteration, AttributeError):
+        return None
