@@ -2,7 +2,7 @@
 (runwayml/stable-diffusion-v1-5 vae config, random weights, float32):
 
 - MLX: vidport's `runtime.sd_vae.AutoencoderKL.decode(z)`, all 16 frames in one batch
-  ("mlx"), and 4 frames at a time (`decode(z, slice_size=4)`, "mlx-sliced", in a worker of its
+  ("mlx"), and one frame at a time (`decode(z, slice_size=1)`, "mlx-sliced", the pipeline's default, in a worker of its
   own so its peak RSS is its own);
 - torch: diffusers' `AutoencoderKL.decode(z)` on the 16 frames, as the AnimateDiff pipeline
   decodes them.
@@ -30,7 +30,7 @@ SD15_VAE = {
     "sample_size": 512, "scaling_factor": 0.18215, "up_block_types": ["UpDecoderBlock2D"] * 4,
 }
 SIZES = {"full": {"frames": 16, "latent": 32}, "quick": {"frames": 4, "latent": 16}}
-SLICE = 4
+SLICE = 1  # what vidport's pipeline uses by default
 
 
 def latents(size: str):

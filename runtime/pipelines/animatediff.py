@@ -180,9 +180,10 @@ class AnimateDiffPipeline:
         mx.eval(states)
         return states[0:1], states[1:2]
 
-    def decode(self, latents: mx.array, slice_size: int = 8, on_slice: SliceCallback | None = None) -> np.ndarray:
+    def decode(self, latents: mx.array, slice_size: int = 1, on_slice: SliceCallback | None = None) -> np.ndarray:
         """Latents (1, C, frames, h, w) -> frames (frames, H, W, 3) in [0, 1], `slice_size` frames at a
-        time so a 16-frame 512x512 video fits in memory."""
+        time so a 16-frame 512x512 video fits in memory. One at a time is also the fastest on the CPU
+        (bench: 16 frames at 256x256 took 42.9 s in slices of 1, 1.2 GB peak; 51.5 s, 5.5 GB in 8s)."""
         slice_size = max(1, int(slice_size))
         batch, channels, frames, h, w = latents.shape
         z = (latents * (1.0 / self.scaling_factor)).transpose(0, 2, 3, 4, 1).reshape(batch * frames, h, w, channels)
@@ -239,7 +240,7 @@ class AnimateDiffPipeline:
     def text_to_video(self, prompt: str, negative_prompt: str = "", frames: int = 16, steps: int = 25,
                       guidance: float = 7.5, height: int | None = None, width: int | None = None,
                       seed: int | None = None, noise: np.ndarray | None = None,
-                      prompt_embeds: tuple[Any, Any] | None = None, decode: bool = True, decode_slice: int = 8,
+                      prompt_embeds: tuple[Any, Any] | None = None, decode: bool = True, decode_slice: int = 1,
                       on_step: StepCallback | None = None, on_slice: SliceCallback | None = None) -> Generation:
         """diffusers' AnimateDiffPipeline. `noise`: the initial standard-normal latents (1, C, frames,
         h, w) instead of drawing them from `seed`; `prompt_embeds`: (prompt, negative) states
@@ -262,7 +263,7 @@ class AnimateDiffPipeline:
                        frames: int = 16, steps: int = 25, guidance: float = 7.5, height: int | None = None,
                        width: int | None = None, seed: int | None = None, noise: np.ndarray | None = None,
                        encode_noise: np.ndarray | None = None, prompt_embeds: tuple[Any, Any] | None = None,
-                       decode: bool = True, decode_slice: int = 8, on_step: StepCallback | None = None,
+                       decode: bool = True, decode_slice: int = 1, on_step: StepCallback | None = None,
                        on_slice: SliceCallback | None = None) -> Generation:
         """diffusers' AnimateDiffVideoToVideoPipeline on `image` (uint8 (H, W, 3)) repeated over the
         frames: each frame's latent is a sample of the VAE's distribution (mean + std * encode_noise),
