@@ -13,6 +13,7 @@ check `runtime.blas.state` and report it.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import resource
@@ -425,3 +426,145 @@ def available_memory() -> int:
 def write_json(path: Path | None, report: dict) -> None:
     if path:
         path.write_text(json.dumps(report, indent=2, default=str))
+
+
+# ---------------------------------------------------------------------------------------------
+# conversion routes: every run of every route in a fresh process of its own
+
+
+def measure_route(out: Path, work: Callable[[], tuple[float, int]]) -> dict:
+    """Child side: run one route's `work` (returns the perf_counter time its plan or load was done,
+    and the tensor count) in this fresh process, with the imports it needs already done: the
+    baseline is taken now. Returns wall, CPU and plan/load seconds, peak RSS, RSS above baseline
+    and the bytes written under `out`."""
+    baseline, baseline_peak, cpu0 = rss_now(), peak_rss(), cpu_seconds()
+    start = time.perf_counter()
+    planned, tensors = work()
+    wall = time.perf_counter() - start
+    peak = peak_rss()
+    written = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    return {"wall_s": wall, "cpu_s": cpu_seconds() - cpu0, "load_or_plan_s": planned - start, "peak_rss": peak,
+            "baseline_rss": baseline, "baseline_peak": baseline_peak, "above_baseline": peak - baseline,
+            "tensors": tensors, "written_bytes": written}
+
+
+def run_child(script: str | Path, args: list[str], timeout: float = 900) -> dict:
+    """Run `script args` in a fresh interpreter; its last stdout line is JSON."""
+    proc = subprocess.run([sys.executable, str(script), *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench child {args} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_routes(script: str | Path, source: Path, routes: list[str], repeat: int) -> dict[str, dict]:
+    """Parent side: each route `repeat` times (`script --route R SOURCE OUT`), the routes interleaved
+    round by round so drift in the machine's load hits them alike; the output is removed after
+    each run. Returns per route the median wall / CPU / plan-load seconds, the wall range and the
+    largest peak RSS seen."""
+    runs: dict[str, list[dict]] = {route: [] for route in routes}
+    for number in range(repeat):
+        for route in routes:
+            out = OUTPUT / f"out-{Path(script).stem}-{route}"
+            shutil.rmtree(out, ignore_errors=True)
+            try:
+                result = run_child(script, ["--route", route, str(source), str(out)])
+            finally:
+                shutil.rmtree(out, ignore_errors=True)
+            runs[route].append(result)
+            print(f"  [{number + 1}/{repeat}] {route}: {result['wall_s']:.2f} s (cpu {result['cpu_s']:.2f} s), peak "
+                  f"{result['peak_rss'] / MB:.0f} MB ({result['above_baseline'] / MB:+.0f} MB above baseline)", flush=True)
+    summaries = {}
+    for route, found in runs.items():
+        walls = sorted(r["wall_s"] for r in found)
+        worst = max(found, key=lambda r: r["peak_rss"])
+        summaries[route] = {**worst, "wall_s": statistics.median(walls), "cpu_s": statistics.median(r["cpu_s"] for r in found),
+                            "load_or_plan_s": statistics.median(r["load_or_plan_s"] for r in found),
+                            "wall_min_s": walls[0], "wall_max_s": walls[-1], "walls_s": [r["wall_s"] for r in found],
+                            "runs": len(found)}
+    return summaries
+
+
+def routes_table(title: str, results: dict[str, dict], descriptions: dict[str, str], load_note: str) -> None:
+    """The routes side by side, with ratios to the naive route where it ran."""
+    naive = results.get("naive")
+    rows = []
+    for route, r in results.items():
+        ratio = (lambda key: f"{r[key] / naive[key]:.2f}" if naive and naive[key] else "-")
+        rows.append([route, f"{r['wall_s']:.2f}", f"{r['wall_min_s']:.2f}-{r['wall_max_s']:.2f}", f"{r['cpu_s']:.2f}",
+                     f"{r['load_or_plan_s']:.2f}", f"{r['peak_rss'] / MB:.0f}", f"{r['baseline_rss'] / MB:.0f}",
+                     f"{r['above_baseline'] / MB:.0f}", ratio("wall_s"), ratio("peak_rss"), ratio("above_baseline"),
+                     f"{r['written_bytes'] / MB:.0f}"])
+    print()
+    for route in results:
+        print(f"  {route}: {descriptions[route]}")
+    print("  wall s: median of the runs (range: fastest-slowest); cpu s: user + system CPU time (median)")
+    print(f"  plan/load s: {load_note}")
+    table(title, ["route", "wall s", "range s", "cpu s", "plan/load s", "peak RSS MB", "baseline MB",
+                  "above baseline MB", "wall / naive", "peak / naive", "above / naive", "written MB"], rows)
+
+
+def routes_verdict(results: dict[str, dict], bound: int, bound_text: str) -> dict[str, bool]:
+    """Print and return, per vidport route, whether its RSS above baseline stayed within `bound`
+    bytes and its wall time within the naive route's."""
+    naive = results.get("naive")
+    verdict = {}
+    print(f"target: peak RSS above baseline at most {bound_text} ({bound / MB:.0f} MB), wall time no worse than "
+          "the naive route")
+    for route in (r for r in results if r.startswith("vidport")):
+        r = results[route]
+        memory_ok = r["above_baseline"] <= bound
+        time_ok = naive is None or r["wall_s"] <= naive["wall_s"]
+        verdict[route] = memory_ok and time_ok
+        print(f"  {route}: memory {'met' if memory_ok else 'NOT met'} ({r['above_baseline'] / MB:.0f} MB above "
+              "baseline); time " + ("n/a (naive not run)" if naive is None else
+                                    f"{'met' if time_ok else 'NOT met'} ({r['wall_s']:.2f} s vs {naive['wall_s']:.2f} s)"))
+    return verdict
+
+
+def worker_main(argv: list[str] | None, doc: str, quick_help: str, sizes: dict, setups: dict[str, Callable],
+                run: Callable[[bool, int, bool], dict]) -> dict:
+    """The command line the MLX-vs-diffusers benchmarks share: the parent's options, and the worker
+    mode (`--worker SIDE`) that serves one side's calls (bench/_common.serve)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--repeat", type=int, default=3, help="timed calls per side (median reported)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile one call per side by op category (conv, attention, norms, linear)")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--worker", choices=list(setups), help=argparse.SUPPRESS)
+    parser.add_argument("--size", choices=list(sizes), default="full", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        serve(lambda: setups[args.worker](args.size))
+        return {}
+    report = run(args.quick, args.repeat, args.profile)
+    write_json(args.json, report)
+    return report
+
+
+def conversion_main(argv: list[str] | None, doc: str, routes: dict[str, str], sizes: dict, quick_help: str,
+                    build_child: Callable[[Path, str], dict], child: Callable[..., dict],
+                    run: Callable[[bool, int, list[str] | None, bool], dict]) -> dict:
+    """The command line both conversion benchmarks share: the parent's options, and the two child
+    modes (`--build` the cached checkpoint, `--route` one run) that print one JSON line."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--repeat", type=int, default=3, help="runs per route (the median wall time is reported)")
+    parser.add_argument("--routes", nargs="+", choices=list(routes), help="routes to run (default: all)")
+    parser.add_argument("--rebuild", action="store_true", help="rebuild the cached checkpoint")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--route", choices=list(routes), help=argparse.SUPPRESS)
+    parser.add_argument("--build", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--size", choices=list(sizes), default="full", help=argparse.SUPPRESS)
+    parser.add_argument("paths", nargs="*", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.build:
+        print(json.dumps(build_child(args.build, args.size)))
+        return {}
+    if args.route:
+        print(json.dumps(child(args.route, *args.paths)))
+        return {}
+    report = run(args.quick, args.repeat, args.routes, args.rebuild)
+    write_json(args.json, report)
+    return report

@@ -19,7 +19,6 @@ Goal (issue 3): MLX no slower than diffusers (time ratio <= 1.0), peak memory no
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -136,21 +135,7 @@ def run(quick: bool = False, repeat: int = 3, profile: bool = False) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a fifth of the widths, 16x16 latents")
-    parser.add_argument("--repeat", type=int, default=3, help="timed steps per side (median reported)")
-    parser.add_argument("--profile", action="store_true",
-                        help="also profile one step per side by op category (conv, attention, norms, linear)")
-    parser.add_argument("--json", type=Path, help="also write the results here")
-    parser.add_argument("--worker", choices=["mlx", "torch"], help=argparse.SUPPRESS)
-    parser.add_argument("--size", choices=list(SIZES), default="full", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.worker:
-        common.serve(lambda: (_mlx_setup if args.worker == "mlx" else _torch_setup)(args.size))
-        return {}
-    report = run(args.quick, args.repeat, args.profile)
-    common.write_json(args.json, report)
-    return report
+    return common.worker_main(argv, __doc__, "a fifth of the widths, 16x16 latents", SIZES, {"mlx": _mlx_setup, "torch": _torch_setup}, run)
 
 
 if __name__ == "__main__":

@@ -19,12 +19,9 @@ Target (issue 5): peak RSS above baseline bounded by the largest tensor plus a s
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
-import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -107,7 +104,7 @@ def checkpoint(size: str, rebuild: bool = False) -> tuple[Path, dict]:
     if rebuild or not info_file.exists():
         print(f"building {folder.relative_to(ROOT)} (once; cached afterwards) ...", flush=True)
         start = time.perf_counter()
-        _run_child(["--build", str(folder), "--size", size], timeout=1800)
+        common.run_child(__file__, ["--build", str(folder), "--size", size], timeout=1800)
         print(f"  built in {time.perf_counter() - start:.1f} s", flush=True)
     return folder, json.loads(info_file.read_text())
 
@@ -130,20 +127,17 @@ def _child(route: str, folder: Path, out: Path) -> dict:
     elif route == "naive":
         from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
         from safetensors.torch import load_file, save_file
-    baseline, baseline_peak = common.rss_now(), common.peak_rss()
-    cpu0 = common.cpu_seconds()
-    start = time.perf_counter()
-    if route == "copy":
-        out.mkdir(parents=True)
-        for shard in shards:
-            shutil.copyfile(shard, out / shard.name)
-        planned, tensors = start, 0
-    elif route == "vidport":
-        plan = plan_conversion(index, "mlx")
-        planned = time.perf_counter()
-        manifest = convert(plan, out)
-        tensors = manifest["tensors"]
-    else:
+
+    def work() -> tuple[float, int]:
+        if route == "copy":
+            out.mkdir(parents=True)
+            for shard in shards:
+                shutil.copyfile(shard, out / shard.name)
+            return time.perf_counter(), 0
+        if route == "vidport":
+            plan = plan_conversion(index, "mlx")
+            planned = time.perf_counter()
+            return planned, convert(plan, out)["tensors"]
         state = {}
         for shard in shards:
             state.update(load_file(str(shard)))
@@ -151,37 +145,13 @@ def _child(route: str, folder: Path, out: Path) -> dict:
         state = convert_wan_transformer_to_diffusers(state)
         out.mkdir(parents=True)
         save_file({k: v.contiguous() for k, v in state.items()}, str(out / "diffusion_pytorch_model.safetensors"))
-        tensors = len(state)
-    wall = time.perf_counter() - start
-    peak = common.peak_rss()
-    written = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
-    return {"route": route, "wall_s": wall, "cpu_s": common.cpu_seconds() - cpu0, "load_or_plan_s": planned - start,
-            "peak_rss": peak, "baseline_rss": baseline, "baseline_peak": baseline_peak,
-            "above_baseline": peak - baseline, "tensors": tensors, "written_bytes": written}
+        return planned, len(state)
+
+    return {"route": route, **common.measure_route(out, work)}
 
 
-def _run_child(args: list[str], timeout: float = 900) -> dict:
-    proc = subprocess.run([sys.executable, __file__, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise RuntimeError(f"bench child {args} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def measure(route: str, folder: Path) -> dict:
-    out = OUTPUT / f"out-wan-{route}"
-    shutil.rmtree(out, ignore_errors=True)
-    try:
-        return _run_child(["--route", route, str(folder), str(out)])
-    finally:
-        shutil.rmtree(out, ignore_errors=True)
-
-
-def _summary(runs: list[dict]) -> dict:
-    walls = sorted(r["wall_s"] for r in runs)
-    worst = max(runs, key=lambda r: r["peak_rss"])
-    return {**worst, "wall_s": statistics.median(walls), "cpu_s": statistics.median(r["cpu_s"] for r in runs),
-            "load_or_plan_s": statistics.median(r["load_or_plan_s"] for r in runs), "wall_min_s": walls[0],
-            "wall_max_s": walls[-1], "walls_s": [r["wall_s"] for r in runs], "runs": len(runs)}
+# ---------------------------------------------------------------------------------------------
+# parent side
 
 
 def run(quick: bool = False, repeat: int = 3, routes: list[str] | None = None, rebuild: bool = False) -> dict:
@@ -192,68 +162,17 @@ def run(quick: bool = False, repeat: int = 3, routes: list[str] | None = None, r
           f"{info['config']['num_layers']} blocks")
     print(f"largest tensor: {info['largest_key']} {info['largest_shape']}: {info['largest_bytes'] / MB:.1f} MB "
           f"(bfloat16; {info['largest_bytes_float32'] / MB:.1f} MB as float32)")
-    routes = routes or list(ROUTES)
-    runs: dict[str, list[dict]] = {route: [] for route in routes}
-    for number in range(repeat):
-        for route in routes:  # interleaved, so drift in machine load hits every route alike
-            result = measure(route, folder)
-            runs[route].append(result)
-            print(f"  [{number + 1}/{repeat}] {route}: {result['wall_s']:.2f} s (cpu {result['cpu_s']:.2f} s), peak "
-                  f"{result['peak_rss'] / MB:.0f} MB ({result['above_baseline'] / MB:+.0f} MB above baseline)", flush=True)
-    results = {route: _summary(found) for route, found in runs.items()}
-    naive = results.get("naive")
-    rows = []
-    for route, r in results.items():
-        ratio = (lambda key: f"{r[key] / naive[key]:.2f}" if naive and naive[key] else "-")
-        rows.append([route, f"{r['wall_s']:.2f}", f"{r['wall_min_s']:.2f}-{r['wall_max_s']:.2f}", f"{r['cpu_s']:.2f}",
-                     f"{r['load_or_plan_s']:.2f}", f"{r['peak_rss'] / MB:.0f}", f"{r['baseline_rss'] / MB:.0f}",
-                     f"{r['above_baseline'] / MB:.0f}", ratio("wall_s"), ratio("peak_rss"), ratio("above_baseline"),
-                     f"{r['written_bytes'] / MB:.0f}"])
-    print()
-    for route in results:
-        print(f"  {route}: {ROUTES[route]}")
-    print("  plan/load s: vidport's plan_conversion (catalog, detection, every check) or naive's load_file of the shards")
-    common.table(f"Wan 2.1 T2V 1.3B DiT, native bf16 shards -> MLX safetensors ({size}; {info['bytes'] / MB:.0f} MB, "
-                 f"largest tensor {info['largest_bytes'] / MB:.1f} MB; median of {repeat})",
-                 ["route", "wall s", "range s", "cpu s", "plan/load s", "peak RSS MB", "baseline MB",
-                  "above baseline MB", "wall / naive", "peak / naive", "above / naive", "written MB"], rows)
-    bound = info["largest_bytes"] + CONSTANT_MB * MB
-    verdict = {}
-    print(f"target: peak RSS above baseline at most the largest tensor + {CONSTANT_MB} MB "
-          f"({bound / MB:.0f} MB), wall time no worse than the naive route")
-    if "vidport" in results:
-        r = results["vidport"]
-        memory_ok = r["above_baseline"] <= bound
-        time_ok = naive is None or r["wall_s"] <= naive["wall_s"]
-        verdict["vidport"] = memory_ok and time_ok
-        print(f"  vidport: memory {'met' if memory_ok else 'NOT met'} ({r['above_baseline'] / MB:.0f} MB above "
-              f"baseline = largest tensor x {r['above_baseline'] / info['largest_bytes']:.1f}); time "
-              + ("n/a (naive not run)" if naive is None else
-                 f"{'met' if time_ok else 'NOT met'} ({r['wall_s']:.2f} s vs {naive['wall_s']:.2f} s)"))
+    results = common.run_routes(__file__, folder, routes or list(ROUTES), repeat)
+    common.routes_table(f"Wan 2.1 T2V 1.3B DiT, native bf16 shards -> MLX safetensors ({size}; {info['bytes'] / MB:.0f} MB, "
+                        f"largest tensor {info['largest_bytes'] / MB:.1f} MB; median of {repeat})", results, ROUTES,
+                        "vidport's plan_conversion (catalog, detection, every check) or naive's load_file of the shards")
+    verdict = common.routes_verdict(results, info["largest_bytes"] + CONSTANT_MB * MB,
+                                    f"the largest tensor + {CONSTANT_MB} MB")
     return {"checkpoint": info, "results": results, "targets_met": verdict}
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="2 of the 30 blocks (~0.3 GB)")
-    parser.add_argument("--repeat", type=int, default=3, help="runs per route (the median wall time is reported)")
-    parser.add_argument("--routes", nargs="+", choices=list(ROUTES), help="routes to run (default: all)")
-    parser.add_argument("--rebuild", action="store_true", help="rebuild the cached checkpoint")
-    parser.add_argument("--json", type=Path, help="also write the results here")
-    parser.add_argument("--route", choices=list(ROUTES), help=argparse.SUPPRESS)
-    parser.add_argument("--build", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--size", choices=list(SIZES), default="full", help=argparse.SUPPRESS)
-    parser.add_argument("paths", nargs="*", type=Path, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.build:
-        print(json.dumps(_build_child(args.build, args.size)))
-        return {}
-    if args.route:
-        print(json.dumps(_child(args.route, *args.paths)))
-        return {}
-    report = run(args.quick, args.repeat, args.routes, args.rebuild)
-    common.write_json(args.json, report)
-    return report
+    return common.conversion_main(argv, __doc__, ROUTES, SIZES, "2 of the 30 blocks (~0.3 GB)", _build_child, _child, run)
 
 
 if __name__ == "__main__":

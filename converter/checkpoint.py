@@ -4,7 +4,6 @@ tensor is asked for.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import zipfile
 from dataclasses import dataclass, field
@@ -226,13 +225,4 @@ def _describe(value: Any) -> str:
     return type(value).__name__
 
 
-def file_sha256(path: Path, chunk: int = 16 * 1024 * 1024) -> str:
-    """Hash a source file in chunks (never whole in memory)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-__all__ = ["Source", "Tensors", "TensorRef", "EmaCopies", "read_checkpoint", "unwrap", "file_sha256", "is_tensor"]
+__all__ = ["Source", "Tensors", "TensorRef", "EmaCopies", "read_checkpoint", "unwrap", "is_tensor"]

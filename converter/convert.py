@@ -12,9 +12,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from converter.checkpoint import Source, file_sha256, read_checkpoint
+from converter.checkpoint import Source, read_checkpoint
+from converter.hashing import file_sha256, hash_in_background
 from converter.detect import Detected, choose_ema, detect
-from converter.dtypes import NAMED_DTYPES, dtype_name, is_floating
+from converter.dtypes import NAMED_DTYPES, is_floating
 from converter.errors import VidportError
 from converter.generators import GENERATORS
 from converter.infer import finish_expressions, infer_config, match_variant, public
@@ -281,5 +282,6 @@ def convert(plan: ConversionPlan, out: str | Path, overwrite: bool = False, shar
             progress: Progress | None = None) -> dict[str, Any]:
     """Write the planned output atomically; returns the manifest."""
     writer_module = importlib.import_module(f"converter.targets.{plan.target.writer}")
+    hash_in_background(plan.source.files)  # for the manifest, beside the conversion
     with atomic_folder(Path(out), overwrite) as folder:
         return writer_module.write(plan, folder, shard_bytes, progress)

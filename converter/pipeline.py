@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 from converter.convert import MANIFEST, ConversionPlan, Progress, plan_conversion, tool_version
 from converter.errors import VidportError
+from converter.hashing import hash_in_background
 from converter.infer import public
 from converter.output import atomic_folder
 from converter.pipeline_spec import Layout, PipelineSpec, pipeline_spec
@@ -219,6 +220,7 @@ def convert_pipeline(plan: PipelinePlan, out: str | Path, overwrite: bool = Fals
                 progress(done + count, total, f"{component}/{name}")
         return step
 
+    hash_in_background(f for component in plan.components.values() for f in component.source.files)
     with atomic_folder(Path(out), overwrite) as folder:
         manifests: dict[str, dict[str, Any]] = {}
         for name, component in plan.components.items():

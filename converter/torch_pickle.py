@@ -21,6 +21,7 @@ import numpy as np
 
 from converter.dtypes import TORCH_STORAGE_DTYPES
 from converter.errors import UnsafeCheckpointError, VidportError
+from converter.mapped import map_range
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 
@@ -32,7 +33,7 @@ class StorageRef:
     key: str
     dtype: np.dtype
     numel: int
-    read: Callable[[int, int], bytes]  # (byte offset, byte count) -> bytes
+    read: Callable[[int, int], memoryview]  # (byte offset, byte count) -> read-only bytes
 
 
 @dataclass(frozen=True)
@@ -162,13 +163,13 @@ def read_torch_zip(path: Path) -> Any:
             if info.compress_type != zipfile.ZIP_STORED:
                 raise VidportError(f"{path}: compressed storage {key} is not supported")
 
-            def read(offset: int, count: int, member: str = member) -> bytes:
-                with archive.open(member) as handle:
-                    handle.seek(offset)
-                    data = handle.read(count)
-                if len(data) != count:
+            data_start = _member_data_start(path, info)
+
+            def read(offset: int, count: int, member: str = member, data_start: int = data_start,
+                     size: int = info.file_size) -> memoryview:
+                if offset + count > size:
                     raise VidportError(f"{path}: storage {member} ends early (truncated file?)")
-                return data
+                return map_range(path, data_start + offset, count, f"storage {member}")
 
             cache[key] = StorageRef(str(key), _storage_dtype(kind, path), int(numel), read)
         return cache[key]
@@ -178,6 +179,18 @@ def read_torch_zip(path: Path) -> Any:
     except (zipfile.BadZipFile, OSError, EOFError) as err:
         raise VidportError(f"{path}: corrupted checkpoint ({err})") from err
     return _unpickle(data, path, storage_for)
+
+
+def _member_data_start(path: Path, info: zipfile.ZipInfo) -> int:
+    """Where a stored zip member's bytes begin: after its local header, whose name and extra
+    field lengths may differ from the central directory's."""
+    with open(path, "rb") as handle:
+        handle.seek(info.header_offset)
+        local = handle.read(30)
+    if len(local) != 30 or local[:4] != b"PK\x03\x04":
+        raise VidportError(f"{path}: corrupted zip entry {info.filename} (truncated file?)")
+    name_length, extra_length = struct.unpack("<HH", local[26:30])
+    return info.header_offset + 30 + name_length + extra_length
 
 
 def _unpickle(source: Any, path: Path, storage_for: Callable[[tuple], StorageRef]) -> Any:
@@ -203,13 +216,8 @@ def read_torch_legacy(path: Path) -> Any:
         if len(pid) > 5 and pid[5] is not None:
             raise VidportError(f"{path}: legacy storage views are not supported")
 
-        def read(offset: int, count: int) -> bytes:
-            with open(path, "rb") as reader:
-                reader.seek(offsets[key] + offset)
-                data = reader.read(count)
-            if len(data) != count:
-                raise VidportError(f"{path}: storage {key} ends early (truncated file?)")
-            return data
+        def read(offset: int, count: int) -> memoryview:
+            return map_range(path, offsets[key] + offset, count, f"storage {key}")
 
         return StorageRef(str(key), _storage_dtype(kind, path), int(numel), read)
 

@@ -89,7 +89,7 @@ def test_sharded_output_loads(motion_sources, tmp_path):
 
 
 def test_manifest_records_provenance(motion_sources, tmp_path):
-    from converter.checkpoint import file_sha256
+    from converter.hashing import file_sha256
 
     manifest = convert(plan_conversion(motion_sources["v3"], "mlx", dtype="float16"), tmp_path / "o")
     on_disk = json.loads((tmp_path / "o" / "vidport_manifest.json").read_text())

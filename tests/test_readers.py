@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 
 from converter.checkpoint import read_checkpoint, unwrap
 from converter.convert import plan_conversion
+from converter.errors import VidportError
 from converter.safetensors_io import SafetensorsWriter, read_safetensors
 
 TENSORS = {
@@ -42,6 +43,9 @@ def test_formats_by_content(tmp_path, fmt):
         assert loaded.shape == tuple(tensor.shape)
         np.testing.assert_array_equal(loaded.astype(np.float64), as_numpy(tensor).astype(np.float64))
     assert source.tree["b"].dtype == np.dtype(ml_dtypes.bfloat16)
+    mapped = source.tree["a"].load()  # contiguous: a view of the file's own bytes
+    with pytest.raises(ValueError, match="read-only"):
+        mapped[0, 0] = 1.0  # the source can never be written through a loaded tensor
 
 
 def test_sharded_safetensors_and_writer(tmp_path):
@@ -103,3 +107,27 @@ def test_inspect_describes(motion_sources):
     assert rows["family"] == "animatediff-motion" and rows["variant"].startswith("v1")
     assert rows["tensors"] == len(torch.load(motion_sources["v1"], weights_only=True))
     assert rows["dtypes"] == f"float32 x{rows['tensors']}"
+
+
+def test_tensor_past_the_end_of_a_shrunk_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "w.safetensors"
+    save_file({"a": torch.randn(64, 64)}, str(path))
+    refs, _ = read_safetensors(path)
+    with open(path, "r+b") as handle:  # the file shrinks after its header was read
+        handle.truncate(path.stat().st_size - 100)
+    with pytest.raises(VidportError, match="w.safetensors.*truncated"):
+        refs["a"].load()
+
+
+def test_source_hashes_in_the_background_match_and_follow_changes(tmp_path):
+    import hashlib
+
+    from converter.hashing import file_sha256, hash_in_background
+
+    path = tmp_path / "src.bin"
+    path.write_bytes(b"x" * 3_000_000)
+    hash_in_background([path])
+    assert file_sha256(path) == hashlib.sha256(path.read_bytes()).hexdigest()
+    hash_in_background([path])
+    path.write_bytes(b"y" * 3_000_001)  # changed after the background hash began: hashed anew
+    assert file_sha256(path) == hashlib.sha256(path.read_bytes()).hexdigest()
