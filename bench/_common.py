@@ -432,15 +432,16 @@ def write_json(path: Path | None, report: dict) -> None:
 # conversion routes: every run of every route in a fresh process of its own
 
 
-def measure_route(out: Path, work: Callable[[], tuple[float, int]]) -> dict:
+def measure_route(out: Path, work: Callable[[], tuple[float | None, int]]) -> dict:
     """Child side: run one route's `work` (returns the perf_counter time its plan or load was done,
-    and the tensor count) in this fresh process, with the imports it needs already done: the
+    None when it has neither, and the tensor count) in this fresh process, with the imports it needs already done: the
     baseline is taken now. Returns wall, CPU and plan/load seconds, peak RSS, RSS above baseline
     and the bytes written under `out`."""
     baseline, baseline_peak, cpu0 = rss_now(), peak_rss(), cpu_seconds()
     start = time.perf_counter()
     planned, tensors = work()
     wall = time.perf_counter() - start
+    planned = start if planned is None else planned
     peak = peak_rss()
     written = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     return {"wall_s": wall, "cpu_s": cpu_seconds() - cpu0, "load_or_plan_s": planned - start, "peak_rss": peak,

@@ -64,11 +64,11 @@ def _child(route: str, ckpt: Path, out: Path) -> dict:
         from diffusers.loaders.single_file_utils import convert_animatediff_checkpoint_to_diffusers
         from safetensors.torch import save_file
 
-    def work() -> tuple[float, int]:
+    def work() -> tuple[float | None, int]:
         if route == "copy":
             out.mkdir(parents=True)
             shutil.copyfile(ckpt, out / ckpt.name)
-            return time.perf_counter(), 0
+            return None, 0
         if route.startswith("vidport"):
             plan = plan_conversion(ckpt, "mlx", dtype="bfloat16" if route == "vidport-bf16" else None)
             planned = time.perf_counter()

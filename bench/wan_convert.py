@@ -128,12 +128,12 @@ def _child(route: str, folder: Path, out: Path) -> dict:
         from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
         from safetensors.torch import load_file, save_file
 
-    def work() -> tuple[float, int]:
+    def work() -> tuple[float | None, int]:
         if route == "copy":
             out.mkdir(parents=True)
             for shard in shards:
                 shutil.copyfile(shard, out / shard.name)
-            return time.perf_counter(), 0
+            return None, 0
         if route == "vidport":
             plan = plan_conversion(index, "mlx")
             planned = time.perf_counter()
