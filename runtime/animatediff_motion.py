@@ -13,6 +13,7 @@ import mlx.nn as nn
 import numpy as np
 
 from runtime.layers import GroupNorm, attend_heads, geglu
+from runtime.motion_config import MotionConfig
 
 
 class SinusoidalPositionalEmbedding(nn.Module):
@@ -139,37 +140,20 @@ class MotionModules(nn.Module):
         self.motion_modules = [TemporalTransformer(channels, heads, n, groups, max_seq_length) for n in per_layer]
 
 
-def _per_block(value: Any, count: int) -> list:
-    return [value] * count if isinstance(value, int) else list(value)
-
-
 class MotionAdapter(nn.Module):
     """The container diffusers loads motion modules into; its config is diffusers' MotionAdapter config."""
 
-    def __init__(self, block_out_channels: list[int], motion_layers_per_block: int | list[int] = 2,
-                 motion_transformer_layers_per_block: int | list = 1, motion_mid_block_layers_per_block: int = 1,
-                 motion_transformer_layers_per_mid_block: int | list[int] = 1,
-                 motion_num_attention_heads: int | list[int] = 8, motion_norm_num_groups: int = 32,
-                 motion_max_seq_length: int = 32, use_motion_mid_block: bool = True,
-                 conv_in_channels: int | None = None):
+    def __init__(self, config: MotionConfig):
         super().__init__()
-        if conv_in_channels:
+        if config.conv_in_channels:
             raise ValueError("motion adapters with conv_in (SparseCtrl) are not supported")
-        blocks = len(block_out_channels)
-        layers = _per_block(motion_layers_per_block, blocks)
-        transformer_layers = _per_block(motion_transformer_layers_per_block, blocks)
-        heads = _per_block(motion_num_attention_heads, blocks)
-        common = {"groups": motion_norm_num_groups, "max_seq_length": motion_max_seq_length}
-        self.max_seq_length = motion_max_seq_length
-        self.down_blocks = [MotionModules(c, layers[i], transformer_layers[i], heads[i], **common)
-                            for i, c in enumerate(block_out_channels)]
-        self.mid_block = (MotionModules(block_out_channels[-1], motion_mid_block_layers_per_block,
-                                        motion_transformer_layers_per_mid_block, heads[-1], **common)
-                          if use_motion_mid_block else None)
-        reverse = list(reversed(range(blocks)))
-        self.up_blocks = [MotionModules(block_out_channels[i], layers[i] + 1, transformer_layers[i], heads[i], **common)
-                          for i in reverse]
+        common = (config.groups, config.max_seq_length)
+        self.max_seq_length = config.max_seq_length
+        self.down_blocks = [MotionModules(*block[1:], *common) for block in config.down_blocks()]
+        mid = config.mid_block()
+        self.mid_block = MotionModules(*mid[1:], *common) if mid else None
+        self.up_blocks = [MotionModules(*block[1:], *common) for block in config.up_blocks()]
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "MotionAdapter":
-        return cls(**config)
+        return cls(MotionConfig.read(config))

@@ -15,13 +15,15 @@ import mlx.core as mx
 
 from converter.errors import VidportError
 from runtime.sd15_unet import UNet2DConditionModel
+from runtime.motion_config import MotionConfig
 from runtime.unet_blocks import Motion
-from runtime.unet_config import UNetConfig, per_block, read_unet_config
+from runtime.unet_config import UNetConfig, read_unet_config
 
 
-def check_compatible(unet: UNetConfig, adapter: dict[str, Any]) -> None:
+def check_compatible(unet: UNetConfig, adapter: dict[str, Any] | MotionConfig) -> None:
     """A motion adapter fits a UNet when it has a motion module per resnet, at the same widths."""
-    channels = list(adapter["block_out_channels"])
+    motion = adapter if isinstance(adapter, MotionConfig) else MotionConfig.read(adapter)
+    channels = motion.block_out_channels
     ours = list(unet.block_out_channels)
     hint = "use a motion module made for this UNet (mm_sd_v15* / v3_sd15_mm for SD 1.5, mm_sdxl_* for SDXL)"
     if len(channels) != len(ours):
@@ -29,16 +31,15 @@ def check_compatible(unet: UNetConfig, adapter: dict[str, Any]) -> None:
                            + (" (an SDXL motion module on an SD 1.5 UNet?)" if len(channels) == 3 else ""), hint=hint)
     if channels != ours:
         raise VidportError(f"motion adapter widths {channels} differ from the UNet's {ours}", hint=hint)
-    layers = per_block(adapter.get("motion_layers_per_block", 2), len(channels), "motion_layers_per_block")
-    if list(layers) != list(unet.layers_per_block):
-        raise VidportError(f"motion adapter has {layers} motion modules per down block, the UNet "
+    if motion.layers != list(unet.layers_per_block):
+        raise VidportError(f"motion adapter has {motion.layers} motion modules per down block, the UNet "
                            f"{list(unet.layers_per_block)} resnets", hint=hint)
-    if adapter.get("motion_norm_num_groups", 32) != unet.groups:
-        raise VidportError(f"motion adapter norm groups {adapter.get('motion_norm_num_groups')} differ from the "
+    if motion.groups != unet.groups:
+        raise VidportError(f"motion adapter norm groups {motion.groups} differ from the "
                            f"UNet's {unet.groups}; diffusers' UNetMotionModel would use the UNet's")
-    if adapter.get("use_motion_mid_block", True) and adapter.get("motion_mid_block_layers_per_block", 1) != 1:
+    if motion.mid_layers not in (None, 1):
         raise VidportError("a motion mid block with more than one motion module does not fit the UNet's mid block")
-    if adapter.get("conv_in_channels"):
+    if motion.conv_in_channels:
         raise VidportError("motion adapters with conv_in (PIA / SparseCtrl) are not supported")
 
 
@@ -49,17 +50,12 @@ class UNetMotionModel(UNet2DConditionModel):
     diffusers' AnimateDiff pipelines repeat the prompt per frame; returns (batch, C, frames, H, W)."""
 
     def __init__(self, unet: UNetConfig, adapter: dict[str, Any]):
-        check_compatible(unet, adapter)
-        count = len(unet.block_out_channels)
-        heads = per_block(adapter.get("motion_num_attention_heads", 8), count, "motion_num_attention_heads")
-        layers = adapter.get("motion_transformer_layers_per_block", 1)
-        layers = [layers] * count if isinstance(layers, int) else list(layers)
-        groups, length = unet.groups, adapter.get("motion_max_seq_length", 32)
-        motion = [Motion(heads[i], layers[i], groups, length) for i in range(count)]
-        mid = None
-        if adapter.get("use_motion_mid_block", True):
-            mid = Motion(heads[-1], adapter.get("motion_transformer_layers_per_mid_block", 1), groups, length)
-        super().__init__(unet, motion=motion, mid_motion=mid)
+        motion = MotionConfig.read(adapter)
+        check_compatible(unet, motion)
+        groups, length = unet.groups, motion.max_seq_length
+        blocks = [Motion(heads, layers, groups, length) for _, _, _, layers, heads in motion.down_blocks()]
+        mid = motion.mid_block()
+        super().__init__(unet, motion=blocks, mid_motion=Motion(mid[4], mid[3], groups, length) if mid else None)
         self.max_seq_length = length
 
     @classmethod

@@ -1,6 +1,7 @@
 """Shared fixtures: small checkpoints in every real source format, generated once per session."""
 from __future__ import annotations
 
+import importlib.metadata
 import os
 from pathlib import Path
 
@@ -26,3 +27,16 @@ def motion_sources(tmp_path_factory) -> dict[str, Path]:
     found["diffusers"] = root / "motion-adapter-diffusers"
     write_diffusers_motion_adapter(found["diffusers"], "v2", seed=7)
     return found
+
+
+@pytest.fixture(scope="module")
+def ttnn():
+    """The ttnn module at the pinned version; the test is skipped, saying why, where it is not."""
+    from converter.ttnn_support import PINNED_TTNN_VERSION, import_ttnn
+
+    module = import_ttnn()
+    if module is None:
+        pytest.skip("import_ttnn() returned None: ttnn cannot be imported here (no wheel for this Python or OS)")
+    if importlib.metadata.version("ttnn") != PINNED_TTNN_VERSION:
+        pytest.skip(f"ttnn {importlib.metadata.version('ttnn')} installed; the checks are pinned to {PINNED_TTNN_VERSION}")
+    return module

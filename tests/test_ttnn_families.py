@@ -6,7 +6,6 @@ library's own tensors (bfloat16-rounded; float32 exactly); the manifest says the
 role; conversion is deterministic; ttnn's own loaders take the files. Only (d) needs ttnn."""
 from __future__ import annotations
 
-import importlib.metadata
 import json
 from pathlib import Path
 
@@ -17,7 +16,6 @@ from typer.testing import CliRunner
 from cli import app
 from converter.convert import convert, plan_conversion
 from converter.transforms import parse_step, shape_steps
-from converter.ttnn_support import PINNED_TTNN_VERSION, import_ttnn
 from converter.ttnn_support import group_norm as packing
 from converter.ttnn_support.tensorbin import read_tensorbin, to_bfloat8_b, to_bfloat16
 
@@ -247,16 +245,6 @@ def test_cache_styles_hold_the_same_tensors(sources, outputs, tmp_path):
 
 
 # --------------------------------------------------------------------------- (d) ttnn loads them
-
-
-@pytest.fixture(scope="module")
-def ttnn():
-    module = import_ttnn()
-    if module is None:
-        pytest.skip("import_ttnn() returned None: ttnn cannot be imported here (no wheel for this Python or OS)")
-    if importlib.metadata.version("ttnn") != PINNED_TTNN_VERSION:
-        pytest.skip(f"ttnn {importlib.metadata.version('ttnn')} installed; the checks are pinned to {PINNED_TTNN_VERSION}")
-    return module
 
 
 LOADED = {"sd15-unet": ["conv_in.weight", "down_blocks.0.attentions.0.proj_in.weight", "down_blocks.0.resnets.0.norm1.input_mask"],

@@ -3,7 +3,6 @@ emulator, and verify for it. Parts needing the real ttnn skip cleanly where it c
 the reader/writer, the emulator and verify need only numpy (and torch for the reference)."""
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import shutil
 from pathlib import Path
@@ -15,23 +14,12 @@ from typer.testing import CliRunner
 
 from cli import app
 from converter.convert import convert, plan_conversion
-from converter.ttnn_support import PINNED_TTNN_VERSION, import_ttnn
 from converter.ttnn_support import group_norm as packing
 from converter.ttnn_support.tensorbin import read_tensorbin, to_bfloat8_b, to_bfloat16
 from golden.verify import verify
 
 ROOT = Path(__file__).resolve().parent.parent
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def ttnn():
-    module = import_ttnn()
-    if module is None:
-        pytest.skip("import_ttnn() returned None: ttnn cannot be imported here (no wheel for this Python or OS)")
-    if importlib.metadata.version("ttnn") != PINNED_TTNN_VERSION:
-        pytest.skip(f"ttnn {importlib.metadata.version('ttnn')} installed; the checks are pinned to {PINNED_TTNN_VERSION}")
-    return module
 
 
 @pytest.fixture(scope="module")

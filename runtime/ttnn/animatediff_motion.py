@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from runtime.motion_config import MotionConfig
 from runtime.ttnn.layers import Dropout, GroupNorm, LayerNorm, Linear, SinusoidalPositionalEmbedding
 from runtime.ttnn.module import Module, Parameters
 from runtime.ttnn.ops import Tensor
@@ -110,34 +111,18 @@ class MotionModules(Module):
                                                    transformer_layers, groups, max_seq_length) for m in range(layers)]
 
 
-def _per_block(value: Any, count: int) -> list:
-    return [value] * count if isinstance(value, int) else list(value)
-
-
 class MotionAdapter(Module):
     """The container diffusers loads motion modules into; built from its config and a folder's parameters."""
 
-    def __init__(self, params: Parameters, block_out_channels: list[int], motion_layers_per_block: int | list[int] = 2,
-                 motion_transformer_layers_per_block: int | list[int] = 1, motion_mid_block_layers_per_block: int = 1,
-                 motion_transformer_layers_per_mid_block: int = 1, motion_num_attention_heads: int | list[int] = 8,
-                 motion_norm_num_groups: int = 32, motion_max_seq_length: int = 32, use_motion_mid_block: bool = True,
-                 conv_in_channels: int | None = None) -> None:
-        if conv_in_channels:
+    def __init__(self, params: Parameters, config: MotionConfig) -> None:
+        if config.conv_in_channels:
             raise ValueError("motion adapters with conv_in (SparseCtrl) are not supported")
-        blocks = len(block_out_channels)
-        layers = _per_block(motion_layers_per_block, blocks)
-        transformer_layers = _per_block(motion_transformer_layers_per_block, blocks)
-        heads = _per_block(motion_num_attention_heads, blocks)
-        common = {"groups": motion_norm_num_groups, "max_seq_length": motion_max_seq_length}
-        self.down_blocks = [MotionModules(params, f"down_blocks.{i}", c, layers[i], transformer_layers[i], heads[i], **common)
-                            for i, c in enumerate(block_out_channels)]
-        self.mid_block = (MotionModules(params, "mid_block", block_out_channels[-1], motion_mid_block_layers_per_block,
-                                        motion_transformer_layers_per_mid_block, heads[-1], **common)
-                          if use_motion_mid_block else None)
-        self.up_blocks = [MotionModules(params, f"up_blocks.{n}", block_out_channels[i], layers[i] + 1,
-                                        transformer_layers[i], heads[i], **common)
-                          for n, i in enumerate(reversed(range(blocks)))]
+        common = (config.groups, config.max_seq_length)
+        self.down_blocks = [MotionModules(params, *block, *common) for block in config.down_blocks()]
+        mid = config.mid_block()
+        self.mid_block = MotionModules(params, *mid, *common) if mid else None
+        self.up_blocks = [MotionModules(params, *block, *common) for block in config.up_blocks()]
 
     @classmethod
     def from_config(cls, config: dict[str, Any], params: Parameters) -> "MotionAdapter":
-        return cls(params, **config)
+        return cls(params, MotionConfig.read(config))
