@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from converter.errors import VidportError
+from vidport.converter.core.errors import VidportError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
                   help="Port video-diffusion checkpoints to MLX and TTNN, prove them layer by layer, generate video.")
@@ -90,8 +90,8 @@ def convert(
     [dim]Example: vidport convert animatediff-motion mm_sd_v15_v2.ckpt --target mlx --out mm-v2-mlx --dtype bfloat16[/]
     [dim]Example: vidport convert animatediff v1-5-pruned-emaonly.safetensors --motion mm_sd_v15_v2.ckpt --tokenizer tokenizer/ --out animatediff-mlx[/]
     """
-    from converter.convert import convert as run, plan_conversion
-    from converter.pipeline_spec import find_pipeline
+    from vidport.converter.convert import convert as run, plan_conversion
+    from vidport.converter.pipeline_spec import find_pipeline
 
     options = {k: v for k, v in {"cache_style": cache_style, "dtype": ttnn_dtype, "grid": ttnn_grid}.items() if v}
     try:
@@ -122,7 +122,7 @@ def convert_pipeline_command(spec, source: Path, motion: Optional[Path], tokeniz
                              out: Path, dtype: Optional[str], set_: list[str], overwrite: bool, shard_size: int,
                              options: dict[str, Any]) -> None:
     """`vidport convert animatediff|sd15|wan ...`: every component, tokenizer and scheduler into one folder."""
-    from converter.pipeline import convert_pipeline, plan_pipeline
+    from vidport.converter.pipeline import convert_pipeline, plan_pipeline
 
     positional = next(name for name, entry in spec.inputs.items() if not entry.option)  # sd, wan
     sources = {positional: source}
@@ -173,9 +173,9 @@ def verify(
     [dim]Example: vidport verify mm-v2-mlx --html report.html --save-golden mm-v2.golden.safetensors[/]
     [dim]Example: vidport verify animatediff-mlx --pipeline --image photo.png --json parity.json[/]
     """
-    from golden.report import print_report, write_html, write_json
-    from golden.verify import verify as run
-    from runtime.loading import read_manifest
+    from vidport.golden.report import print_report, write_html, write_json
+    from vidport.golden.verify import verify as run
+    from vidport.converter.core.manifest import read_manifest
 
     try:
         is_pipeline = read_manifest(converted).get("kind") == "pipeline"
@@ -198,7 +198,7 @@ def verify(
         fail(err)
     print_report(report, console, None if show_all else 25)
     if json_out:
-        from golden.report import write_json
+        from vidport.golden.report import write_json
 
         write_json(report, json_out)
         console.print(f"JSON report: {json_out}")
@@ -225,14 +225,14 @@ def parse_size(size: Optional[str]) -> tuple[Optional[int], Optional[int]]:
 def verify_pipeline_command(folder: Path, task: Optional[str], image: Optional[Path], frames: Optional[int], steps: int,
                             size: Optional[str], strength: float, prompt: str, seed: int, json_out: Optional[Path],
                             scheduler: Optional[str] = None) -> None:
-    from golden.pipeline_parity import TASKS, pipeline_parity
-    from golden.pipeline_report import print_pipeline_report, write_pipeline_json
+    from vidport.golden.pipeline_parity import TASKS, pipeline_parity
+    from vidport.golden.pipeline_report import print_pipeline_report, write_pipeline_json
 
     reports = []
     try:
         wan = pipeline_name(folder) == "wan"  # Wan: golden/wan_parity.py, the tasks its model runs
         if wan:
-            from golden.wan_parity import WAN_TASKS, model_tasks, wan_parity
+            from vidport.golden.wan_parity import WAN_TASKS, model_tasks, wan_parity
         known = WAN_TASKS if wan else TASKS
         if task is not None and task not in known:
             raise VidportError(f"--task {task}: unknown", hint=f"one of {', '.join(known)}")
@@ -301,8 +301,8 @@ def generate(
     [dim]Example: vidport generate t2v --model animatediff-mlx --prompt "a cat walking" --frames 16 --steps 25 --seed 1 --out cat.mp4[/]
     [dim]Example: vidport generate i2v --model wan21-i2v-mlx --image first.png --prompt "the cat turns" --out cat.webm[/]
     """
-    from runtime.pipelines.animatediff import AnimateDiffPipeline
-    from runtime.pipelines.inputs import read_image, read_noise
+    from vidport.runtime.pipelines.animatediff import AnimateDiffPipeline
+    from vidport.runtime.pipelines.inputs import read_image, read_noise
 
     try:
         if task not in GENERATE_TASKS:
@@ -332,7 +332,7 @@ def generate(
         result = run_generation(pipe, task, picture, supplied, prompt=prompt, negative_prompt=negative_prompt,
                                 strength=strength, frames=frames, steps=steps, guidance=guidance, height=height,
                                 width=width, seed=seed, decode_slice=decode_slice)
-        from runtime.video import write_video
+        from vidport.runtime.video import write_video
 
         written = write_video(out, result.frames, fps or 8)
     except (VidportError, OSError) as err:
@@ -342,7 +342,7 @@ def generate(
 
 def pipeline_name(folder: Path) -> str | None:
     """The pipeline a converted folder holds (its manifest's `pipeline`), None for a model folder."""
-    from runtime.loading import read_manifest
+    from vidport.converter.core.manifest import read_manifest
 
     manifest = read_manifest(folder)
     return manifest.get("pipeline") if manifest.get("kind") == "pipeline" else None
@@ -357,9 +357,9 @@ def generate_wan_command(task: str, model: Path, prompt: str, negative_prompt: s
     The task must be the model's (a TI2V model also runs t2v); checked before any weight loads."""
     import mlx.core as mx
 
-    from runtime.pipelines.inputs import read_image, read_noise
-    from runtime.pipelines.wan import WanPipeline
-    from runtime.video import write_video
+    from vidport.runtime.pipelines.inputs import read_image, read_noise
+    from vidport.runtime.pipelines.wan import WanPipeline
+    from vidport.runtime.video import write_video
 
     pipe = WanPipeline.open(model, scheduler, flow_shift)
     allowed = {"t2v": ("t2v",), "i2v": ("i2v",), "ti2v": ("ti2v", "t2v")}[pipe.task]
@@ -407,7 +407,7 @@ def generate_wan_command(task: str, model: Path, prompt: str, negative_prompt: s
 
 def check_video_path(out: Path) -> None:
     """Refuse an output format before any work."""
-    from runtime.video import FORMATS
+    from vidport.runtime.video import FORMATS
 
     if out.suffix and out.suffix.lower() not in FORMATS and not str(out).endswith("/"):
         raise VidportError(f"{out}: unknown video format '{out.suffix}'", hint="use .mp4, .webm, .gif or a folder/ for PNG frames")
@@ -466,7 +466,7 @@ def inspect(path: Path = typer.Argument(..., help="A checkpoint file, model fold
 
     [dim]Example: vidport inspect mm_sd_v15_v2.ckpt[/]
     """
-    from converter.inspect import describe
+    from vidport.converter.inspect import describe
 
     try:
         rows = describe(path)
@@ -481,7 +481,7 @@ def inspect(path: Path = typer.Argument(..., help="A checkpoint file, model fold
 @app.command()
 def models() -> None:
     """List model families, their source formats, and the targets."""
-    from converter.spec import load_catalog
+    from vidport.converter.spec import load_catalog
 
     try:
         catalog = load_catalog()
@@ -495,7 +495,7 @@ def models() -> None:
                       family.description)
     console.print(table)
     console.print("targets: " + ", ".join(f"{t.name} (v{t.version})" for t in catalog.targets.values()))
-    from converter.pipeline_spec import load_pipeline_specs
+    from vidport.converter.pipeline_spec import load_pipeline_specs
 
     try:
         pipelines = load_pipeline_specs()
@@ -515,10 +515,10 @@ def models() -> None:
 def demo(out: Path = typer.Option(Path("demo-output"), "--out", help="Where the demo writes everything.")) -> None:
     """Build a small AnimateDiff v2 checkpoint, convert it to MLX, verify it, write the reports; then a
     small SD 1.5 base, one AnimateDiff pipeline folder, and a short text-to-video generation."""
-    from converter.convert import convert as run, plan_conversion
-    from golden.report import print_report, write_html, write_json
-    from golden.verify import verify as check
-    from reference.fixtures import write_original_motion_module
+    from vidport.converter.convert import convert as run, plan_conversion
+    from vidport.golden.report import print_report, write_html, write_json
+    from vidport.golden.verify import verify as check
+    from vidport.reference.fixtures import write_original_motion_module
 
     out.mkdir(parents=True, exist_ok=True)
     source = out / "mm_sd_v15_v2-small.ckpt"
@@ -545,11 +545,11 @@ def demo(out: Path = typer.Option(Path("demo-output"), "--out", help="Where the 
 
 def demo_generation(out: Path, motion: Path) -> None:
     """The demo's second half: a small SD 1.5 base, one AnimateDiff pipeline folder, a short video."""
-    from converter.pipeline import convert_pipeline, plan_pipeline
-    from reference.pipeline_fixtures import write_sample_image, write_sd_pipeline_folder
-    from reference.sd_fixtures import write_sd_single_file
-    from runtime.pipelines.animatediff import AnimateDiffPipeline
-    from runtime.video import write_video
+    from vidport.converter.pipeline import convert_pipeline, plan_pipeline
+    from vidport.reference.pipeline_fixtures import write_sample_image, write_sd_pipeline_folder
+    from vidport.reference.sd_fixtures import write_sd_single_file
+    from vidport.runtime.pipelines.animatediff import AnimateDiffPipeline
+    from vidport.runtime.video import write_video
 
     base = out / "sd15-small"
     console.print(f"5. building a small SD 1.5 base (random weights, real layouts): {base}/ (Diffusers folder), "

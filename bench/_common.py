@@ -63,8 +63,8 @@ def start_mlx() -> str:
     sys.path.insert(0, str(ROOT))
     if "mlx.core" in sys.modules and "runtime" not in sys.modules:
         raise RuntimeError("mlx was imported before runtime: MLX would keep the reference BLAS")
-    import runtime  # noqa: F401  (loads runtime.blas first)
-    import runtime.blas
+    import vidport.runtime  # noqa: F401  (loads runtime.blas first)
+    import vidport.runtime.blas
 
     import mlx.core  # noqa: F401
 
@@ -92,7 +92,7 @@ def mlx_profile(fn: Callable[[], Any]) -> dict[str, float]:
     import mlx.core as mx
     import mlx.nn as nn
 
-    import runtime.layers as layers
+    import vidport.runtime.layers as layers
 
     times = {c: 0.0 for c in CATEGORIES}
     calls = {c: 0 for c in CATEGORIES}
@@ -116,9 +116,9 @@ def mlx_profile(fn: Callable[[], Any]) -> dict[str, float]:
                (nn.LayerNorm, "__call__", "layer/RMS norm"), (nn.RMSNorm, "__call__", "layer/RMS norm"),
                (nn.Linear, "__call__", "linear")]
     # the runtime's own layers of those kinds (each __call__ is self-contained: no double counting)
-    own = {"runtime.wan_vae_conv": {"WanCausalConv3d": "conv", "BandedConv2d": "conv"},
-           "runtime.wan_embeddings": {"FP32LayerNorm": "layer/RMS norm"},
-           "runtime.wan_vae_layers": {"WanRMSNorm": "group norm"}}
+    own = {"vidport.runtime.wan_vae_conv": {"WanCausalConv3d": "conv", "BandedConv2d": "conv"},
+           "vidport.runtime.wan_embeddings": {"FP32LayerNorm": "layer/RMS norm"},
+           "vidport.runtime.wan_vae_layers": {"WanRMSNorm": "group norm"}}
     for module_name, classes in own.items():
         if module_name in sys.modules:
             patches += [(getattr(sys.modules[module_name], c), "__call__", category) for c, category in classes.items()]

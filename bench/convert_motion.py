@@ -56,9 +56,9 @@ def _child(route: str, ckpt: Path, out: Path) -> dict:
     sys.path.insert(0, str(ROOT))
     # Imports first (everything the route will import, so the baseline is the interpreter + libraries).
     if route.startswith("vidport"):
-        import runtime.animatediff_motion  # noqa: F401  (plan_conversion builds the MLX model to check shapes)
-        import runtime.registry  # noqa: F401
-        from converter.convert import convert, plan_conversion
+        import vidport.runtime.animatediff_motion  # noqa: F401  (plan_conversion builds the MLX model to check shapes)
+        import vidport.runtime.registry  # noqa: F401
+        from vidport.converter.convert import convert, plan_conversion
     elif route == "naive":
         import torch
         from diffusers.loaders.single_file_utils import convert_animatediff_checkpoint_to_diffusers
@@ -89,7 +89,7 @@ def _build_child(path: Path, size: str) -> dict:
     sys.path.insert(0, str(ROOT))
     import torch
 
-    from reference.fixtures import motion_adapter_config, original_motion_state_dict, random_motion_adapter
+    from vidport.reference.fixtures import motion_adapter_config, original_motion_state_dict, random_motion_adapter
 
     config = motion_adapter_config("v2", **SIZES[size])
     model = random_motion_adapter(config, seed=0)

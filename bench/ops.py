@@ -106,7 +106,7 @@ def build(case: dict, side: str, rng):
         import mlx.core as mx
         import mlx.nn as mnn
 
-        from runtime.layers import Conv2d, GroupNorm, attention
+        from vidport.runtime.layers import Conv2d, GroupNorm, attention
 
         if kind == "conv":
             x = mx.array(rand(case["shape"]))

@@ -68,7 +68,7 @@ def _mlx_setup(size: str):
     blas = common.start_mlx()
     import mlx.core as mx
 
-    from runtime.unet_motion import UNetMotionModel
+    from vidport.runtime.unet_motion import UNetMotionModel
 
     unet_config, adapter_config = configs(size)
     model = UNetMotionModel.from_configs(unet_config, adapter_config)

@@ -43,7 +43,7 @@ def _mlx_setup(size: str):
     blas = common.start_mlx()
     import mlx.core as mx
 
-    from runtime.sd_vae import AutoencoderKL
+    from vidport.runtime.sd_vae import AutoencoderKL
 
     vae = AutoencoderKL.from_config(SD15_VAE)
     mx.eval(vae.parameters())

@@ -46,14 +46,14 @@ ROUTES = {
 
 def _build_child(folder: Path, size: str) -> dict:
     """Write the shards tensor group by tensor group: diffusers' model on the meta device gives the
-    names and shapes, the official names come from reference.wan_dit_fixtures.to_native_key, and
+    names and shapes, the official names come from vidport.reference.wan_dit_fixtures.to_native_key, and
     each tensor is drawn in bfloat16 at unit-ish scale (so nothing 1.3 B-sized is ever resident)."""
     sys.path.insert(0, str(ROOT))
     import torch
     from diffusers import WanTransformer3DModel
     from safetensors.torch import save_file
 
-    from reference.wan_dit_fixtures import to_native_key
+    from vidport.reference.wan_dit_fixtures import to_native_key
 
     config = {**WAN_1_3B, "num_layers": SIZES[size]["num_layers"]}
     with torch.device("meta"):
@@ -120,10 +120,10 @@ def _child(route: str, folder: Path, out: Path) -> dict:
     index = folder / "diffusion_pytorch_model.safetensors.index.json"
     shards = sorted(folder.glob("*.safetensors"))
     if route == "vidport":
-        import runtime  # noqa: F401  (before mlx: plan_conversion builds the MLX model to check shapes)
-        import runtime.registry  # noqa: F401
-        import runtime.wan_dit  # noqa: F401
-        from converter.convert import convert, plan_conversion
+        import vidport.runtime  # noqa: F401  (before mlx: plan_conversion builds the MLX model to check shapes)
+        import vidport.runtime.registry  # noqa: F401
+        import vidport.runtime.wan_dit  # noqa: F401
+        from vidport.converter.convert import convert, plan_conversion
     elif route == "naive":
         from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
         from safetensors.torch import load_file, save_file

@@ -64,7 +64,7 @@ def _mlx_setup(model: str, size: str):
     latents, text = inputs(size)
     z = mx.array(latents.transpose(0, 2, 3, 4, 1))  # channels-last (B, F, H, W, C)
     if model == "dit":
-        from runtime.wan_dit import WanTransformer3DModel
+        from vidport.runtime.wan_dit import WanTransformer3DModel
 
         net = WanTransformer3DModel.from_config({**WAN_1_3B, "num_layers": SIZES[size]["layers"]})
         context, timestep = mx.array(text), mx.array([500.0])
@@ -72,7 +72,7 @@ def _mlx_setup(model: str, size: str):
         def call():
             mx.eval(net(z, timestep, context))
     else:
-        from runtime.wan_vae import AutoencoderKLWan
+        from vidport.runtime.wan_vae import AutoencoderKLWan
 
         net = AutoencoderKLWan.from_config(WAN_VAE)
 

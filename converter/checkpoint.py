@@ -12,9 +12,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from converter.errors import VidportError
-from converter.safetensors_io import looks_like_safetensors, read_safetensors
-from converter.torch_pickle import TensorRef, read_torch_legacy, read_torch_zip
+from vidport.converter.core.errors import VidportError
+from vidport.converter.safetensors_io import looks_like_safetensors, read_safetensors
+from vidport.converter.torch_pickle import TensorRef, read_torch_legacy, read_torch_zip
 
 
 class LazyTensor(Protocol):

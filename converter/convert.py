@@ -12,20 +12,21 @@ from typing import Any, Callable
 
 import numpy as np
 
-from converter.checkpoint import Source, read_checkpoint
-from converter.hashing import file_sha256, hash_in_background
-from converter.detect import Detected, choose_ema, detect
-from converter.dtypes import NAMED_DTYPES, is_floating
-from converter.errors import VidportError
-from converter.generators import GENERATORS
-from converter.infer import finish_expressions, infer_config, match_variant, public
-from converter.layouts import TargetLayout, TensorFormat, resolve_options
-from converter.output import atomic_folder
-from converter.plan import Mapping, Recipe, check_expected, map_keys
-from converter.spec import Catalog, RuleSet, TargetSpec, load_catalog
-from converter.transforms import Shape, run_steps
+from vidport.converter.checkpoint import Source, read_checkpoint
+from vidport.converter.hashing import file_sha256, hash_in_background
+from vidport.converter.detect import Detected, choose_ema, detect
+from vidport.converter.dtypes import NAMED_DTYPES, is_floating
+from vidport.converter.core.errors import VidportError
+from vidport.converter.generators import GENERATORS
+from vidport.converter.infer import finish_expressions, infer_config, match_variant, public
+from vidport.converter.layouts import TargetLayout, TensorFormat, resolve_options
+from vidport.converter.output import atomic_folder
+from vidport.converter.plan import Mapping, Recipe, check_expected, map_keys
+from vidport.converter.spec import Catalog, RuleSet, TargetSpec, load_catalog
+from vidport.converter.transforms import Shape, run_steps
+from vidport.converter.core.manifest import MANIFEST
+from vidport.converter.core.named import named_object
 
-MANIFEST = "vidport_manifest.json"
 DEFAULT_SHARD_BYTES = 5 * 1024**3
 Progress = Callable[[int, int, str], None]
 
@@ -82,13 +83,8 @@ def resolve_config(detected: Detected, source: Source, canonical_shapes: dict[st
 
 def expected_shapes(plan_family, target: TargetSpec, config: dict[str, Any]) -> dict[str, Shape]:
     """The parameter shapes the output must have: the MLX runtime model's or the canonical model's."""
-    if target.expected == "runtime":
-        from runtime.registry import runtime_shapes
-
-        return runtime_shapes(plan_family.runtime, config)
-    from reference.canonical import canonical_shapes
-
-    return canonical_shapes(plan_family.canonical, config)
+    model = plan_family.runtime if target.expected == "runtime" else plan_family.canonical
+    return named_object(target.shapes)(model, config)
 
 
 def plan_conversion(source_path: str | Path, target: str, family: str | None = None, dtype: str | None = None,
@@ -281,7 +277,7 @@ def canonical_config_file(plan: ConversionPlan) -> dict[str, Any]:
 def convert(plan: ConversionPlan, out: str | Path, overwrite: bool = False, shard_bytes: int = DEFAULT_SHARD_BYTES,
             progress: Progress | None = None) -> dict[str, Any]:
     """Write the planned output atomically; returns the manifest."""
-    writer_module = importlib.import_module(f"converter.targets.{plan.target.writer}")
+    writer_module = importlib.import_module(f"vidport.converter.targets.{plan.target.writer}")
     hash_in_background(plan.source.files)  # for the manifest, beside the conversion
     with atomic_folder(Path(out), overwrite) as folder:
         return writer_module.write(plan, folder, shard_bytes, progress)

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from converter.checkpoint import Source, Tensors, unwrap
-from converter.errors import VidportError
-from converter.spec import Catalog, FamilySpec, SourceSpec
+from vidport.converter.checkpoint import Source, Tensors, unwrap
+from vidport.converter.core.errors import VidportError
+from vidport.converter.spec import Catalog, FamilySpec, SourceSpec
 
 COMMON_WRAPPERS = ["state_dict", "model", "module", "ema", "params"]
 

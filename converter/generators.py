@@ -5,7 +5,7 @@ from typing import Callable
 
 import numpy as np
 
-from converter.transforms import Shape
+from vidport.converter.transforms import Shape
 
 GENERATORS: dict[str, Callable[[Shape], np.ndarray]] = {}
 

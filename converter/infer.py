@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from converter.errors import VidportError
-from converter.patterns import PatternError
-from converter.spec import ConfigSpec, Inference, Variant
-from converter.transforms import Shape
+from vidport.converter.core.errors import VidportError
+from vidport.converter.patterns import PatternError
+from vidport.converter.spec import ConfigSpec, Inference, Variant
+from vidport.converter.transforms import Shape
 
 
 def _matches(inference: Inference, shapes: dict[str, Shape]) -> list[tuple[dict[str, str], Shape]]:

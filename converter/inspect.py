@@ -8,19 +8,18 @@ from typing import Any
 
 import numpy as np
 
-from converter.checkpoint import read_checkpoint, unwrap
-from converter.detect import COMMON_WRAPPERS, detect
-from converter.dtypes import dtype_name
-from converter.errors import VidportError
-from converter.spec import load_catalog
-
-MANIFEST = "vidport_manifest.json"
+from vidport.converter.checkpoint import read_checkpoint, unwrap
+from vidport.converter.detect import COMMON_WRAPPERS, detect
+from vidport.converter.dtypes import dtype_name
+from vidport.converter.core.errors import VidportError
+from vidport.converter.spec import load_catalog
+from vidport.converter.core.manifest import MANIFEST, read_manifest
 
 
 def describe(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if path.is_dir() and (path / MANIFEST).exists():
-        manifest = json.loads((path / MANIFEST).read_text())
+        manifest = read_manifest(path)
         if manifest.get("kind") == "pipeline":
             return _pipeline_rows(manifest)
         return {"kind": f"vidport output ({manifest['target']['name']})", "family": manifest["family"],
@@ -35,7 +34,7 @@ def describe(path: str | Path) -> dict[str, Any]:
         tensors = found.tensors
         rows["family"] = found.family.name
         rows["source spec"] = found.spec.name
-        from converter.convert import plan_conversion
+        from vidport.converter.convert import plan_conversion
 
         plan = plan_conversion(path, "mlx", found.family.name)
         rows["variant"] = plan.variant or "-"

@@ -19,13 +19,13 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from converter.errors import VidportError
-from converter.transforms import REGISTRY, Step, parse_step
-from converter.ttnn_transforms import is_placeholder
+from vidport.converter.core.errors import VidportError
+from vidport.converter.transforms import REGISTRY, Step, parse_step
+from vidport.converter.ttnn_transforms import is_placeholder
 
 if TYPE_CHECKING:
-    from converter.plan import Mapping
-    from converter.spec import FamilySpec, TargetSpec
+    from vidport.converter.plan import Mapping
+    from vidport.converter.spec import FamilySpec, TargetSpec
 
 
 @dataclass(frozen=True)
@@ -211,8 +211,8 @@ class TargetLayout:
     def add_companions(self, mapping: "Mapping", input_shapes: dict[str, tuple[int, ...]]) -> dict[str, TensorFormat]:
         """Add each companion to `mapping` (next to the tensor it is made from; `input_shapes` are
         the shapes the mapping read); returns the format of every output, companions included."""
-        from converter.plan import Recipe
-        from converter.transforms import shape_steps
+        from vidport.converter.plan import Recipe
+        from vidport.converter.transforms import shape_steps
 
         formats: dict[str, TensorFormat] = {}
         for out, recipe in list(mapping.recipes.items()):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import mmap
 from pathlib import Path
 
-from converter.errors import VidportError
+from vidport.converter.core.errors import VidportError
 
 
 def map_range(path: Path | str, start: int, count: int, what: str = "tensor data") -> memoryview:

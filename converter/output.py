@@ -9,7 +9,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from converter.errors import VidportError
+from vidport.converter.core.errors import VidportError
 
 
 @contextlib.contextmanager

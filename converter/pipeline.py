@@ -16,12 +16,13 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
-from converter.convert import MANIFEST, ConversionPlan, Progress, plan_conversion, tool_version
-from converter.errors import VidportError
-from converter.hashing import hash_in_background
-from converter.infer import public
-from converter.output import atomic_folder
-from converter.pipeline_spec import Layout, PipelineSpec, pipeline_spec
+from vidport.converter.core.named import named_object
+from vidport.converter.convert import MANIFEST, ConversionPlan, Progress, plan_conversion, tool_version
+from vidport.converter.core.errors import VidportError
+from vidport.converter.hashing import hash_in_background
+from vidport.converter.infer import public
+from vidport.converter.output import atomic_folder
+from vidport.converter.pipeline_spec import Layout, PipelineSpec, pipeline_spec
 
 SCHEDULER_FILE = "scheduler/scheduler_config.json"
 TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"))  # a fast tokenizer, or BPE files
@@ -121,11 +122,9 @@ def _scheduler(spec: PipelineSpec, sources: dict[str, Path], layouts: dict[str, 
         origin = str(found.absolute())
     else:
         config, origin = dict(spec.scheduler_default), "default"
-    if spec.runtime and target == "mlx":  # the MLX pipeline will run it: refuse now what it cannot
-        from runtime.schedulers import from_config
-
+    if spec.scheduler_check and target == "mlx":  # the MLX pipeline will run it: refuse now what it cannot
         try:
-            from_config(config)
+            named_object(spec.scheduler_check)(config)
         except ValueError as err:
             raise VidportError(f"scheduler config ({origin}): {err}") from err
     return config, origin
@@ -165,8 +164,7 @@ def plan_pipeline(pipeline: str | PipelineSpec, sources: dict[str, str | Path], 
             raise VidportError(f"{component.name} ({component.family}): {err.message}", hint=err.hint) from err
     configs = {name: public(plan.config) for name, plan in components.items()}
     for check in spec.checks:
-        module, function = check.split(":")
-        getattr(importlib.import_module(module), function)(configs)
+        named_object(check)(configs)
     scheduler, origin = _scheduler(spec, paths, layouts, target)
     copies = {part: found for part in spec.copy
               if (found := _part(spec, paths, layouts, part)) is not None and found.exists()}
@@ -225,7 +223,7 @@ def convert_pipeline(plan: PipelinePlan, out: str | Path, overwrite: bool = Fals
         manifests: dict[str, dict[str, Any]] = {}
         for name, component in plan.components.items():
             (folder / name).mkdir()
-            writer = importlib.import_module(f"converter.targets.{component.target.writer}")
+            writer = importlib.import_module(f"vidport.converter.targets.{component.target.writer}")
             manifests[name] = writer.write(component, folder / name, shard_bytes, report(name))
             done += len(component.final.recipes)
         if plan.tokenizer is not None:

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from converter.errors import VidportError, closest
-from converter.spec import MAPPINGS_DIR, SpecError, _child, _fail, _load
+from vidport.converter.core.errors import VidportError, closest
+from vidport.converter.spec import MAPPINGS_DIR, SpecError, _child, _fail, _load
 
 PIPELINES = "pipelines"
 LIBRARY_CLASS = ["list", "str"]  # [library, ClassName], as model_index.json writes it
@@ -31,7 +31,7 @@ PIPELINE_SCHEMA = {
         "aliases": ["list", "str"],
         "tokenizer": {"required": {"class": LIBRARY_CLASS}, "optional": {"option": "str"}},
         "scheduler": {"required": {"default": {"optional": {"*": "any"}}},
-                      "optional": {"set": {"optional": {"*": "any"}}, "why": "str"}},
+                      "optional": {"set": {"optional": {"*": "any"}}, "why": "str", "check": "str"}},
         "checks": ["list", "str"],
         "runtime": "str",
         "reference": {"optional": {"*": "str"}},
@@ -92,6 +92,7 @@ class PipelineSpec:
     scheduler_set: dict[str, Any] = field(default_factory=dict)
     checks: list[str] = field(default_factory=list)  # "module:function", called with {component: config}
     runtime: str | None = None  # the MLX pipeline class that runs the folder
+    scheduler_check: str | None = None  # "module:function" that refuses a scheduler config the runtime cannot run
     reference: dict[str, str] = field(default_factory=dict)  # task -> "diffusers:PipelineClass"
     model_index: dict[str, Any] = field(default_factory=dict)  # extra model_index.json entries
     # model_index.json entries read from the source's own model_index.json (the layout's part
@@ -120,6 +121,7 @@ def load_pipeline_spec(path: Path) -> PipelineSpec:
     if "scheduler" in data:
         spec.scheduler_default = dict(data["scheduler"]["default"])
         spec.scheduler_set = dict(data["scheduler"].get("set") or {})
+        spec.scheduler_check = data["scheduler"].get("check")
         if "_class_name" not in spec.scheduler_default:
             raise _fail(path, _child(node, "scheduler"), "scheduler.default needs a _class_name")
     spec.checks = list(data.get("checks", []))

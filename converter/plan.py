@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from converter.errors import VidportError, closest, listing
-from converter.spec import Gather, Rule, RuleSet
-from converter.transforms import Shape, Step, shape_steps
+from vidport.converter.core.errors import VidportError, closest, listing
+from vidport.converter.spec import Gather, Rule, RuleSet
+from vidport.converter.transforms import Shape, Step, shape_steps
 
 
 @dataclass(frozen=True)

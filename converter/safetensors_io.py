@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from converter.dtypes import SAFETENSORS_CODES, SAFETENSORS_DTYPES
-from converter.errors import VidportError
-from converter.mapped import map_range
+from vidport.converter.dtypes import SAFETENSORS_CODES, SAFETENSORS_DTYPES
+from vidport.converter.core.errors import VidportError
+from vidport.converter.mapped import map_range
 
 MAX_HEADER = 100 * 1024 * 1024
 

@@ -14,12 +14,12 @@ from typing import Any
 
 import yaml
 
-from converter.checkpoint import EmaCopies
-from converter.errors import VidportError
-from converter.patterns import (Condition, Pattern, PatternError, Template, compile_condition, compile_expression,
+from vidport.converter.checkpoint import EmaCopies
+from vidport.converter.core.errors import VidportError
+from vidport.converter.patterns import (Condition, Pattern, PatternError, Template, compile_condition, compile_expression,
                                 compile_pattern, compile_template)
-from converter.layouts import RoleFormat, TargetOption, parse_options, parse_role_format
-from converter.transforms import Step, parse_step
+from vidport.converter.layouts import RoleFormat, TargetOption, parse_options, parse_role_format
+from vidport.converter.transforms import Step, parse_step
 
 MAPPINGS_DIR = Path(__file__).resolve().parent.parent / "mappings"
 
@@ -145,13 +145,15 @@ FAMILY_SCHEMA = {
 ROLE = {"required": {"match": "pattern", "role": "str"}, "optional": {"args": {"optional": {"*": "any"}}}}
 TARGET_SCHEMA = {
     "required": {"target": "str", "version": "int", "roles": {"optional": {"*": "any"}},
-                 "expected": "str", "writer": "str"},
+                 "expected": "str", "shapes": "str", "writer": "str"},
     "optional": {"description": "str", "weights_stem": {"optional": {"*": "str"}}, "metadata": {"optional": {"*": "str"}},
                  # conversion options (--ttnn-dtype ...): name -> {default, choices, format, help}
                  "options": {"optional": {"*": {"required": {"default": "any"},
                                                 "optional": {"choices": ["list", "any"], "format": "str", "help": "str"}}}},
                  # roles this target does not store, with the reason (e.g. recomputed buffers)
-                 "omit_roles": {"optional": {"*": "str"}}},
+                 "omit_roles": {"optional": {"*": "str"}},
+                 # named function (canonical class, config) -> the nested parameter tree of tt-metal's preprocessing
+                 "model_tree": "str"},
 }
 
 
@@ -325,8 +327,8 @@ class FamilySpec:
     description: str
     aliases: list[str]
     canonical: str  # "diffusers:MotionAdapter"
-    runtime: str  # "runtime.animatediff_motion:MotionAdapter"
-    reference: str  # "reference.animatediff_motion"
+    runtime: str  # "vidport.runtime.animatediff_motion:MotionAdapter"
+    reference: str  # "vidport.reference.animatediff_motion"
     path: Path
     config: ConfigSpec
     roles: list[tuple[Pattern, str]]
@@ -356,12 +358,14 @@ class TargetSpec:
     path: Path
     roles: dict[str, list[Step]]
     expected: str  # whose parameter shapes the output must match: "runtime" or "canonical"
+    shapes: str  # named function (that model's class path, config) -> its parameter shapes
     writer: str  # module under converter/targets/ that writes the files
     weights_stem: dict[str, str]  # library of the canonical model -> weights file stem
     metadata: dict[str, str]  # written into safetensors headers
     formats: dict[str, RoleFormat] = field(default_factory=dict)  # roles given as mappings (layout, dtype ...)
     options: dict[str, TargetOption] = field(default_factory=dict)
     omit_roles: dict[str, str] = field(default_factory=dict)  # role -> why the target leaves it out
+    model_tree: str | None = None  # named function for the model_cache style's module tree
 
     def format_for(self, role: str) -> RoleFormat | None:
         kind = role.split(".")[0]
@@ -444,9 +448,9 @@ def load_target_spec(path: Path) -> TargetSpec:
         raise _fail(path, _child(node, "options"), str(err)) from err
     if data["expected"] not in ("runtime", "canonical"):
         raise _fail(path, _child(node, "expected"), "expected must be 'runtime' or 'canonical'")
-    return TargetSpec(data["target"], data["version"], path, roles, data["expected"], data["writer"],
+    return TargetSpec(data["target"], data["version"], path, roles, data["expected"], data["shapes"], data["writer"],
                       data.get("weights_stem", {}), data.get("metadata", {}), formats, options,
-                      data.get("omit_roles") or {})
+                      data.get("omit_roles") or {}, data.get("model_tree"))
 
 
 @dataclass
@@ -460,7 +464,7 @@ class Catalog:
         for family in self.families.values():
             if name == family.name or name in family.aliases:
                 return family
-        from converter.errors import closest
+        from vidport.converter.core.errors import closest
 
         raise VidportError(f"unknown model family '{name}'",
                            hint=f"known: {', '.join(self.families)}" + (f"; did you mean {closest(name, self.families)}?" if closest(name, self.families) else ""))

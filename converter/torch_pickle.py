@@ -19,9 +19,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from converter.dtypes import TORCH_STORAGE_DTYPES
-from converter.errors import UnsafeCheckpointError, VidportError
-from converter.mapped import map_range
+from vidport.converter.dtypes import TORCH_STORAGE_DTYPES
+from vidport.converter.core.errors import UnsafeCheckpointError, VidportError
+from vidport.converter.mapped import map_range
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 

@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from converter.dtypes import NAMED_DTYPES
+from vidport.converter.dtypes import NAMED_DTYPES
 
 Shape = tuple[int, ...]
 Value = Any  # an array, or a list of arrays after `split`
@@ -198,4 +198,4 @@ def shape_steps(steps: list[Step], shape: Shape) -> Any:
 
 
 # Transforms only TTNN layouts use register themselves here (the registry above must exist first).
-import converter.ttnn_transforms  # noqa: E402,F401
+import vidport.converter.ttnn_transforms  # noqa: E402,F401

@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from converter.transforms import Shape, register
-from converter.ttnn_support import group_norm
+from vidport.converter.transforms import Shape, register
+from vidport.converter.ttnn_support import group_norm
 
 
 def is_placeholder(value: Any) -> bool:

@@ -5,7 +5,8 @@ from typing import Any
 
 import numpy as np
 
-from golden.records import Call, CallNamer, Probe
+from vidport.reference.probe import Probe
+from vidport.golden.records import Call, CallNamer
 
 
 def _to_numpy(value: Any) -> Any:

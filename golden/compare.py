@@ -5,13 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import runtime  # noqa: F401  (loads the fast BLAS before mlx)
+import vidport.runtime  # noqa: F401  (loads the fast BLAS before mlx)
 import mlx.core as mx
 import mlx.nn as nn
 
-from golden.metrics import Threshold, compare, passes
-from golden.records import Call, Probe
-from golden.tap_mlx import call_with, compute_dtype, from_port, modules_by_name, output_channels_last, port_inputs, tap
+from vidport.golden.metrics import Threshold, compare, passes
+from vidport.reference.probe import Probe
+from vidport.golden.records import Call
+from vidport.golden.tap_mlx import call_with, compute_dtype, from_port, modules_by_name, output_channels_last, port_inputs, tap
 
 
 @dataclass
@@ -81,7 +82,7 @@ def run_port(model: nn.Module, probes: list[Probe]) -> tuple[dict[str, Any], set
 def compare_port(model: Any, probes: list[Probe], calls: list[Call], threshold: Threshold, dtype: str,
                  progress=None) -> Report:
     """`model`: a golden.port.Port (MLX, TTNN emulator or device), or an MLX model (wrapped as one)."""
-    from golden.port import as_port
+    from vidport.golden.port import as_port
 
     port = as_port(model)
     names = port.module_names()

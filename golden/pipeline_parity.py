@@ -19,8 +19,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from converter.errors import VidportError
-from golden.metrics import PipelineThreshold, compare, pipeline_threshold_for, psnr
+from vidport.converter.core.errors import VidportError
+from vidport.golden.metrics import PipelineThreshold, compare, pipeline_threshold_for, psnr
 
 Progress = Callable[[int, int | None, str], None]
 TASKS = ("t2v", "i2v")
@@ -71,10 +71,10 @@ def build_reference(folder: Path, task: str, scheduler: str | None = None) -> An
     import torch
     from transformers import CLIPTokenizer
 
-    from converter.pipeline_spec import pipeline_spec
-    from golden.verify import reference_model
-    from reference.canonical import canonical_class
-    from runtime.pipelines.folder import PipelineFolder
+    from vidport.converter.pipeline_spec import pipeline_spec
+    from vidport.golden.verify import reference_model
+    from vidport.reference.canonical import canonical_class
+    from vidport.runtime.pipelines.folder import PipelineFolder
 
     pipeline = PipelineFolder.open(folder)
     spec = pipeline_spec(pipeline.pipeline)
@@ -96,8 +96,8 @@ def build_reference(folder: Path, task: str, scheduler: str | None = None) -> An
 
 
 def _image(image: np.ndarray | str | Path | None, height: int, width: int, seed: int) -> np.ndarray:
-    from reference.pipeline_fixtures import sample_image
-    from runtime.pipelines.inputs import read_image
+    from vidport.reference.pipeline_fixtures import sample_image
+    from vidport.runtime.pipelines.inputs import read_image
 
     if image is None:
         return sample_image(height, width, seed)
@@ -130,7 +130,7 @@ def pipeline_parity(folder: str | Path, task: str = "t2v", prompt: str = "a cat 
     noise inside diffusers' loop at every step, which no replay here reproduces: refused."""
     import torch
 
-    from runtime.pipelines.animatediff import AnimateDiffPipeline  # the runtime first: it sets MLX's BLAS up
+    from vidport.runtime.pipelines.animatediff import AnimateDiffPipeline  # the runtime first: it sets MLX's BLAS up
 
     import mlx.core as mx  # noqa: E402
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from golden.pipeline_parity import PipelineReport
+from vidport.golden.pipeline_parity import PipelineReport
 
 TITLES = {"t2v": "text-to-video", "i2v": "image-to-video", "ti2v": "text/image-to-video (TI2V)"}
 

@@ -10,11 +10,11 @@ from typing import Any, Callable, Protocol, runtime_checkable
 
 import numpy as np
 
-from converter.errors import VidportError
-from golden.records import Probe
+from vidport.converter.core.errors import VidportError
+from vidport.reference.probe import Probe
 
 # target name -> "module:Class" of its port
-PORTS = {"mlx": "golden.port_mlx:MlxPort", "ttnn": "golden.port_ttnn:TtnnPort"}
+PORTS = {"mlx": "vidport.golden.port_mlx:MlxPort", "ttnn": "vidport.golden.port_ttnn:TtnnPort"}
 
 
 @runtime_checkable
@@ -42,7 +42,7 @@ def as_port(model: Any) -> Port:
     """A Port as is; an MLX model (what compare_port always took) wrapped as one."""
     if isinstance(model, Port):
         return model
-    from golden.port_mlx import MlxPort
+    from vidport.golden.port_mlx import MlxPort
 
     return MlxPort(model)
 

@@ -6,12 +6,12 @@ from typing import Any
 
 import numpy as np
 
-from golden.records import Probe
+from vidport.reference.probe import Probe
 
 
 class MlxPort:
     def __init__(self, model) -> None:
-        from golden.tap_mlx import compute_dtype, modules_by_name
+        from vidport.golden.tap_mlx import compute_dtype, modules_by_name
 
         self.model = model
         self.modules = modules_by_name(model)
@@ -19,8 +19,8 @@ class MlxPort:
 
     @classmethod
     def open(cls, folder: Path, device: bool = False) -> "MlxPort":
-        from converter.errors import VidportError
-        from runtime.loading import load_model
+        from vidport.converter.core.errors import VidportError
+        from vidport.runtime.loading import load_model
 
         if device:
             raise VidportError("--device is for TTNN conversions; MLX runs on this machine")
@@ -30,11 +30,11 @@ class MlxPort:
         return set(self.modules)
 
     def run(self, probes: list[Probe]) -> tuple[dict[str, np.ndarray], set[str]]:
-        from golden.compare import run_port
+        from vidport.golden.compare import run_port
 
         return run_port(self.model, probes)
 
     def call(self, module: str, args: list[Any], kwargs: dict[str, Any]) -> np.ndarray:
-        from golden.tap_mlx import call_with
+        from vidport.golden.tap_mlx import call_with
 
         return call_with(self.modules[module], args, kwargs, self.dtype)

@@ -12,10 +12,11 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from golden.port import bind_recorded
-from golden.records import CallNamer, Probe
-from runtime.ttnn.module import Module
-from runtime.ttnn.ops import Ops
+from vidport.golden.port import bind_recorded
+from vidport.reference.probe import Probe
+from vidport.golden.records import CallNamer
+from vidport.runtime.ttnn.module import Module
+from vidport.runtime.ttnn.ops import Ops
 
 
 class TtnnPort:
@@ -26,7 +27,7 @@ class TtnnPort:
 
     @classmethod
     def open(cls, folder: Path, device: bool = False) -> "TtnnPort":
-        from runtime.ttnn.loading import load_model, make_ops
+        from vidport.runtime.ttnn.loading import load_model, make_ops
 
         ops = make_ops(device)
         return cls(load_model(folder, ops), ops)

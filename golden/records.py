@@ -1,23 +1,12 @@
-"""What a golden run records: the probes (which module is run on which inputs) and, for every
+"""What a golden run records: for every
 module call in dataflow order, its inputs and output. Shared by the torch capture, the MLX tap
 and the golden file, so all three speak numpy."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-
-
-@dataclass
-class Probe:
-    """Run `module` (a dotted path from the model root) on these inputs; with `method`, call that
-    method of it instead (a video VAE's `encode` / `decode` loop, which is no module's forward)."""
-
-    module: str
-    args: list[Any]
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    method: str | None = None
 
 
 @dataclass

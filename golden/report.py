@@ -9,7 +9,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from golden.compare import Report
+from vidport.golden.compare import Report
 
 
 def print_report(report: Report, console: Console, limit: int | None = None) -> None:

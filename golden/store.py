@@ -9,9 +9,10 @@ from typing import Any
 
 import numpy as np
 
-from converter.errors import VidportError
-from converter.safetensors_io import SafetensorsWriter, read_safetensors
-from golden.records import Call, Probe
+from vidport.converter.core.errors import VidportError
+from vidport.converter.safetensors_io import SafetensorsWriter, read_safetensors
+from vidport.reference.probe import Probe
+from vidport.golden.records import Call
 
 FORMAT = "vidport-golden/1"
 

@@ -7,12 +7,12 @@ import inspect
 from collections.abc import Iterator
 from typing import Any
 
-import runtime  # noqa: F401  (loads the fast BLAS before mlx)
+import vidport.runtime  # noqa: F401  (loads the fast BLAS before mlx)
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from golden.records import CallNamer
+from vidport.golden.records import CallNamer
 
 _TAPPED: dict[type, type] = {}
 

@@ -7,11 +7,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from converter.errors import VidportError
-from golden.compare import Report, compare_port
-from golden.metrics import threshold_for
-from golden.records import Call, Probe
-from golden.store import load_golden, save_golden
+from vidport.converter.core.errors import VidportError
+from vidport.golden.compare import Report, compare_port
+from vidport.golden.metrics import threshold_for
+from vidport.reference.probe import Probe
+from vidport.golden.records import Call
+from vidport.golden.store import load_golden, save_golden
 
 
 def _versions() -> dict[str, str]:
@@ -26,8 +27,8 @@ def _versions() -> dict[str, str]:
 
 def reference_model(manifest: dict[str, Any], source: Path) -> Any:
     """The reference model of a conversion, built from `source` with the loader its spec names."""
-    from converter.spec import load_catalog
-    from reference.build import load_reference
+    from vidport.converter.spec import load_catalog
+    from vidport.reference.build import load_reference
 
     family = load_catalog().family(manifest["family"])
     spec = next(s for s in family.sources if s.name == manifest["spec"]["name"])
@@ -41,8 +42,8 @@ def reference_model(manifest: dict[str, Any], source: Path) -> Any:
 
 def reference_calls(manifest: dict[str, Any], source: Path, seed: int, frames: int | None) -> tuple[list[Probe], list[Call]]:
     """Build the reference from `source` with the loader its spec names, run the family's probes."""
-    from converter.spec import load_catalog
-    from golden.capture_torch import capture_reference
+    from vidport.converter.spec import load_catalog
+    from vidport.golden.capture_torch import capture_reference
 
     model = reference_model(manifest, source)
     family = load_catalog().family(manifest["family"])
@@ -53,8 +54,8 @@ def reference_calls(manifest: dict[str, Any], source: Path, seed: int, frames: i
 def verify(converted: Path, source: Path | None = None, golden: Path | None = None, save_to: Path | None = None,
            seed: int = 0, frames: int | None = None, progress=None, device: bool = False) -> Report:
     """`device`: run a TTNN conversion on a Tenstorrent card instead of the host emulator."""
-    from golden.port import open_port
-    from runtime.loading import read_manifest
+    from vidport.golden.port import open_port
+    from vidport.converter.core.manifest import read_manifest
 
     converted = Path(converted)
     manifest = read_manifest(converted)

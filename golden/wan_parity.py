@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from converter.errors import VidportError
-from golden.metrics import compare, pipeline_threshold_for, psnr
-from golden.pipeline_parity import PipelineReport, Progress, StepRow
+from vidport.converter.core.errors import VidportError
+from vidport.golden.metrics import compare, pipeline_threshold_for, psnr
+from vidport.golden.pipeline_parity import PipelineReport, Progress, StepRow
 
 WAN_TASKS = ("t2v", "i2v", "ti2v")
 PROMPT = "a red cat walks slowly on the green mat under the sun"
@@ -36,7 +36,7 @@ def sample_frame(height: int, width: int):
 def model_tasks(folder: str | Path) -> list[str]:
     """What `vidport verify --pipeline` checks by default: the model's own task (a TI2V model:
     with and without the image)."""
-    from runtime.pipelines.wan import WanPipeline
+    from vidport.runtime.pipelines.wan import WanPipeline
 
     task = WanPipeline.open(folder).task
     return ["t2v", "ti2v"] if task == "ti2v" else [task]
@@ -78,8 +78,8 @@ def wan_parity(folder: str | Path, task: str | None = None, source: str | Path |
     import mlx.core as mx
     import torch
 
-    from runtime.pipelines.wan import WanPipeline
-    from runtime.pipelines.wan_image import load_image
+    from vidport.runtime.pipelines.wan import WanPipeline
+    from vidport.runtime.pipelines.wan_image import load_image
 
     note = progress or (lambda done, total, item: None)
     timings: dict[str, float] = {}

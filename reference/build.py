@@ -7,8 +7,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from converter.errors import VidportError
-from reference.canonical import build_canonical, canonical_class, tied_aliases
+from vidport.converter.core.errors import VidportError
+from vidport.reference.canonical import build_canonical, canonical_class, tied_aliases
 
 
 def load_reference(canonical: str, loader: str, source: Path, config_file: dict[str, Any], **options: Any) -> Any:
@@ -39,8 +39,8 @@ def _from_mapping(canonical: str, source: Path, config_file: dict[str, Any]) -> 
     the format's official code (tests/test_wan_vae.py does for the Wan 2.2 VAE)."""
     import torch
 
-    from converter.convert import iter_outputs, plan_conversion
-    from converter.dtypes import is_floating
+    from vidport.converter.convert import iter_outputs, plan_conversion
+    from vidport.converter.dtypes import is_floating
 
     model = build_canonical(canonical, {k: v for k, v in config_file.items() if not k.startswith("_")})
     state = {key: torch.from_numpy(array.astype("float32") if is_floating(array.dtype) else array)

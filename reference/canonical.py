@@ -2,13 +2,14 @@
 shapes on torch's meta device, without allocating weights."""
 from __future__ import annotations
 
-import importlib
 from typing import Any
+
+from vidport.converter.core.errors import VidportError
+from vidport.converter.core.named import named_object
 
 
 def canonical_class(canonical: str) -> type:
-    library, name = canonical.split(":")
-    return getattr(importlib.import_module(library), name)
+    return named_object(canonical)
 
 
 def build_canonical(canonical: str, config: dict[str, Any]) -> Any:
@@ -40,3 +41,32 @@ def canonical_shapes(canonical: str, config: dict[str, Any]) -> dict[str, tuple[
     with torch.device("meta"):
         model = build_canonical(canonical, config)
     return {name: tuple(t.shape) for name, t in stored_state(model).items()}
+
+
+def preprocessed_tree(canonical: str, config: dict[str, Any]) -> dict:
+    """The nesting ``preprocess_model_parameters`` gives the canonical model (built on torch's meta
+    device): a dict per module (its direct parameters, then children that hold anything), a list
+    per ``nn.ModuleList`` (every entry, empty ones too); Linear / LayerNorm / Embedding hold
+    weight and bias only.  Leaves are None. (The TTNN target's `model_tree`.)"""
+    try:
+        import torch
+    except ImportError as err:
+        raise VidportError("--cache-style model_cache needs torch (so does preprocess_model_parameters)",
+                           hint="install torch, or use --cache-style as_tensor / tt_dit") from err
+
+    with torch.device("meta"):
+        model = build_canonical(canonical, config)
+
+    def tree(module: torch.nn.Module) -> dict | list:
+        if isinstance(module, torch.nn.ModuleList):
+            return [tree(child) for child in module.children()]
+        found: dict[str, Any] = {name: None for name, _ in module.named_parameters(recurse=False)}
+        if isinstance(module, (torch.nn.Linear, torch.nn.LayerNorm, torch.nn.Embedding)):
+            return found
+        for name, child in module.named_children():
+            sub = tree(child)
+            if sub:
+                found[name] = sub
+        return found
+
+    return tree(model)

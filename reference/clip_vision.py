@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from golden.records import Probe
+from vidport.reference.probe import Probe
 
 
 def probes(config: dict[str, Any], seed: int, frames: int | None = None, batch: int = 2) -> list[Probe]:

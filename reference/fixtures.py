@@ -105,14 +105,14 @@ def write_config_folder(folder: Path, class_name: str, config: dict[str, Any]) -
 
 
 # ---------------------------------------------------------------- SD 1.5 UNet (sd15-unet)
-# The LDM single file itself comes from reference.sd_fixtures (UNet, VAE and CLIP in one file).
+# The LDM single file itself comes from vidport.reference.sd_fixtures (UNet, VAE and CLIP in one file).
 
 
 def sd15_unet(seed: int = 0):
     """The small SD 1.5 UNet that `sd_fixtures.write_sd_single_file(seed=seed)` holds."""
     from diffusers import UNet2DConditionModel
 
-    from reference.sd_fixtures import SD_UNET_CONFIG, randomize
+    from vidport.reference.sd_fixtures import SD_UNET_CONFIG, randomize
 
     return randomize(UNet2DConditionModel(**SD_UNET_CONFIG), seed + 2)
 
@@ -127,7 +127,7 @@ def write_sd15_single_file_with_ema(path: Path, seed: int = 0, fmt: str = "ckpt"
     """A `v1-5-pruned.ckpt`-like file: the single file plus LitEma copies of the UNet
     (`model_ema.` + the key under `model.` without dots), taken from another random UNet so
     that converting the wrong set shows."""
-    from reference.sd_fixtures import ldm_unet_state_dict, save_state, sd_components, sd_single_file_state
+    from vidport.reference.sd_fixtures import ldm_unet_state_dict, save_state, sd_components, sd_single_file_state
 
     state = sd_single_file_state(*sd_components(seed))
     ema = ldm_unet_state_dict(sd15_unet(ema_seed))

@@ -18,7 +18,7 @@ SD15_SCHEDULER = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0",
 
 def write_tokenizer(folder: Path) -> Path:
     """The tiny CLIP tokenizer as save_pretrained writes it (the folder `--tokenizer` takes)."""
-    from reference.sd_fixtures import tiny_clip_tokenizer
+    from vidport.reference.sd_fixtures import tiny_clip_tokenizer
 
     tiny_clip_tokenizer().save_pretrained(str(folder))
     return Path(folder)
@@ -27,7 +27,7 @@ def write_tokenizer(folder: Path) -> Path:
 def write_sd_pipeline_folder(folder: Path, seed: int = 0) -> Path:
     """A whole Diffusers SD 1.5 pipeline folder holding the same models as
     `sd_fixtures.write_sd_single_file(seed=seed)`."""
-    from reference.sd_fixtures import sd_components, write_sd_pipeline
+    from vidport.reference.sd_fixtures import sd_components, write_sd_pipeline
 
     folder = Path(folder)
     write_sd_pipeline(folder, seed)

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from golden.records import Probe
+from vidport.reference.probe import Probe
 
 TOKENS = 77  # CLIP's context length, as SD pipelines pad prompts
 

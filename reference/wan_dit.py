@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from golden.records import Probe
+from vidport.reference.probe import Probe
 
 TEXT_TOKENS = 512
 IMAGE_TOKENS = 257  # CLIP ViT-H/14 on 224 x 224: 16 x 16 patches + the class token

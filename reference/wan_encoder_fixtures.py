@@ -51,7 +51,7 @@ def official_umt5_encoder(config: dict[str, Any] = UMT5_SMALL, seed: int = 0):
     """wan/modules/t5.py's T5Encoder as umt5_xxl builds it (shared_pos=False), at `config`'s widths."""
     import torch
 
-    from reference.wan_official import official_module
+    from vidport.reference.wan_official import official_module
 
     torch.manual_seed(seed)
     model = official_module("t5").T5Encoder(
@@ -94,7 +94,7 @@ def official_clip(config: dict[str, Any] = CLIP_VISION_SMALL, seed: int = 0):
     (a small text tower too: the native file holds both towers)."""
     import torch
 
-    from reference.wan_official import official_module
+    from vidport.reference.wan_official import official_module
 
     torch.manual_seed(seed)
     hidden = config["hidden_size"]

@@ -13,9 +13,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from reference.wan_dit_fixtures import random_wan_transformer, wan_config
-from reference.wan_encoder_fixtures import UMT5_SMALL, _perturb_norms, _widen_position_tables
-from reference.wan_vae_fixtures import randomize, wan_vae_config
+from vidport.reference.wan_dit_fixtures import random_wan_transformer, wan_config
+from vidport.reference.wan_encoder_fixtures import UMT5_SMALL, _perturb_norms, _widen_position_tables
+from vidport.reference.wan_vae_fixtures import randomize, wan_vae_config
 
 WORDS = ("a cat dog sits runs on the red blue green mat in field under sky sun walks slowly fast video of "
          "bright dark low quality blurry static frame worst").split()

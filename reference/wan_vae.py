@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from converter.errors import VidportError
-from golden.records import Probe
+from vidport.converter.core.errors import VidportError
+from vidport.reference.probe import Probe
 
 
 def probes(config: dict[str, Any], seed: int, frames: int | None = None) -> list[Probe]:

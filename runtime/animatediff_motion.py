@@ -12,8 +12,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from runtime.layers import GroupNorm, attend_heads, geglu
-from runtime.motion_config import MotionConfig
+from vidport.runtime.layers import GroupNorm, attend_heads, geglu
+from vidport.runtime.motion_config import MotionConfig
 
 
 class SinusoidalPositionalEmbedding(nn.Module):

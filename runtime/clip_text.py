@@ -11,7 +11,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from runtime.layers import attend_heads, sigmoid
+from vidport.runtime.layers import attend_heads, sigmoid
 
 
 class QuickGELU(nn.Module):

@@ -13,8 +13,8 @@ from typing import Any, NamedTuple
 import mlx.core as mx
 import mlx.nn as nn
 
-from runtime.clip_text import CLIPEncoder
-from runtime.layers import Conv2d
+from vidport.runtime.clip_text import CLIPEncoder
+from vidport.runtime.layers import Conv2d
 
 
 class CLIPVisionEmbeddings(nn.Module):

@@ -8,17 +8,9 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from converter.errors import VidportError
+from vidport.converter.core.errors import VidportError
+from vidport.converter.core.manifest import read_manifest
 
-MANIFEST = "vidport_manifest.json"
-
-
-def read_manifest(folder: str | Path) -> dict[str, Any]:
-    path = Path(folder) / MANIFEST
-    if not path.exists():
-        raise VidportError(f"{folder}: no {MANIFEST}; not a vidport output folder",
-                           hint="convert first: vidport convert FAMILY SRC --target mlx --out DIR")
-    return json.loads(path.read_text())
 
 
 def load_weights(folder: Path) -> dict[str, mx.array]:
@@ -33,13 +25,13 @@ def load_weights(folder: Path) -> dict[str, mx.array]:
 
 def load_model(folder: str | Path) -> nn.Module:
     """The MLX model of a converted folder; every parameter must be present with its shape."""
-    from runtime.registry import build_model
+    from vidport.runtime.registry import build_model
 
     folder = Path(folder)
     manifest = read_manifest(folder)
     if manifest["target"]["name"] != "mlx":
         raise VidportError(f"{folder}: converted for target '{manifest['target']['name']}', not mlx")
-    from converter.spec import load_catalog
+    from vidport.converter.spec import load_catalog
 
     family = load_catalog().family(manifest["family"])
     model = build_model(family.runtime, manifest["config"])

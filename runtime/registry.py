@@ -1,23 +1,22 @@
 """Find a runtime model class by the dotted name a family spec gives, and build it from a config."""
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 from mlx.utils import tree_flatten
 
+from vidport.converter.core.errors import VidportError
+from vidport.converter.core.named import named_object
+
 
 def runtime_class(path: str) -> type:
-    module, name = path.split(":")
-    return getattr(importlib.import_module(module), name)
+    return named_object(path)
 
 
 def build_model(path: str, config: dict[str, Any]):
     try:
         return runtime_class(path).from_config(config)
     except (TypeError, ValueError) as err:
-        from converter.errors import VidportError
-
         raise VidportError(f"config does not fit {path}: {err}") from err
 
 

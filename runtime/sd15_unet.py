@@ -12,9 +12,9 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from runtime.layers import Conv2d, GroupNorm, SiLU
-from runtime.unet_blocks import BlockArgs, DownBlock, MidBlock, Motion, UpBlock
-from runtime.unet_config import UNetConfig, read_unet_config
+from vidport.runtime.layers import Conv2d, GroupNorm, SiLU
+from vidport.runtime.unet_blocks import BlockArgs, DownBlock, MidBlock, Motion, UpBlock
+from vidport.runtime.unet_config import UNetConfig, read_unet_config
 
 
 class Timesteps(nn.Module):

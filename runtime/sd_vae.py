@@ -13,8 +13,8 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from runtime.layers import Conv2d, GroupNorm, SiLU, attention
-from runtime.unet_blocks import ResnetBlock2D, Upsample2D
+from vidport.runtime.layers import Conv2d, GroupNorm, SiLU, attention
+from vidport.runtime.unet_blocks import ResnetBlock2D, Upsample2D
 
 EPS = 1e-6  # every norm of the SD VAE
 

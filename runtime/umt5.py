@@ -15,7 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from runtime.layers import attention, gelu_tanh
+from vidport.runtime.layers import attention, gelu_tanh
 
 
 def relative_position_bucket(relative_position: np.ndarray, num_buckets: int, max_distance: int) -> np.ndarray:

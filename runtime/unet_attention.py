@@ -6,8 +6,8 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from runtime.animatediff_motion import FeedForward
-from runtime.layers import Conv2d, GroupNorm, attend_heads
+from vidport.runtime.animatediff_motion import FeedForward
+from vidport.runtime.layers import Conv2d, GroupNorm, attend_heads
 
 
 class Attention(nn.Module):

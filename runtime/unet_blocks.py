@@ -13,9 +13,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from runtime.animatediff_motion import TemporalTransformer
-from runtime.layers import Conv2d, Dropout, GroupNorm, SiLU
-from runtime.unet_attention import Transformer2DModel
+from vidport.runtime.animatediff_motion import TemporalTransformer
+from vidport.runtime.layers import Conv2d, Dropout, GroupNorm, SiLU
+from vidport.runtime.unet_attention import Transformer2DModel
 
 
 class ResnetBlock2D(nn.Module):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from converter.errors import VidportError
+from vidport.converter.core.errors import VidportError
 
 # Options that change the architecture or the numerics, and the one value the port implements.
 FIXED: dict[str, Any] = {

@@ -13,11 +13,11 @@ from typing import Any
 
 import mlx.core as mx
 
-from converter.errors import VidportError
-from runtime.sd15_unet import UNet2DConditionModel
-from runtime.motion_config import MotionConfig
-from runtime.unet_blocks import Motion
-from runtime.unet_config import UNetConfig, read_unet_config
+from vidport.converter.core.errors import VidportError
+from vidport.runtime.sd15_unet import UNet2DConditionModel
+from vidport.runtime.motion_config import MotionConfig
+from vidport.runtime.unet_blocks import Motion
+from vidport.runtime.unet_config import UNetConfig, read_unet_config
 
 
 def check_compatible(unet: UNetConfig, adapter: dict[str, Any] | MotionConfig) -> None:
@@ -74,7 +74,8 @@ class UNetMotionModel(UNet2DConditionModel):
 
 def load_unet_motion(unet_folder: str | Path, adapter_folder: str | Path) -> UNetMotionModel:
     """The motion UNet from an sd15-unet and an animatediff-motion MLX conversion (strict load)."""
-    from runtime.loading import load_weights, read_manifest
+    from vidport.converter.core.manifest import read_manifest
+    from vidport.runtime.loading import load_weights
 
     folders = {"sd15-unet": Path(unet_folder), "animatediff-motion": Path(adapter_folder)}
     configs = {}

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from converter.errors import VidportError
+from vidport.converter.core.errors import VidportError
 
 FORMATS = {".mp4": "libx264", ".webm": "libvpx-vp9", ".gif": None}
 

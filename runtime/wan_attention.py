@@ -10,8 +10,8 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from runtime.layers import attention
-from runtime.wan_rope import apply_rotary
+from vidport.runtime.layers import attention
+from vidport.runtime.wan_rope import apply_rotary
 
 # The text context length the pipelines pad prompts to. diffusers splits the cross-attention
 # context of an I2V model as [image tokens | the last 512 text tokens]; so do we.

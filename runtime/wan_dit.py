@@ -13,9 +13,9 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from runtime.wan_attention import WanAttention
-from runtime.wan_embeddings import FeedForward, FP32LayerNorm, WanTimeTextImageEmbedding
-from runtime.wan_rope import WanRotaryPosEmbed
+from vidport.runtime.wan_attention import WanAttention
+from vidport.runtime.wan_embeddings import FeedForward, FP32LayerNorm, WanTimeTextImageEmbedding
+from vidport.runtime.wan_rope import WanRotaryPosEmbed
 
 F32 = mx.float32
 

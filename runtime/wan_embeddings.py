@@ -5,8 +5,8 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from runtime.layers import gelu, gelu_tanh
-from runtime.sd15_unet import TimestepEmbedding, Timesteps
+from vidport.runtime.layers import gelu, gelu_tanh
+from vidport.runtime.sd15_unet import TimestepEmbedding, Timesteps
 
 
 class FP32LayerNorm(nn.Module):

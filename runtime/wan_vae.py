@@ -12,13 +12,13 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from converter.errors import VidportError
-from runtime.layers import SiLU
-from runtime.wan_vae_blocks import (WanMidBlock, WanResample, WanResidualBlock, WanResidualDownBlock,
+from vidport.converter.core.errors import VidportError
+from vidport.runtime.layers import SiLU
+from vidport.runtime.wan_vae_blocks import (WanMidBlock, WanResample, WanResidualBlock, WanResidualDownBlock,
                                     WanResidualUpBlock, WanUpBlock)
-from runtime.wan_vae_conv import Cache, WanCausalConv3d, cached_conv
-from runtime.wan_vae_layers import WanRMSNorm, patchify, unpatchify
-from runtime.wan_vae_tiling import Tiling, tiled_decode
+from vidport.runtime.wan_vae_conv import Cache, WanCausalConv3d, cached_conv
+from vidport.runtime.wan_vae_layers import WanRMSNorm, patchify, unpatchify
+from vidport.runtime.wan_vae_tiling import Tiling, tiled_decode
 
 
 class WanEncoder3d(nn.Module):

@@ -7,9 +7,9 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from runtime.layers import Conv2d, Dropout, SiLU, attention
-from runtime.wan_vae_conv import CACHE_T, BandedConv2d, Cache, WanCausalConv3d, cached_conv, own_copy
-from runtime.wan_vae_layers import AvgDown3D, DupUp3D, Identity, Sequential, WanRMSNorm, WanUpsample, ZeroPad2d
+from vidport.runtime.layers import Conv2d, Dropout, SiLU, attention
+from vidport.runtime.wan_vae_conv import CACHE_T, BandedConv2d, Cache, WanCausalConv3d, cached_conv, own_copy
+from vidport.runtime.wan_vae_layers import AvgDown3D, DupUp3D, Identity, Sequential, WanRMSNorm, WanUpsample, ZeroPad2d
 
 
 class WanResidualBlock(nn.Module):

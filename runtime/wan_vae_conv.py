@@ -11,7 +11,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from runtime.layers import Conv2d
+from vidport.runtime.layers import Conv2d
 
 CACHE_T = 2
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import mlx.core as mx
 
 if TYPE_CHECKING:
-    from runtime.wan_vae import AutoencoderKLWan
+    from vidport.runtime.wan_vae import AutoencoderKLWan
 
 
 @dataclass(frozen=True)

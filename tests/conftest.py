@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="session")
 def motion_sources(tmp_path_factory) -> dict[str, Path]:
     """Original AnimateDiff checkpoints of every release layout, plus a Diffusers folder."""
-    from reference.fixtures import MOTION_VARIANTS, write_diffusers_motion_adapter, write_original_motion_module
+    from vidport.reference.fixtures import MOTION_VARIANTS, write_diffusers_motion_adapter, write_original_motion_module
 
     root = tmp_path_factory.mktemp("motion")
     found = {}
@@ -32,7 +32,7 @@ def motion_sources(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def ttnn():
     """The ttnn module at the pinned version; the test is skipped, saying why, where it is not."""
-    from converter.ttnn_support import PINNED_TTNN_VERSION, import_ttnn
+    from vidport.converter.ttnn_support import PINNED_TTNN_VERSION, import_ttnn
 
     module = import_ttnn()
     if module is None:

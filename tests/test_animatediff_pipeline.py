@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-import runtime  # noqa: F401  (before mlx: the runtime gives MLX its fast BLAS)
+import vidport.runtime  # noqa: F401  (before mlx: the runtime gives MLX its fast BLAS)
 from cli import app
-from converter.errors import VidportError
-from converter.pipeline import convert_pipeline, plan_pipeline
+from vidport.converter.core.errors import VidportError
+from vidport.converter.pipeline import convert_pipeline, plan_pipeline
 
 runner = CliRunner()
 CLIP_HEADS = {"text_encoder.num_attention_heads": 4}  # an LDM file does not say; the small model has 4
@@ -24,9 +24,9 @@ CLIP_HEADS = {"text_encoder.num_attention_heads": 4}  # an LDM file does not say
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory) -> dict:
-    from reference.fixtures import write_original_motion_module
-    from reference.pipeline_fixtures import write_sd_pipeline_folder, write_tokenizer
-    from reference.sd_fixtures import write_sd_single_file
+    from vidport.reference.fixtures import write_original_motion_module
+    from vidport.reference.pipeline_fixtures import write_sd_pipeline_folder, write_tokenizer
+    from vidport.reference.sd_fixtures import write_sd_single_file
 
     root = tmp_path_factory.mktemp("animatediff")
     found = {"ldm": write_sd_single_file(root / "v1-5-small.safetensors"),
@@ -111,7 +111,7 @@ def test_diffusers_target_is_a_folder_diffusers_loads(sources, tmp_path):
     pipe = AnimateDiffPipeline.from_pretrained(tmp_path / "animatediff", local_files_only=True)
     assert type(pipe.unet).__name__ == "UNetMotionModel" and type(pipe.scheduler).__name__ == "DDIMScheduler"
     original = pipe.unet.state_dict()["conv_in.weight"]
-    from reference.sd_fixtures import sd_components
+    from vidport.reference.sd_fixtures import sd_components
 
     assert torch.equal(original, sd_components(0)[2].state_dict()["conv_in.weight"])
 
@@ -120,7 +120,7 @@ def test_diffusers_target_is_a_folder_diffusers_loads(sources, tmp_path):
 def test_text_to_video_parity(ldm_pipeline, scheduler):
     """Per-step latents PCC >= 0.9999 and final frames >= 40 dB against diffusers' AnimateDiffPipeline,
     with the folder's scheduler (DDIM) and with another class on the same schedule."""
-    from golden.pipeline_parity import pipeline_parity
+    from vidport.golden.pipeline_parity import pipeline_parity
 
     report = pipeline_parity(ldm_pipeline, "t2v", prompt="a cat", negative_prompt="a dog", frames=4, steps=4,
                              guidance=7.5, seed=1, scheduler=scheduler)
@@ -132,7 +132,7 @@ def test_text_to_video_parity(ldm_pipeline, scheduler):
 
 def test_image_to_video_parity_through_the_cli(diffusers_pipeline, tmp_path):
     """`vidport verify --pipeline --task i2v`: AnimateDiffVideoToVideoPipeline on the image repeated."""
-    from reference.pipeline_fixtures import write_sample_image
+    from vidport.reference.pipeline_fixtures import write_sample_image
 
     image = write_sample_image(tmp_path / "image.png", 48, 64, seed=2)
     result = runner.invoke(app, ["verify", str(diffusers_pipeline), "--pipeline", "--task", "i2v", "--image", str(image),
@@ -145,7 +145,7 @@ def test_image_to_video_parity_through_the_cli(diffusers_pipeline, tmp_path):
 
 
 def test_generate_writes_videos_that_decode_back(ldm_pipeline, tmp_path):
-    from runtime.video import read_video
+    from vidport.runtime.video import read_video
 
     noise = np.random.default_rng(0).standard_normal((1, 4, 6, 6, 8)).astype(np.float32)
     np.save(tmp_path / "noise.npy", noise)
@@ -160,7 +160,7 @@ def test_generate_writes_videos_that_decode_back(ldm_pipeline, tmp_path):
 
 
 def test_seeds_are_reproducible(ldm_pipeline):
-    from runtime.pipelines.animatediff import AnimateDiffPipeline
+    from vidport.runtime.pipelines.animatediff import AnimateDiffPipeline
 
     pipe = AnimateDiffPipeline.from_folder(ldm_pipeline)
     runs = [np.array(pipe.text_to_video("a cat", frames=2, steps=1, height=32, width=32, seed=seed, decode=False).latents)
@@ -170,8 +170,8 @@ def test_seeds_are_reproducible(ldm_pipeline):
 
 def test_bad_input_is_refused_before_any_heavy_work(sources, ldm_pipeline, tmp_path):
     """Each bad request fails fast, with one line, and before a weight is loaded or the UNet runs."""
-    from reference.pipeline_fixtures import sample_image
-    from runtime.pipelines.animatediff import AnimateDiffPipeline
+    from vidport.reference.pipeline_fixtures import sample_image
+    from vidport.runtime.pipelines.animatediff import AnimateDiffPipeline
 
     # a motion module made for SDXL with an SD 1.5 UNet: refused when planning, no tensor read
     start = time.perf_counter()

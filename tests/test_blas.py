@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-import runtime
+import vidport.runtime
 import mlx.core as mx
 
 

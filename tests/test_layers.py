@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import runtime  # noqa: F401  (before mlx: the fast BLAS)
-import runtime.layers as layers
+import vidport.runtime  # noqa: F401  (before mlx: the fast BLAS)
+import vidport.runtime.layers as layers
 import mlx.core as mx
 import torch
 import torch.nn.functional as F

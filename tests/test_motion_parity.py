@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from converter.convert import convert, plan_conversion
-from golden.verify import verify
-from reference.fixtures import write_config_folder
+from vidport.converter.convert import convert, plan_conversion
+from vidport.golden.verify import verify
+from vidport.reference.fixtures import write_config_folder
 
 VARIANTS = ["v1", "v2", "v3", "sdxl-beta"]
 
@@ -20,7 +20,7 @@ def test_fixture_layout_is_real(motion_sources, variant, tmp_path):
     """diffusers' from_single_file maps every key of our fixture and leaves nothing unloaded."""
     from diffusers import MotionAdapter
     from diffusers.loaders.single_file_utils import convert_animatediff_checkpoint_to_diffusers
-    from reference.fixtures import motion_adapter_config
+    from vidport.reference.fixtures import motion_adapter_config
 
     state = torch.load(motion_sources[variant], weights_only=True)
     config = motion_adapter_config(variant)
@@ -77,7 +77,7 @@ def test_original_to_diffusers_folder(motion_sources, tmp_path):
 def test_sharded_output_loads(motion_sources, tmp_path):
     """A small shard limit gives several shards and an index that MLX and diffusers both read."""
     from diffusers import MotionAdapter
-    from runtime.loading import load_model
+    from vidport.runtime.loading import load_model
 
     manifest = convert(plan_conversion(motion_sources["v2"], "mlx"), tmp_path / "mlx", shard_bytes=2_000_000)
     assert sum(f.endswith(".safetensors") for f in manifest["files"]) > 1
@@ -89,7 +89,7 @@ def test_sharded_output_loads(motion_sources, tmp_path):
 
 
 def test_manifest_records_provenance(motion_sources, tmp_path):
-    from converter.hashing import file_sha256
+    from vidport.converter.hashing import file_sha256
 
     manifest = convert(plan_conversion(motion_sources["v3"], "mlx", dtype="float16"), tmp_path / "o")
     on_disk = json.loads((tmp_path / "o" / "vidport_manifest.json").read_text())
@@ -102,7 +102,7 @@ def test_manifest_records_provenance(motion_sources, tmp_path):
 
 def test_mlx_runs_more_frames_than_positions_fails(motion_sources, tmp_path):
     import mlx.core as mx
-    from runtime.loading import load_model
+    from vidport.runtime.loading import load_model
 
     convert(plan_conversion(motion_sources["v1"], "mlx"), tmp_path / "o")
     module = load_model(tmp_path / "o").down_blocks[0].motion_modules[0]

@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from converter.checkpoint import read_checkpoint, unwrap
-from converter.convert import plan_conversion
-from converter.errors import VidportError
-from converter.safetensors_io import SafetensorsWriter, read_safetensors
+from vidport.converter.checkpoint import read_checkpoint, unwrap
+from vidport.converter.convert import plan_conversion
+from vidport.converter.core.errors import VidportError
+from vidport.converter.safetensors_io import SafetensorsWriter, read_safetensors
 
 TENSORS = {
     "a": torch.randn(3, 5),
@@ -74,7 +74,7 @@ def test_unwrap_nested_and_prefixed(tmp_path):
 
 
 def test_wrapped_motion_module_converts(tmp_path):
-    from reference.fixtures import write_original_motion_module
+    from vidport.reference.fixtures import write_original_motion_module
 
     write_original_motion_module(tmp_path / "wrapped.ckpt", "v3", wrap=True)
     plan = plan_conversion(tmp_path / "wrapped.ckpt", "mlx")
@@ -85,7 +85,7 @@ def test_wrapped_motion_module_converts(tmp_path):
 
 @pytest.mark.parametrize("fmt", ["legacy", "safetensors"])
 def test_motion_module_other_formats(tmp_path, fmt):
-    from reference.fixtures import write_original_motion_module
+    from vidport.reference.fixtures import write_original_motion_module
 
     write_original_motion_module(tmp_path / f"mm.{fmt}", "v2", fmt=fmt)
     plan = plan_conversion(tmp_path / f"mm.{fmt}", "mlx")
@@ -101,7 +101,7 @@ def test_diffusers_folder(motion_sources):
 
 
 def test_inspect_describes(motion_sources):
-    from converter.inspect import describe
+    from vidport.converter.inspect import describe
 
     rows = describe(motion_sources["v1"])
     assert rows["family"] == "animatediff-motion" and rows["variant"].startswith("v1")
@@ -122,7 +122,7 @@ def test_tensor_past_the_end_of_a_shrunk_file_is_a_clear_error(tmp_path):
 def test_source_hashes_in_the_background_match_and_follow_changes(tmp_path):
     import hashlib
 
-    from converter.hashing import file_sha256, hash_in_background
+    from vidport.converter.hashing import file_sha256, hash_in_background
 
     path = tmp_path / "src.bin"
     path.write_bytes(b"x" * 3_000_000)

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 import torch
 
-from runtime.schedulers import SCHEDULERS, from_config
-from runtime.schedulers.tables import torch_linspace_f32
+from vidport.runtime.schedulers import SCHEDULERS, from_config
+from vidport.runtime.schedulers.tables import torch_linspace_f32
 
 TOL = 1e-6
 SHAPE = (2, 4, 3, 8, 8)  # (batch, channels, frames, height, width) video latents

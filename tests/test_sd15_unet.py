@@ -8,18 +8,18 @@ import numpy as np
 import pytest
 import torch
 
-from converter.convert import convert, plan_conversion
-from converter.errors import VidportError
-from golden.verify import verify
-from reference.fixtures import write_config_folder
-from reference.sd_fixtures import SD_UNET_CONFIG
+from vidport.converter.convert import convert, plan_conversion
+from vidport.converter.core.errors import VidportError
+from vidport.golden.verify import verify
+from vidport.reference.fixtures import write_config_folder
+from vidport.reference.sd_fixtures import SD_UNET_CONFIG
 
 @pytest.fixture(scope="module")
 def sd15_sources(tmp_path_factory) -> dict:
     """An SD 1.5 single file (safetensors, EMA-only release layout), a .ckpt carrying EMA copies,
     and a Diffusers unet/ folder; all hold the same UNet (the EMA copies another)."""
-    from reference.fixtures import write_sd15_single_file_with_ema, write_sd15_unet_folder
-    from reference.sd_fixtures import write_sd_single_file
+    from vidport.reference.fixtures import write_sd15_single_file_with_ema, write_sd15_unet_folder
+    from vidport.reference.sd_fixtures import write_sd_single_file
 
     root = tmp_path_factory.mktemp("sd15")
     return {
@@ -81,7 +81,7 @@ def test_ema_weights(sd15_sources, tmp_path):
     without it the file's own weights are converted; a file without copies says so."""
     import mlx.core as mx
 
-    from reference.fixtures import sd15_unet
+    from vidport.reference.fixtures import sd15_unet
 
     plain = plan_conversion(sd15_sources["ldm-ema"], "mlx", "sd15-unet")
     ema = plan_conversion(sd15_sources["ldm-ema"], "mlx", "sd15-unet", ema=True)
@@ -101,8 +101,8 @@ def test_ema_weights(sd15_sources, tmp_path):
 
 def test_when_clause_keeps_ldm_slots_strict(tmp_path):
     """A resnet where LDM has the downsampler matches no rule (the `when` fails), with a hint."""
-    from converter.plan import map_keys
-    from converter.spec import SpecError, load_catalog, load_source_spec
+    from vidport.converter.plan import map_keys
+    from vidport.converter.spec import SpecError, load_catalog, load_source_spec
 
     spec = next(s for s in load_catalog().family("sd15-unet").sources if s.source == "ldm")
     good = {"input_blocks.4.0.in_layers.0.weight": (64,), "input_blocks.3.0.op.weight": (32, 32, 3, 3)}
@@ -127,12 +127,12 @@ def test_motion_unet_parity(unet_mlx, sd15_sources, tmp_path):
     against diffusers' UNetMotionModel.from_unet2d(unet, adapter), every layer, float32."""
     from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
 
-    from golden.capture_torch import capture_reference
-    from golden.compare import compare_port
-    from golden.metrics import threshold_for
-    from reference.fixtures import motion_adapter_config, random_motion_adapter
-    from reference.sd15_unet import motion_probes
-    from runtime.unet_motion import load_unet_motion
+    from vidport.golden.capture_torch import capture_reference
+    from vidport.golden.compare import compare_port
+    from vidport.golden.metrics import threshold_for
+    from vidport.reference.fixtures import motion_adapter_config, random_motion_adapter
+    from vidport.reference.sd15_unet import motion_probes
+    from vidport.runtime.unet_motion import load_unet_motion
 
     random_motion_adapter(motion_adapter_config("v2"), seed=5).save_pretrained(str(tmp_path / "adapter"))
     convert(plan_conversion(tmp_path / "adapter", "mlx", "animatediff-motion"), tmp_path / "adapter-mlx")
@@ -151,8 +151,8 @@ def test_motion_unet_parity(unet_mlx, sd15_sources, tmp_path):
 def test_sdxl_motion_module_on_sd15_unet_is_refused(unet_mlx, motion_sources, tmp_path, monkeypatch):
     """An SDXL motion module (3 blocks) on an SD 1.5 UNet: refused from the configs, before any
     weight is read."""
-    from runtime import loading
-    from runtime.unet_motion import load_unet_motion
+    from vidport.runtime import loading
+    from vidport.runtime.unet_motion import load_unet_motion
 
     convert(plan_conversion(motion_sources["sdxl-beta"], "mlx"), tmp_path / "sdxl-mm")
     monkeypatch.setattr(loading, "load_weights", lambda *a: pytest.fail("weights read before the check"))

@@ -11,16 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-from converter.convert import convert, plan_conversion
-from converter.errors import VidportError
-from golden.verify import verify
+from vidport.converter.convert import convert, plan_conversion
+from vidport.converter.core.errors import VidportError
+from vidport.golden.verify import verify
 
 CLIP_HEADS = {"num_attention_heads": 4}  # an LDM file does not say; the small test model has 4
 
 
 @pytest.fixture(scope="module")
 def sd_sources(tmp_path_factory) -> dict[str, Path]:
-    from reference.sd_fixtures import write_sd_pipeline, write_sd_single_file, write_standalone_ldm_vae
+    from vidport.reference.sd_fixtures import write_sd_pipeline, write_sd_single_file, write_standalone_ldm_vae
 
     root = tmp_path_factory.mktemp("sd15")
     return {
@@ -53,7 +53,7 @@ def test_ldm_single_file_is_real(sd_sources, tmp_path):
                                                      convert_ldm_vae_checkpoint)
     from safetensors.torch import load_file
 
-    from reference.sd_fixtures import CLIP_TEXT_CONFIG, SD_UNET_CONFIG, SD_VAE_CONFIG
+    from vidport.reference.sd_fixtures import CLIP_TEXT_CONFIG, SD_UNET_CONFIG, SD_VAE_CONFIG
 
     path = str(sd_sources["ldm"])
     state = load_file(path)
@@ -75,7 +75,7 @@ def test_old_diffusers_vae_folder_is_real(sd_sources):
     from diffusers import AutoencoderKL
 
     old = AutoencoderKL.from_pretrained(sd_sources["pipeline-old-vae"] / "vae").state_dict()
-    from reference.sd_fixtures import sd_components
+    from vidport.reference.sd_fixtures import sd_components
 
     assert_same_tensors(old, sd_components(0)[0].state_dict())
 
@@ -143,7 +143,7 @@ def test_ldm_to_diffusers_folders(sd_sources, tmp_path):
     from diffusers import AutoencoderKL
     from transformers import AutoModel, CLIPTextModel
 
-    from reference.build import load_reference
+    from vidport.reference.build import load_reference
 
     source = sd_sources["ldm-ckpt"]
     vae_plan = plan_conversion(source, "diffusers", "sd-vae")
@@ -160,7 +160,7 @@ def test_ldm_to_diffusers_folders(sd_sources, tmp_path):
 
 @pytest.fixture(scope="module")
 def mlx_vae(sd_sources, tmp_path_factory):
-    from runtime.loading import load_model
+    from vidport.runtime.loading import load_model
 
     out = tmp_path_factory.mktemp("vae") / "mlx"
     convert(plan_conversion(sd_sources["pipeline"] / "vae", "mlx", "sd-vae"), out)
@@ -211,7 +211,7 @@ def test_clip_encodes_a_prompt_as_transformers_does(sd_sources, tmp_path):
     import mlx.core as mx
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from runtime.loading import load_model
+    from vidport.runtime.loading import load_model
 
     folder = sd_sources["pipeline"]
     convert(plan_conversion(folder / "text_encoder", "mlx", "clip-text"), tmp_path / "mlx")
@@ -230,8 +230,8 @@ def test_clip_encodes_a_prompt_as_transformers_does(sd_sources, tmp_path):
 
 
 def test_select_prefix_in_the_spec_language(tmp_path):
-    from converter.checkpoint import unwrap
-    from converter.spec import SpecError, load_source_spec
+    from vidport.converter.checkpoint import unwrap
+    from vidport.converter.spec import SpecError, load_source_spec
 
     class Ref:
         shape = (1,)

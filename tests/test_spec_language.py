@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from converter.errors import VidportError
-from converter.patterns import PatternError, compile_pattern, compile_template
-from converter.plan import check_expected, map_keys
-from converter.spec import SpecError, load_catalog, load_source_spec
-from converter.transforms import parse_step, run_steps, shape_steps
+from vidport.converter.core.errors import VidportError
+from vidport.converter.patterns import PatternError, compile_pattern, compile_template
+from vidport.converter.plan import check_expected, map_keys
+from vidport.converter.spec import SpecError, load_catalog, load_source_spec
+from vidport.converter.transforms import parse_step, run_steps, shape_steps
 
 HEADER = "spec: t/x\nversion: 1\nfamily: t\nsource: x\n"
 

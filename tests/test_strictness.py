@@ -68,8 +68,8 @@ def test_existing_output_is_kept(motion_sources, tmp_path):
 
 
 def test_failure_mid_write_leaves_nothing(motion_sources, tmp_path, monkeypatch):
-    from converter import convert as convert_module
-    from converter.convert import convert, plan_conversion
+    from vidport.converter import convert as convert_module
+    from vidport.converter.convert import convert, plan_conversion
 
     plan = plan_conversion(motion_sources["v2"], "mlx")
     real = convert_module._evaluate

@@ -7,8 +7,8 @@ import struct
 import numpy as np
 import pytest
 
-from converter.ttnn_support import PINNED_TTNN_VERSION, import_ttnn
-from converter.ttnn_support.tensorbin import (
+from vidport.converter.ttnn_support import PINNED_TTNN_VERSION, import_ttnn
+from vidport.converter.core.tensorbin import (
     encode_tensorbin,
     read_tensorbin,
     to_bfloat8_b,

@@ -14,10 +14,10 @@ import pytest
 from typer.testing import CliRunner
 
 from cli import app
-from converter.convert import convert, plan_conversion
-from converter.transforms import parse_step, shape_steps
-from converter.ttnn_support import group_norm as packing
-from converter.ttnn_support.tensorbin import read_tensorbin, to_bfloat8_b, to_bfloat16
+from vidport.converter.convert import convert, plan_conversion
+from vidport.converter.transforms import parse_step, shape_steps
+from vidport.converter.ttnn_support import group_norm as packing
+from vidport.converter.core.tensorbin import read_tensorbin, to_bfloat8_b, to_bfloat16
 
 runner = CliRunner()
 WAN_SEED = 3
@@ -34,8 +34,8 @@ CASES: dict[str, tuple[str, dict, dict]] = {
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory) -> dict[str, Path]:
-    from reference.sd_fixtures import write_sd_pipeline, write_sd_single_file
-    from reference.wan_dit_fixtures import write_native
+    from vidport.reference.sd_fixtures import write_sd_pipeline, write_sd_single_file
+    from vidport.reference.wan_dit_fixtures import write_native
 
     root = tmp_path_factory.mktemp("ttnn-families")
     write_native(root / "wan-i2v.safetensors", "i2v", seed=WAN_SEED)
@@ -48,8 +48,8 @@ def sources(tmp_path_factory) -> dict[str, Path]:
 def canonical() -> dict[str, dict[str, np.ndarray]]:
     """Each family's tensors from the reference models the fixtures were written from (diffusers /
     transformers state dicts: independent of our specs)."""
-    from reference.sd_fixtures import sd_components
-    from reference.wan_dit_fixtures import random_wan_transformer, wan_config
+    from vidport.reference.sd_fixtures import sd_components
+    from vidport.reference.wan_dit_fixtures import random_wan_transformer, wan_config
 
     vae, text_encoder, unet = sd_components(0)
     wan = random_wan_transformer(wan_config("i2v"), WAN_SEED)

@@ -13,10 +13,10 @@ import torch
 from typer.testing import CliRunner
 
 from cli import app
-from converter.convert import convert, plan_conversion
-from converter.ttnn_support import group_norm as packing
-from converter.ttnn_support.tensorbin import read_tensorbin, to_bfloat8_b, to_bfloat16
-from golden.verify import verify
+from vidport.converter.convert import convert, plan_conversion
+from vidport.converter.ttnn_support import group_norm as packing
+from vidport.converter.core.tensorbin import read_tensorbin, to_bfloat8_b, to_bfloat16
+from vidport.golden.verify import verify
 
 ROOT = Path(__file__).resolve().parent.parent
 runner = CliRunner()
@@ -148,7 +148,7 @@ def test_model_cache_is_what_preprocess_model_parameters_reads(ttnn, outputs, tm
     preprocess_model_parameters finds it: a cache hit with no model to initialize."""
     from ttnn.model_preprocessing import preprocess_model_parameters
 
-    from reference.build import load_reference
+    from vidport.reference.build import load_reference
 
     folder = outputs["model_cache"]
     style = manifest(folder)["cache_style"]
@@ -291,8 +291,8 @@ def test_converting_twice_gives_identical_bytes(motion_sources, tmp_path, monkey
 def test_roles_for_later_families():
     """The conventions other families will need, from the spec alone: 1x1 convs as linears, convs
     kept OIHW, Wan's patch Conv3d and modulation table."""
-    from converter.spec import load_catalog
-    from converter.transforms import shape_steps
+    from vidport.converter.spec import load_catalog
+    from vidport.converter.transforms import shape_steps
 
     target = load_catalog().target("ttnn")
     cases = {"conv2d_1x1.weight": ((64, 32, 1, 1), (32, 64)), "conv2d.weight": ((64, 32, 3, 3), (64, 32, 3, 3)),
@@ -305,9 +305,9 @@ def test_roles_for_later_families():
 
 def test_both_backends_implement_the_ops_interface():
     """The device backend is never run here (no card); it must at least offer every op."""
-    from runtime.ttnn.device import DeviceOps
-    from runtime.ttnn.emulator import EmulatorOps
-    from runtime.ttnn.ops import Ops
+    from vidport.runtime.ttnn.device import DeviceOps
+    from vidport.runtime.ttnn.emulator import EmulatorOps
+    from vidport.runtime.ttnn.ops import Ops
 
     wanted = {n for n in vars(Ops) if not n.startswith("_")} - {"name"}
     for backend in (EmulatorOps, DeviceOps):

@@ -13,14 +13,15 @@ import numpy as np
 import pytest
 import torch
 
-from converter.convert import convert, plan_conversion
-from golden.compare import compare_port
-from golden.metrics import compare, threshold_for
-from golden.store import load_golden
-from golden.verify import verify
-from reference.wan_encoder_fixtures import (CLIP_VISION_SMALL, UMT5_SMALL, write_diffusers_clip_vision,
+from vidport.converter.convert import convert, plan_conversion
+from vidport.golden.compare import compare_port
+from vidport.golden.metrics import compare, threshold_for
+from vidport.golden.store import load_golden
+from vidport.golden.verify import verify
+from vidport.reference.wan_encoder_fixtures import (CLIP_VISION_SMALL, UMT5_SMALL, write_diffusers_clip_vision,
                                             write_diffusers_umt5, write_native_clip, write_native_umt5)
-from runtime.loading import load_model, read_manifest
+from vidport.converter.core.manifest import read_manifest
+from vidport.runtime.loading import load_model
 
 HAS_WAN = importlib.util.find_spec("wan") is not None
 needs_wan = pytest.mark.skipif(not HAS_WAN, reason="the official Wan code: pip install --no-deps wan22==2.2.11")
@@ -89,7 +90,7 @@ def verified(converted, tmp_path_factory):
 def test_native_fixtures_load_into_the_official_modules(sources):
     """The native layouts are the official ones: wan/modules/t5.py's T5Encoder and clip.py's
     XLMRobertaCLIP (both towers) take our fixtures with strict loading."""
-    from reference.wan_encoder_fixtures import official_clip, official_umt5_encoder
+    from vidport.reference.wan_encoder_fixtures import official_clip, official_umt5_encoder
 
     t5_state = torch.load(sources["umt5-native"], weights_only=True)
     official_umt5_encoder(UMT5_SMALL, seed=99).load_state_dict(t5_state, strict=True)
@@ -137,8 +138,8 @@ def test_umt5_matches_official_code_end_to_end(sources, converted, tmp_path):
     import mlx.core as mx
     from transformers import UMT5EncoderModel
 
-    from reference.umt5 import probes
-    from reference.wan_encoder_fixtures import official_umt5_encoder
+    from vidport.reference.umt5 import probes
+    from vidport.reference.wan_encoder_fixtures import official_umt5_encoder
 
     (probe,) = probes(UMT5_SMALL, seed=3)
     ids, mask = probe.args[0], probe.kwargs["attention_mask"]
@@ -163,9 +164,9 @@ def test_clip_vision_matches_official_code_end_to_end(sources, converted, tmp_pa
     import mlx.core as mx
     from transformers import CLIPVisionModel
 
-    from reference.clip_vision import probes
-    from reference.wan_encoder_fixtures import official_clip
-    from reference.wan_official import cpu_attention, official_module
+    from vidport.reference.clip_vision import probes
+    from vidport.reference.wan_encoder_fixtures import official_clip
+    from vidport.reference.wan_official import cpu_attention, official_module
 
     official_module("animate.clip").flash_attention = cpu_attention
     (probe,) = probes(CLIP_VISION_SMALL, seed=4)
@@ -238,7 +239,7 @@ def test_relative_position_buckets_match_transformers():
     from transformers import UMT5Config
     from transformers.models.umt5.modeling_umt5 import UMT5Attention
 
-    from runtime.umt5 import relative_position_bucket
+    from vidport.runtime.umt5 import relative_position_bucket
 
     offsets = torch.arange(-3000, 3001)[None]
     for buckets, distance in [(32, 128), (32, 64), (64, 256)]:
@@ -262,12 +263,12 @@ class _ShapeOnly:
 def test_full_size_files_plan_to_the_real_configs(family):
     """The real umt5-xxl and ViT-H/14 files (their shapes, from the official modules built on the
     meta device) detect, map, infer the published configs, and fit both MLX and transformers."""
-    from converter.checkpoint import Source
-    from converter.convert import expected_shapes, resolve_config
-    from converter.detect import detect
-    from converter.plan import check_expected, map_keys
-    from converter.spec import load_catalog
-    from reference.wan_official import official_module
+    from vidport.converter.checkpoint import Source
+    from vidport.converter.convert import expected_shapes, resolve_config
+    from vidport.converter.detect import detect
+    from vidport.converter.plan import check_expected, map_keys
+    from vidport.converter.spec import load_catalog
+    from vidport.reference.wan_official import official_module
 
     with torch.device("meta"):
         if family == "umt5":
@@ -295,9 +296,9 @@ def test_full_size_files_plan_to_the_real_configs(family):
 def test_config_expr_reads_earlier_values(tmp_path):
     """Spec language: `expr` computes a config value from others (integer arithmetic and isqrt),
     refuses anything else at load time, and names a value nothing gives."""
-    from converter.errors import VidportError
-    from converter.infer import finish_expressions, infer_config
-    from converter.spec import SpecError, load_source_spec
+    from vidport.converter.core.errors import VidportError
+    from vidport.converter.infer import finish_expressions, infer_config
+    from vidport.converter.spec import SpecError, load_source_spec
 
     header = "spec: t/x\nversion: 1\nfamily: t\nsource: x\nrules: [{from: '{k:.+}', to: '{k}'}]\n"
     path = tmp_path / "x.yaml"

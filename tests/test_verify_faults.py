@@ -13,9 +13,9 @@ import pytest
 from typer.testing import CliRunner
 
 from cli import app
-from converter.convert import convert, plan_conversion
-from converter.safetensors_io import SafetensorsWriter, read_safetensors
-from golden.verify import verify
+from vidport.converter.convert import convert, plan_conversion
+from vidport.converter.safetensors_io import SafetensorsWriter, read_safetensors
+from vidport.golden.verify import verify
 
 ROOT = Path(__file__).resolve().parent.parent
 runner = CliRunner()

@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from converter.errors import VidportError
-from runtime.video import read_video, write_video
+from vidport.converter.core.errors import VidportError
+from vidport.runtime.video import read_video, write_video
 
 
 @pytest.mark.parametrize("name", ["v.mp4", "v.webm", "v.gif", "frames"])

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from converter.convert import convert, plan_conversion
-from converter.infer import public
-from golden.verify import verify
-from reference.fixtures import write_config_folder
-from reference.wan_dit_fixtures import (native_state_dict, random_wan_transformer, to_native_key, wan_config,
+from vidport.converter.convert import convert, plan_conversion
+from vidport.converter.infer import public
+from vidport.golden.verify import verify
+from vidport.reference.fixtures import write_config_folder
+from vidport.reference.wan_dit_fixtures import (native_state_dict, random_wan_transformer, to_native_key, wan_config,
                                         write_a14b_pipeline, write_diffusers, write_native)
 
 SMALL_HEADS = {"num_attention_heads": 4}  # shapes cannot tell heads; the small models have 4
@@ -105,7 +105,7 @@ def test_native_to_diffusers_folder(wan_sources, tmp_path):
 
 def test_ti2v_runs_per_token_timesteps(wan_sources, tmp_path):
     """Wan 2.2 TI2V is also probed the way its pipeline runs: one timestep per token."""
-    from reference.wan_dit import probes
+    from vidport.reference.wan_dit import probes
 
     config = public(plan_conversion(wan_sources["native-ti2v"]["path"], "mlx", overrides=SMALL_HEADS).config)
     found = probes(config, seed=0)
@@ -121,7 +121,7 @@ def test_i2v_diffusers_drops_norm_added_q(wan_sources):
 
 
 def test_heads_are_needed_for_unknown_widths(wan_sources):
-    from converter.errors import VidportError
+    from vidport.converter.core.errors import VidportError
 
     with pytest.raises(VidportError) as err:
         plan_conversion(wan_sources["native-t2v"]["path"], "mlx")
@@ -153,7 +153,7 @@ def test_rope_is_diffusers_3d_rope():
     import mlx.core as mx
     from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed as Reference
 
-    from runtime.wan_rope import WanRotaryPosEmbed, rope_split, rotary_table
+    from vidport.runtime.wan_rope import WanRotaryPosEmbed, rope_split, rotary_table
 
     head_dim, latents = 16, (1, 8, 5, 8, 12)  # 5 frames, 4 x 6 patches
     assert rope_split(head_dim) == (8, 4, 4)
@@ -178,7 +178,7 @@ def test_rope_rotation_matches_diffusers_attention():
     from diffusers.models.transformers.transformer_wan import WanAttnProcessor
     from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed as ReferenceRope
 
-    from runtime.wan_attention import WanAttention
+    from vidport.runtime.wan_attention import WanAttention
 
     torch.manual_seed(0)
     reference = Reference(dim=64, heads=4, dim_head=16, eps=1e-6, processor=WanAttnProcessor()).eval()
@@ -223,7 +223,7 @@ def _sparse_safetensors(path, shapes: dict[str, tuple[int, ...]]) -> None:
 def test_release_config_from_shapes(release, tmp_path):
     """A release-shaped native file (weights never read) is recognised by the variant table and
     planned to exactly its published Diffusers config, with no flags."""
-    from reference.canonical import canonical_shapes
+    from vidport.reference.canonical import canonical_shapes
 
     published = {**wan_config("t2v"), "attention_head_dim": 128, "text_dim": 4096, "freq_dim": 256,
                  **RELEASES[release]}
@@ -243,7 +243,7 @@ def test_matches_official_wan_code(tmp_path):
     # diffusers' models load before the official code does, beside its torchvision stand-in
     from diffusers import WanTransformer3DModel  # noqa: F401
 
-    wan_official = pytest.importorskip("reference.wan_official")
+    wan_official = pytest.importorskip("vidport.reference.wan_official")
     try:
         model_module = wan_official.official_module("model")
     except ModuleNotFoundError as err:
@@ -251,7 +251,7 @@ def test_matches_official_wan_code(tmp_path):
     import mlx.core as mx
     from safetensors.torch import save_file
 
-    from runtime.loading import load_model
+    from vidport.runtime.loading import load_model
 
     official = model_module.WanModel(model_type="t2v", in_dim=16, dim=64, ffn_dim=128, freq_dim=32, text_dim=32,
                                      out_dim=16, num_heads=4, num_layers=2).eval()

@@ -12,12 +12,12 @@ import shutil
 import numpy as np
 import pytest
 
-from converter.errors import VidportError
-from converter.pipeline import convert_pipeline, plan_pipeline
-from golden.wan_parity import wan_parity
-from reference.wan_pipeline_fixtures import write_wan_pipeline
-from runtime.pipelines import wan as wan_module
-from runtime.pipelines.wan import WanPipeline
+from vidport.converter.core.errors import VidportError
+from vidport.converter.pipeline import convert_pipeline, plan_pipeline
+from vidport.golden.wan_parity import wan_parity
+from vidport.reference.wan_pipeline_fixtures import write_wan_pipeline
+from vidport.runtime.pipelines import wan as wan_module
+from vidport.runtime.pipelines.wan import WanPipeline
 
 # 0.9 is Wan 2.2 I2V A14B's ratio: with 4 UniPC steps t=900 is a step, right at the boundary
 KINDS = {"t2v": {}, "i2v": {}, "ti2v": {}, "a14b": {"boundary_ratio": 0.9}, "i2v-a14b": {"boundary_ratio": 0.9}}
@@ -102,7 +102,7 @@ def test_clip_preprocessing_matches_transformers(wan_folders):
     from PIL import Image
     from transformers import CLIPImageProcessor
 
-    from runtime.pipelines.wan_image import clip_pixels, read_clip_config
+    from vidport.runtime.pipelines.wan_image import clip_pixels, read_clip_config
 
     folder = wan_folders["i2v"]["mlx"] / "image_processor"
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (37, 53, 3), dtype=np.uint8))
@@ -116,7 +116,7 @@ def test_tokenizer_matches_transformers(wan_folders):
     from diffusers.pipelines.wan.pipeline_wan import prompt_clean
     from transformers import AutoTokenizer
 
-    from runtime.pipelines.wan_text import UMT5Tokenizer, clean_prompt
+    from vidport.runtime.pipelines.wan_text import UMT5Tokenizer, clean_prompt
 
     folder = wan_folders["t2v"]["source"] / "tokenizer"
     theirs = AutoTokenizer.from_pretrained(str(folder))
@@ -195,8 +195,8 @@ def test_cli_convert_generate_verify(wan_folders, tmp_path):
     from typer.testing import CliRunner
 
     from cli import app
-    from golden.wan_parity import sample_frame
-    from runtime.video import read_video
+    from vidport.golden.wan_parity import sample_frame
+    from vidport.runtime.video import read_video
 
     runner = CliRunner()
     out = tmp_path / "t2v-cli"
@@ -228,7 +228,7 @@ def test_cli_convert_generate_verify(wan_folders, tmp_path):
                                  "--out", str(tmp_path / "frames") + "/"])
     assert result.exit_code == 0, result.output
     direct = WanPipeline.from_folder(out).text_to_video("a cat walks", frames=5, steps=2, height=32, width=48, noise=noise)
-    from runtime.video import to_uint8
+    from vidport.runtime.video import to_uint8
 
     assert np.array_equal(read_video(tmp_path / "frames"), to_uint8(direct.frames))  # the file's noise, as given
     result = runner.invoke(app, ["generate", "t2v", "--model", str(out), "--prompt", "a cat", "--frames", "9",

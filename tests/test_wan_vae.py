@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from converter.convert import convert, plan_conversion
-from converter.errors import VidportError
-from golden.verify import verify
-from reference.fixtures import write_config_folder
-from reference.wan_vae_fixtures import official_vae, wan_vae_config, write_diffusers_vae, write_native_vae
+from vidport.converter.convert import convert, plan_conversion
+from vidport.converter.core.errors import VidportError
+from vidport.golden.verify import verify
+from vidport.reference.fixtures import write_config_folder
+from vidport.reference.wan_vae_fixtures import official_vae, wan_vae_config, write_diffusers_vae, write_native_vae
 
 SOURCES = {"native-2.1": ("2.1", "Wan2.1_VAE.pth"), "native-2.2": ("2.2", "Wan2.2_VAE.pth"),
            "diffusers-2.1": ("2.1", "vae-2.1"), "diffusers-2.2": ("2.2", "vae-2.2")}
@@ -78,7 +78,7 @@ def test_native_22_layout_is_real(wan_vae_sources, tmp_path):
 def test_reference_equals_official_code(wan_vae_sources, version):
     """The reference diffusers builds from the native file (from_single_file for 2.1, our mapping
     for 2.2) encodes and decodes exactly as the official Wan code does on that same file."""
-    from reference.build import load_reference
+    from vidport.reference.build import load_reference
 
     path = wan_vae_sources[f"native-{version}"]
     plan = plan_conversion(path, "mlx")
@@ -129,7 +129,7 @@ def test_detection_and_config(wan_vae_sources):
 def test_convert_and_verify(wan_vae_sources, source, tmp_path):
     """float32 against the live reference (saved as a golden, cache lists and all), then bfloat16
     against that golden: every chunk of every layer, local and global."""
-    golden = tmp_path / "golden.safetensors"
+    golden = tmp_path / "vidport.golden.safetensors"
     for dtype, floor in (("float32", 0.99999), ("bfloat16", 0.999)):
         convert(plan_conversion(wan_vae_sources[source], "mlx", dtype=dtype), tmp_path / dtype)
         report = (verify(tmp_path / dtype, frames=5, save_to=golden) if dtype == "float32"
@@ -144,13 +144,13 @@ def test_convert_and_verify(wan_vae_sources, source, tmp_path):
 
 
 def _mlx(folder: Path):
-    from runtime.loading import load_model
+    from vidport.runtime.loading import load_model
 
     return load_model(folder)
 
 
 def _reference(path: Path):
-    from reference.build import load_reference
+    from vidport.reference.build import load_reference
 
     plan = plan_conversion(path, "mlx")
     config = {"_class_name": "AutoencoderKLWan", **{k: v for k, v in plan.config.items() if not k.startswith("_")}}
@@ -172,8 +172,8 @@ def test_chunked_loops_equal_diffusers(wan_vae_sources, mlx_models, source, monk
     """Encode 9 frames (chunks of 1, 4, 4) and decode 4 latent frames (13 video frames) as
     diffusers does; a cache that forgets (one frame kept instead of CACHE_T = 2) breaks it, and
     the last chunk depends on the first latent frame only through the cache."""
-    import runtime.wan_vae_blocks as blocks
-    import runtime.wan_vae_conv as conv
+    import vidport.runtime.wan_vae_blocks as blocks
+    import vidport.runtime.wan_vae_conv as conv
 
     reference, config = _reference(wan_vae_sources[source])
     model = _mlx(mlx_models[source])
@@ -237,7 +237,7 @@ def test_tiled_decode_equals_diffusers(wan_vae_sources, mlx_models, source):
     """Spatial tiling (tiles of 4 latent pixels every 3, blended) equals diffusers' tiled decode."""
     import mlx.core as mx
     from diffusers import AutoencoderKLWan
-    from runtime.wan_vae_tiling import Tiling
+    from vidport.runtime.wan_vae_tiling import Tiling
 
     reference = AutoencoderKLWan.from_pretrained(wan_vae_sources[source]).eval()
     factor = reference.config.scale_factor_spatial
@@ -254,7 +254,7 @@ def test_banded_convolutions_equal_whole(mlx_models, monkeypatch):
     """Large convolutions run in bands of rows (bounded memory at 480p); forcing bands on a small
     model changes nothing."""
     import mlx.core as mx
-    import runtime.wan_vae_conv as conv
+    import vidport.runtime.wan_vae_conv as conv
 
     model = _mlx(mlx_models["native-2.2"])
     latents = mx.array(np.random.default_rng(4).standard_normal((1, 2, 2, 3, 48)).astype(np.float32))

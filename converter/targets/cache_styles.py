@@ -22,7 +22,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from converter.errors import VidportError, listing
+from vidport.converter.core.errors import VidportError, listing
+from vidport.converter.core.named import named_object
+from vidport.converter.infer import public
 
 DTYPE_NAMES = {"bfloat16": "BFLOAT16", "bfloat8_b": "BFLOAT8_B", "float32": "FLOAT32"}  # ttnn.DataType.name
 
@@ -62,7 +64,9 @@ class ModelCache:
     def finish(self, folder: Path, names: list[str], source_hashes: list[str]) -> dict[str, Any]:
         root = folder / self.model_name
         version = model_cache_version(self.plan, source_hashes)
-        tree = preprocessed_tree(self.plan.detected.family.canonical, self.plan.config)
+        if not self.plan.target.model_tree:
+            raise VidportError(f"{self.plan.target.path.name}: the model_cache style needs the target's model_tree function")
+        tree = named_object(self.plan.target.model_tree)(self.plan.detected.family.canonical, public(self.plan.config))
         params = set(_leaves(tree))
         missing = sorted(params - set(names))
         if missing:
@@ -86,39 +90,6 @@ def model_cache_version(plan, source_hashes: list[str]) -> str:
            "config": plan.config}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return f"vidport-{digest}"
-
-
-def preprocessed_tree(canonical: str, config: dict[str, Any]) -> dict:
-    """The nesting ``preprocess_model_parameters`` gives the canonical model (built on torch's meta
-    device): a dict per module (its direct parameters, then children that hold anything), a list
-    per ``nn.ModuleList`` (every entry, empty ones too); Linear / LayerNorm / Embedding hold
-    weight and bias only.  Leaves are None."""
-    try:
-        import torch
-    except ImportError as err:
-        raise VidportError("--cache-style model_cache needs torch (so does preprocess_model_parameters)",
-                           hint="install torch, or use --cache-style as_tensor / tt_dit") from err
-
-    from converter.infer import public
-    from reference.canonical import canonical_class
-
-    cls = canonical_class(canonical)
-    with torch.device("meta"):
-        model = cls.from_config(public(config)) if hasattr(cls, "from_config") else cls(cls.config_class(**public(config)))
-
-    def tree(module: torch.nn.Module) -> dict | list:
-        if isinstance(module, torch.nn.ModuleList):
-            return [tree(child) for child in module.children()]
-        found: dict[str, Any] = {name: None for name, _ in module.named_parameters(recurse=False)}
-        if isinstance(module, (torch.nn.Linear, torch.nn.LayerNorm, torch.nn.Embedding)):
-            return found
-        for name, child in module.named_children():
-            sub = tree(child)
-            if sub:
-                found[name] = sub
-        return found
-
-    return tree(model)
 
 
 def _items(node: dict | list):

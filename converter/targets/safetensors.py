@@ -4,10 +4,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from converter.convert import (ConversionPlan, Progress, canonical_config_file, iter_outputs, planned_outputs,
+from vidport.converter.convert import (ConversionPlan, Progress, canonical_config_file, iter_outputs, planned_outputs,
                                write_manifest)
-from converter.dtypes import dtype_name
-from converter.safetensors_io import SafetensorsWriter
+from vidport.converter.dtypes import dtype_name
+from vidport.converter.safetensors_io import SafetensorsWriter
 
 
 def write(plan: ConversionPlan, folder: Path, shard_bytes: int, progress: Progress | None) -> dict:

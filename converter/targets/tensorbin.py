@@ -19,12 +19,12 @@ from typing import Any, Callable
 
 import numpy as np
 
-from converter.convert import ConversionPlan, Progress, canonical_config_file, iter_outputs, write_manifest
-from converter.dtypes import is_floating
-from converter.errors import VidportError
-from converter.targets.cache_styles import STYLES
-from converter.ttnn_support import PINNED_TTNN_VERSION, import_ttnn
-from converter.ttnn_support.tensorbin import DTYPES, LAYOUTS, padded_shape, write_tensorbin
+from vidport.converter.convert import ConversionPlan, Progress, canonical_config_file, iter_outputs, write_manifest
+from vidport.converter.dtypes import is_floating
+from vidport.converter.core.errors import VidportError
+from vidport.converter.targets.cache_styles import STYLES
+from vidport.converter.ttnn_support import PINNED_TTNN_VERSION, import_ttnn
+from vidport.converter.core.tensorbin import DTYPES, LAYOUTS, padded_shape, write_tensorbin
 
 TTNN_MANIFEST = "ttnn_manifest.json"
 FORMAT = "vidport-ttnn/1"

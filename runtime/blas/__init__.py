@@ -88,7 +88,7 @@ def use_fast_blas() -> str:
         import warnings
 
         warnings.warn("mlx was imported before vidport's runtime: MLX keeps the slow reference BLAS; "
-                      "import runtime (or any runtime.* module) before mlx", stacklevel=2)
+                      "import vidport.runtime (or any runtime.* module) before mlx", stacklevel=2)
         return state["blas"]
     core, before = kernel_choice(), os.environ.get("OPENBLAS_CORETYPE")
     if core:  # OpenBLAS reads it once, when it loads (importing scipy_openblas32 loads it)

@@ -20,10 +20,10 @@ from typing import Any, Callable
 import mlx.core as mx
 import numpy as np
 
-from converter.errors import VidportError
-from runtime.pipelines.folder import PipelineFolder
-from runtime.pipelines.inputs import image_to_pixels
-from runtime.pipelines.tokenizer import PromptTokenizer
+from vidport.converter.core.errors import VidportError
+from vidport.runtime.pipelines.folder import PipelineFolder
+from vidport.runtime.pipelines.inputs import image_to_pixels
+from vidport.runtime.pipelines.tokenizer import PromptTokenizer
 
 StepCallback = Callable[[int, int, Any, mx.array], None]  # (step index, steps, timestep, latents after the step)
 SliceCallback = Callable[[int, int], None]  # (frames decoded, frames)
@@ -32,8 +32,8 @@ SliceCallback = Callable[[int, int], None]  # (frames decoded, frames)
 def check_components(configs: dict[str, dict[str, Any]]) -> None:
     """From configs alone: the motion module fits the UNet, the UNet reads the text encoder's
     states and the VAE's latents. Called by the converter (the spec's `checks`) and on loading."""
-    from runtime.unet_config import read_unet_config
-    from runtime.unet_motion import check_compatible
+    from vidport.runtime.unet_config import read_unet_config
+    from vidport.runtime.unet_motion import check_compatible
 
     unet = configs["unet"]
     if "motion_adapter" in configs:
@@ -49,7 +49,7 @@ def check_components(configs: dict[str, dict[str, Any]]) -> None:
 
 def scheduler_config(folder: PipelineFolder, class_name: str | None = None) -> dict[str, Any]:
     """The folder's scheduler config (class swapped to `class_name` if given), checked buildable."""
-    from runtime.schedulers import SCHEDULERS, from_config
+    from vidport.runtime.schedulers import SCHEDULERS, from_config
 
     config = dict(folder.scheduler_config)
     if not config:
@@ -105,8 +105,8 @@ class AnimateDiffPipeline:
 
     def load(self) -> "AnimateDiffPipeline":
         """Load the weights (strictly): the motion UNet, the VAE, the text encoder."""
-        from runtime.loading import load_model
-        from runtime.unet_motion import load_unet_motion
+        from vidport.runtime.loading import load_model
+        from vidport.runtime.unet_motion import load_unet_motion
 
         path = self.folder.path
         self.unet = load_unet_motion(path / "unet", path / "motion_adapter")
@@ -133,7 +133,7 @@ class AnimateDiffPipeline:
         return (1, self.latent_channels, frames, height // f, width // f)
 
     def new_scheduler(self):
-        from runtime.schedulers import from_config
+        from vidport.runtime.schedulers import from_config
 
         return from_config(self.scheduler_config)
 

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from converter.errors import VidportError
+from vidport.converter.core.errors import VidportError
+from vidport.converter.core.manifest import MANIFEST, read_manifest
 
-MANIFEST = "vidport_manifest.json"
 SCHEDULER_FILE = Path("scheduler") / "scheduler_config.json"
 
 
@@ -24,11 +24,10 @@ class PipelineFolder:
     @classmethod
     def open(cls, path: str | Path) -> "PipelineFolder":
         path = Path(path)
-        file = path / MANIFEST
-        if not file.exists():
+        if not (path / MANIFEST).is_file():
             raise VidportError(f"{path}: no {MANIFEST}; not a vidport pipeline folder",
                                hint="convert one: vidport convert animatediff SD_SOURCE --motion MOTION --out DIR")
-        manifest = json.loads(file.read_text())
+        manifest = read_manifest(path)
         if manifest.get("kind") != "pipeline":
             raise VidportError(f"{path}: a single {manifest.get('family')} conversion, not a pipeline folder",
                                hint="convert the whole pipeline: vidport convert animatediff SD_SOURCE --motion MOTION --out DIR")
@@ -37,7 +36,7 @@ class PipelineFolder:
             component = path / entry["manifest"]
             if not component.exists():
                 raise VidportError(f"{path}: component {name} is missing ({entry['manifest']})")
-            components[name] = json.loads(component.read_text())
+            components[name] = read_manifest(component.parent)
         scheduler = path / SCHEDULER_FILE
         config = json.loads(scheduler.read_text()) if scheduler.exists() else {}
         return cls(path, manifest, components, config)

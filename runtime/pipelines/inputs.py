@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from converter.errors import VidportError
+from vidport.converter.core.errors import VidportError
 
 NOISE_KEYS = ("noise", "encode_noise")
 

@@ -26,12 +26,12 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from converter.errors import VidportError
-from runtime.pipelines.animatediff import Generation, SliceCallback, StepCallback
-from runtime.pipelines.folder import PipelineFolder
-from runtime.pipelines.wan_checks import WanLayout, check_components, check_request, layout_of
-from runtime.pipelines.wan_image import clip_pixels, load_image, read_clip_config, vae_pixels
-from runtime.pipelines.wan_latents import (LatentStats, decode_frames, first_frame_latent, first_frame_mask,
+from vidport.converter.core.errors import VidportError
+from vidport.runtime.pipelines.animatediff import Generation, SliceCallback, StepCallback
+from vidport.runtime.pipelines.folder import PipelineFolder
+from vidport.runtime.pipelines.wan_checks import WanLayout, check_components, check_request, layout_of
+from vidport.runtime.pipelines.wan_image import clip_pixels, load_image, read_clip_config, vae_pixels
+from vidport.runtime.pipelines.wan_latents import (LatentStats, decode_frames, first_frame_latent, first_frame_mask,
                                            i2v_condition, module_dtype, token_timesteps)
 
 __all__ = ["WanPipeline", "check_components"]
@@ -78,7 +78,7 @@ class WanPipeline:
         """Everything decidable without weights: the folder, the components fit each other, the
         scheduler builds (`scheduler` swaps its class and keeps the schedule; `flow_shift` sets the
         flow schedule's shift: UniPC's flow_shift, flow-match Euler's shift)."""
-        from runtime.pipelines.animatediff import scheduler_config
+        from vidport.runtime.pipelines.animatediff import scheduler_config
 
         folder = PipelineFolder.open(path)
         if folder.pipeline != "wan":
@@ -125,7 +125,7 @@ class WanPipeline:
 
     def model(self, name: str):
         if name not in self._models:
-            from runtime.loading import load_model
+            from vidport.runtime.loading import load_model
 
             self.folder.config(name)  # a clear error where the component is missing
             self._models[name] = load_model(self.folder.path / name)
@@ -188,7 +188,7 @@ class WanPipeline:
                       ) -> tuple[mx.array, mx.array]:
         """(prompt, negative) UMT5 states, each (1, max_sequence_length, text_dim), zero past the
         prompt's tokens, as diffusers' WanPipeline.encode_prompt."""
-        from runtime.pipelines.wan_text import UMT5Tokenizer, encode_prompts
+        from vidport.runtime.pipelines.wan_text import UMT5Tokenizer, encode_prompts
 
         states = encode_prompts(UMT5Tokenizer(self.folder.tokenizer), self.model("text_encoder"),
                                 [prompt, negative_prompt or ""], max_sequence_length)
@@ -275,7 +275,7 @@ class WanPipeline:
 
     def _generate(self, request: WanRequest, decode: bool, on_step: StepCallback | None,
                   on_slice: SliceCallback | None) -> Generation:
-        from runtime.schedulers import from_config
+        from vidport.runtime.schedulers import from_config
 
         self.check_request(request)
         seed = secrets.randbits(31) if request.seed is None else int(request.seed)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from converter.errors import VidportError
+from vidport.converter.core.errors import VidportError
 
 TASKS = {"t2v": "text-to-video", "i2v": "image-to-video (Wan 2.1 I2V: CLIP image tokens + first-frame latent)",
          "ti2v": "text/image-to-video (Wan 2.2 TI2V: first-frame latent, per-token timesteps)"}

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from converter.errors import VidportError
+from vidport.converter.core.errors import VidportError
 
 # transformers' CLIPImageProcessor defaults (OpenAI CLIP statistics)
 CLIP_DEFAULTS: dict[str, Any] = {

@@ -70,8 +70,8 @@ def decode_frames(vae, latents: mx.array, progress: ChunkProgress | None = None)
     """Denormalized latents -> float32 frames (B, T, H, W, 3) in [0, 1]. The VAE decodes one latent
     frame at a time through its causal cache; `progress` hears each one. With tiling on, the
     tiled decode runs as one piece."""
-    from runtime.wan_vae import _cache_slots, _evaluate
-    from runtime.wan_vae_layers import unpatchify
+    from vidport.runtime.wan_vae import _cache_slots, _evaluate
+    from vidport.runtime.wan_vae_layers import unpatchify
 
     latents = latents.astype(module_dtype(vae))
     total = latents.shape[1]

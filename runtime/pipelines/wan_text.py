@@ -15,7 +15,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from converter.errors import VidportError
+from vidport.converter.core.errors import VidportError
 
 
 def clean_prompt(text: str) -> str:

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from runtime.motion_config import MotionConfig
-from runtime.ttnn.layers import Dropout, GroupNorm, LayerNorm, Linear, SinusoidalPositionalEmbedding
-from runtime.ttnn.module import Module, Parameters
-from runtime.ttnn.ops import Tensor
+from vidport.runtime.motion_config import MotionConfig
+from vidport.runtime.ttnn.layers import Dropout, GroupNorm, LayerNorm, Linear, SinusoidalPositionalEmbedding
+from vidport.runtime.ttnn.module import Module, Parameters
+from vidport.runtime.ttnn.ops import Tensor
 
 
 class Attention(Module):

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from converter.errors import VidportError
+from vidport.converter.core.errors import VidportError
 
 
 class DeviceOps:
@@ -25,7 +25,7 @@ class DeviceOps:
     def __init__(self, device_id: int = 0, l1_small_size: int = 32768) -> None:
         import os
 
-        from converter.ttnn_support import import_ttnn
+        from vidport.converter.ttnn_support import import_ttnn
 
         os.environ.setdefault("TT_METAL_MOCK_CLUSTER_DESC_PATH", "")  # empty: use the real card
         ttnn = import_ttnn()

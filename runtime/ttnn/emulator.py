@@ -15,8 +15,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from converter.ttnn_support import group_norm as packing
-from converter.ttnn_support.tensorbin import read_tensorbin, to_bfloat8_b, to_bfloat16
+from vidport.converter.ttnn_support import group_norm as packing
+from vidport.converter.core.tensorbin import read_tensorbin, to_bfloat8_b, to_bfloat16
 
 
 

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from converter.generators import sinusoidal_positions
-from runtime.ttnn.module import Module, Parameters
-from runtime.ttnn.ops import Tensor
+from vidport.converter.generators import sinusoidal_positions
+from vidport.runtime.ttnn.module import Module, Parameters
+from vidport.runtime.ttnn.ops import Tensor
 
 
 class Linear(Module):

@@ -5,27 +5,27 @@ import importlib
 import json
 from pathlib import Path
 
-from converter.errors import VidportError
-from runtime.ttnn.module import Module, Parameters
-from runtime.ttnn.ops import Ops
+from vidport.converter.core.errors import VidportError
+from vidport.runtime.ttnn.module import Module, Parameters
+from vidport.runtime.ttnn.ops import Ops
+from vidport.converter.core.manifest import MANIFEST
 
-MANIFEST = "vidport_manifest.json"
 
 
 def make_ops(device: bool = False) -> Ops:
     """The emulator (any machine), or real ttnn on card 0."""
     if device:
-        from runtime.ttnn.device import DeviceOps
+        from vidport.runtime.ttnn.device import DeviceOps
 
         return DeviceOps()
-    from runtime.ttnn.emulator import EmulatorOps
+    from vidport.runtime.ttnn.emulator import EmulatorOps
 
     return EmulatorOps()
 
 
 def load_model(folder: str | Path, ops: Ops | None = None) -> Module:
     """The family's TTNN model (its `targets.ttnn.runtime`) over the folder's converted tensors."""
-    from converter.spec import load_catalog
+    from vidport.converter.spec import load_catalog
 
     folder = Path(folder)
     manifest = json.loads((folder / MANIFEST).read_text()) if (folder / MANIFEST).exists() else None

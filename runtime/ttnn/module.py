@@ -12,8 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
-from converter.errors import VidportError, closest, listing
-from runtime.ttnn.ops import Ops, Tensor
+from vidport.converter.core.errors import VidportError, closest, listing
+from vidport.runtime.ttnn.ops import Ops, Tensor
 
 TTNN_MANIFEST = "ttnn_manifest.json"
 

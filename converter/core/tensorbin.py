@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from converter.errors import VidportError
+from vidport.converter.core.errors import VidportError
 
 SUPPORTED_TTNN_VERSIONS: tuple[str, ...] = ("0.81.1",)
 DTYPES: tuple[str, ...] = ("bfloat16", "float32", "bfloat8_b")
