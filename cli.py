@@ -518,7 +518,7 @@ def demo(out: Path = typer.Option(Path("demo-output"), "--out", help="Where the 
     from vidport.converter.convert import convert as run, plan_conversion
     from vidport.golden.report import print_report, write_html, write_json
     from vidport.golden.verify import verify as check
-    from vidport.reference.fixtures import write_original_motion_module
+    from fixtures.motion import write_original_motion_module
 
     out.mkdir(parents=True, exist_ok=True)
     source = out / "mm_sd_v15_v2-small.ckpt"
@@ -546,8 +546,8 @@ def demo(out: Path = typer.Option(Path("demo-output"), "--out", help="Where the 
 def demo_generation(out: Path, motion: Path) -> None:
     """The demo's second half: a small SD 1.5 base, one AnimateDiff pipeline folder, a short video."""
     from vidport.converter.pipeline import convert_pipeline, plan_pipeline
-    from vidport.reference.pipeline_fixtures import write_sample_image, write_sd_pipeline_folder
-    from vidport.reference.sd_fixtures import write_sd_single_file
+    from fixtures.pipelines import write_sample_image, write_sd_pipeline_folder
+    from fixtures.sd import write_sd_single_file
     from vidport.runtime.pipelines.animatediff import AnimateDiffPipeline
     from vidport.runtime.video import write_video
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))  # the fixtures package: small checkpoints in real formats
 OUTPUT = ROOT / "bench-output"
 MB = 1024**2
 GB = 1024**3

@@ -89,7 +89,7 @@ def _build_child(path: Path, size: str) -> dict:
     sys.path.insert(0, str(ROOT))
     import torch
 
-    from vidport.reference.fixtures import motion_adapter_config, original_motion_state_dict, random_motion_adapter
+    from fixtures.motion import motion_adapter_config, original_motion_state_dict, random_motion_adapter
 
     config = motion_adapter_config("v2", **SIZES[size])
     model = random_motion_adapter(config, seed=0)

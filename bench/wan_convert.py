@@ -46,14 +46,14 @@ ROUTES = {
 
 def _build_child(folder: Path, size: str) -> dict:
     """Write the shards tensor group by tensor group: diffusers' model on the meta device gives the
-    names and shapes, the official names come from vidport.reference.wan_dit_fixtures.to_native_key, and
+    names and shapes, the official names come from fixtures.wan_dit.to_native_key, and
     each tensor is drawn in bfloat16 at unit-ish scale (so nothing 1.3 B-sized is ever resident)."""
     sys.path.insert(0, str(ROOT))
     import torch
     from diffusers import WanTransformer3DModel
     from safetensors.torch import save_file
 
-    from vidport.reference.wan_dit_fixtures import to_native_key
+    from fixtures.wan_dit import to_native_key
 
     config = {**WAN_1_3B, "num_layers": SIZES[size]["num_layers"]}
     with torch.device("meta"):

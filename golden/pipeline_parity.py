@@ -96,7 +96,7 @@ def build_reference(folder: Path, task: str, scheduler: str | None = None) -> An
 
 
 def _image(image: np.ndarray | str | Path | None, height: int, width: int, seed: int) -> np.ndarray:
-    from vidport.reference.pipeline_fixtures import sample_image
+    from fixtures.pipelines import sample_image
     from vidport.runtime.pipelines.inputs import read_image
 
     if image is None:

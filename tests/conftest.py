@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="session")
 def motion_sources(tmp_path_factory) -> dict[str, Path]:
     """Original AnimateDiff checkpoints of every release layout, plus a Diffusers folder."""
-    from vidport.reference.fixtures import MOTION_VARIANTS, write_diffusers_motion_adapter, write_original_motion_module
+    from fixtures.motion import MOTION_VARIANTS, write_diffusers_motion_adapter, write_original_motion_module
 
     root = tmp_path_factory.mktemp("motion")
     found = {}

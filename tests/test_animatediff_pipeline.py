@@ -24,9 +24,9 @@ CLIP_HEADS = {"text_encoder.num_attention_heads": 4}  # an LDM file does not say
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory) -> dict:
-    from vidport.reference.fixtures import write_original_motion_module
-    from vidport.reference.pipeline_fixtures import write_sd_pipeline_folder, write_tokenizer
-    from vidport.reference.sd_fixtures import write_sd_single_file
+    from fixtures.motion import write_original_motion_module
+    from fixtures.pipelines import write_sd_pipeline_folder, write_tokenizer
+    from fixtures.sd import write_sd_single_file
 
     root = tmp_path_factory.mktemp("animatediff")
     found = {"ldm": write_sd_single_file(root / "v1-5-small.safetensors"),
@@ -111,7 +111,7 @@ def test_diffusers_target_is_a_folder_diffusers_loads(sources, tmp_path):
     pipe = AnimateDiffPipeline.from_pretrained(tmp_path / "animatediff", local_files_only=True)
     assert type(pipe.unet).__name__ == "UNetMotionModel" and type(pipe.scheduler).__name__ == "DDIMScheduler"
     original = pipe.unet.state_dict()["conv_in.weight"]
-    from vidport.reference.sd_fixtures import sd_components
+    from fixtures.sd import sd_components
 
     assert torch.equal(original, sd_components(0)[2].state_dict()["conv_in.weight"])
 
@@ -132,7 +132,7 @@ def test_text_to_video_parity(ldm_pipeline, scheduler):
 
 def test_image_to_video_parity_through_the_cli(diffusers_pipeline, tmp_path):
     """`vidport verify --pipeline --task i2v`: AnimateDiffVideoToVideoPipeline on the image repeated."""
-    from vidport.reference.pipeline_fixtures import write_sample_image
+    from fixtures.pipelines import write_sample_image
 
     image = write_sample_image(tmp_path / "image.png", 48, 64, seed=2)
     result = runner.invoke(app, ["verify", str(diffusers_pipeline), "--pipeline", "--task", "i2v", "--image", str(image),
@@ -170,7 +170,7 @@ def test_seeds_are_reproducible(ldm_pipeline):
 
 def test_bad_input_is_refused_before_any_heavy_work(sources, ldm_pipeline, tmp_path):
     """Each bad request fails fast, with one line, and before a weight is loaded or the UNet runs."""
-    from vidport.reference.pipeline_fixtures import sample_image
+    from fixtures.pipelines import sample_image
     from vidport.runtime.pipelines.animatediff import AnimateDiffPipeline
 
     # a motion module made for SDXL with an SD 1.5 UNet: refused when planning, no tensor read

@@ -10,7 +10,7 @@ import torch
 
 from vidport.converter.convert import convert, plan_conversion
 from vidport.golden.verify import verify
-from vidport.reference.fixtures import write_config_folder
+from fixtures.motion import write_config_folder
 
 VARIANTS = ["v1", "v2", "v3", "sdxl-beta"]
 
@@ -20,7 +20,7 @@ def test_fixture_layout_is_real(motion_sources, variant, tmp_path):
     """diffusers' from_single_file maps every key of our fixture and leaves nothing unloaded."""
     from diffusers import MotionAdapter
     from diffusers.loaders.single_file_utils import convert_animatediff_checkpoint_to_diffusers
-    from vidport.reference.fixtures import motion_adapter_config
+    from fixtures.motion import motion_adapter_config
 
     state = torch.load(motion_sources[variant], weights_only=True)
     config = motion_adapter_config(variant)

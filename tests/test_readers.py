@@ -74,7 +74,7 @@ def test_unwrap_nested_and_prefixed(tmp_path):
 
 
 def test_wrapped_motion_module_converts(tmp_path):
-    from vidport.reference.fixtures import write_original_motion_module
+    from fixtures.motion import write_original_motion_module
 
     write_original_motion_module(tmp_path / "wrapped.ckpt", "v3", wrap=True)
     plan = plan_conversion(tmp_path / "wrapped.ckpt", "mlx")
@@ -85,7 +85,7 @@ def test_wrapped_motion_module_converts(tmp_path):
 
 @pytest.mark.parametrize("fmt", ["legacy", "safetensors"])
 def test_motion_module_other_formats(tmp_path, fmt):
-    from vidport.reference.fixtures import write_original_motion_module
+    from fixtures.motion import write_original_motion_module
 
     write_original_motion_module(tmp_path / f"mm.{fmt}", "v2", fmt=fmt)
     plan = plan_conversion(tmp_path / f"mm.{fmt}", "mlx")

@@ -11,15 +11,15 @@ import torch
 from vidport.converter.convert import convert, plan_conversion
 from vidport.converter.core.errors import VidportError
 from vidport.golden.verify import verify
-from vidport.reference.fixtures import write_config_folder
-from vidport.reference.sd_fixtures import SD_UNET_CONFIG
+from fixtures.motion import write_config_folder
+from fixtures.sd import SD_UNET_CONFIG
 
 @pytest.fixture(scope="module")
 def sd15_sources(tmp_path_factory) -> dict:
     """An SD 1.5 single file (safetensors, EMA-only release layout), a .ckpt carrying EMA copies,
     and a Diffusers unet/ folder; all hold the same UNet (the EMA copies another)."""
-    from vidport.reference.fixtures import write_sd15_single_file_with_ema, write_sd15_unet_folder
-    from vidport.reference.sd_fixtures import write_sd_single_file
+    from fixtures.motion import write_sd15_single_file_with_ema, write_sd15_unet_folder
+    from fixtures.sd import write_sd_single_file
 
     root = tmp_path_factory.mktemp("sd15")
     return {
@@ -81,7 +81,7 @@ def test_ema_weights(sd15_sources, tmp_path):
     without it the file's own weights are converted; a file without copies says so."""
     import mlx.core as mx
 
-    from vidport.reference.fixtures import sd15_unet
+    from fixtures.motion import sd15_unet
 
     plain = plan_conversion(sd15_sources["ldm-ema"], "mlx", "sd15-unet")
     ema = plan_conversion(sd15_sources["ldm-ema"], "mlx", "sd15-unet", ema=True)
@@ -130,7 +130,7 @@ def test_motion_unet_parity(unet_mlx, sd15_sources, tmp_path):
     from vidport.golden.capture_torch import capture_reference
     from vidport.golden.compare import compare_port
     from vidport.golden.metrics import threshold_for
-    from vidport.reference.fixtures import motion_adapter_config, random_motion_adapter
+    from fixtures.motion import motion_adapter_config, random_motion_adapter
     from vidport.reference.sd15_unet import motion_probes
     from vidport.runtime.unet_motion import load_unet_motion
 

@@ -20,7 +20,7 @@ CLIP_HEADS = {"num_attention_heads": 4}  # an LDM file does not say; the small t
 
 @pytest.fixture(scope="module")
 def sd_sources(tmp_path_factory) -> dict[str, Path]:
-    from vidport.reference.sd_fixtures import write_sd_pipeline, write_sd_single_file, write_standalone_ldm_vae
+    from fixtures.sd import write_sd_pipeline, write_sd_single_file, write_standalone_ldm_vae
 
     root = tmp_path_factory.mktemp("sd15")
     return {
@@ -53,7 +53,7 @@ def test_ldm_single_file_is_real(sd_sources, tmp_path):
                                                      convert_ldm_vae_checkpoint)
     from safetensors.torch import load_file
 
-    from vidport.reference.sd_fixtures import CLIP_TEXT_CONFIG, SD_UNET_CONFIG, SD_VAE_CONFIG
+    from fixtures.sd import CLIP_TEXT_CONFIG, SD_UNET_CONFIG, SD_VAE_CONFIG
 
     path = str(sd_sources["ldm"])
     state = load_file(path)
@@ -75,7 +75,7 @@ def test_old_diffusers_vae_folder_is_real(sd_sources):
     from diffusers import AutoencoderKL
 
     old = AutoencoderKL.from_pretrained(sd_sources["pipeline-old-vae"] / "vae").state_dict()
-    from vidport.reference.sd_fixtures import sd_components
+    from fixtures.sd import sd_components
 
     assert_same_tensors(old, sd_components(0)[0].state_dict())
 

@@ -34,8 +34,8 @@ CASES: dict[str, tuple[str, dict, dict]] = {
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory) -> dict[str, Path]:
-    from vidport.reference.sd_fixtures import write_sd_pipeline, write_sd_single_file
-    from vidport.reference.wan_dit_fixtures import write_native
+    from fixtures.sd import write_sd_pipeline, write_sd_single_file
+    from fixtures.wan_dit import write_native
 
     root = tmp_path_factory.mktemp("ttnn-families")
     write_native(root / "wan-i2v.safetensors", "i2v", seed=WAN_SEED)
@@ -48,8 +48,8 @@ def sources(tmp_path_factory) -> dict[str, Path]:
 def canonical() -> dict[str, dict[str, np.ndarray]]:
     """Each family's tensors from the reference models the fixtures were written from (diffusers /
     transformers state dicts: independent of our specs)."""
-    from vidport.reference.sd_fixtures import sd_components
-    from vidport.reference.wan_dit_fixtures import random_wan_transformer, wan_config
+    from fixtures.sd import sd_components
+    from fixtures.wan_dit import random_wan_transformer, wan_config
 
     vae, text_encoder, unet = sd_components(0)
     wan = random_wan_transformer(wan_config("i2v"), WAN_SEED)

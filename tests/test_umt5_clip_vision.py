@@ -18,7 +18,7 @@ from vidport.golden.compare import compare_port
 from vidport.golden.metrics import compare, threshold_for
 from vidport.golden.store import load_golden
 from vidport.golden.verify import verify
-from vidport.reference.wan_encoder_fixtures import (CLIP_VISION_SMALL, UMT5_SMALL, write_diffusers_clip_vision,
+from fixtures.wan_encoders import (CLIP_VISION_SMALL, UMT5_SMALL, write_diffusers_clip_vision,
                                             write_diffusers_umt5, write_native_clip, write_native_umt5)
 from vidport.converter.core.manifest import read_manifest
 from vidport.runtime.loading import load_model
@@ -90,7 +90,7 @@ def verified(converted, tmp_path_factory):
 def test_native_fixtures_load_into_the_official_modules(sources):
     """The native layouts are the official ones: wan/modules/t5.py's T5Encoder and clip.py's
     XLMRobertaCLIP (both towers) take our fixtures with strict loading."""
-    from vidport.reference.wan_encoder_fixtures import official_clip, official_umt5_encoder
+    from fixtures.wan_encoders import official_clip, official_umt5_encoder
 
     t5_state = torch.load(sources["umt5-native"], weights_only=True)
     official_umt5_encoder(UMT5_SMALL, seed=99).load_state_dict(t5_state, strict=True)
@@ -139,7 +139,7 @@ def test_umt5_matches_official_code_end_to_end(sources, converted, tmp_path):
     from transformers import UMT5EncoderModel
 
     from vidport.reference.umt5 import probes
-    from vidport.reference.wan_encoder_fixtures import official_umt5_encoder
+    from fixtures.wan_encoders import official_umt5_encoder
 
     (probe,) = probes(UMT5_SMALL, seed=3)
     ids, mask = probe.args[0], probe.kwargs["attention_mask"]
@@ -165,7 +165,7 @@ def test_clip_vision_matches_official_code_end_to_end(sources, converted, tmp_pa
     from transformers import CLIPVisionModel
 
     from vidport.reference.clip_vision import probes
-    from vidport.reference.wan_encoder_fixtures import official_clip
+    from fixtures.wan_encoders import official_clip
     from vidport.reference.wan_official import cpu_attention, official_module
 
     official_module("animate.clip").flash_attention = cpu_attention

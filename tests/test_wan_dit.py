@@ -14,8 +14,8 @@ import torch
 from vidport.converter.convert import convert, plan_conversion
 from vidport.converter.infer import public
 from vidport.golden.verify import verify
-from vidport.reference.fixtures import write_config_folder
-from vidport.reference.wan_dit_fixtures import (native_state_dict, random_wan_transformer, to_native_key, wan_config,
+from fixtures.motion import write_config_folder
+from fixtures.wan_dit import (native_state_dict, random_wan_transformer, to_native_key, wan_config,
                                         write_a14b_pipeline, write_diffusers, write_native)
 
 SMALL_HEADS = {"num_attention_heads": 4}  # shapes cannot tell heads; the small models have 4

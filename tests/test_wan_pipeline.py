@@ -15,7 +15,7 @@ import pytest
 from vidport.converter.core.errors import VidportError
 from vidport.converter.pipeline import convert_pipeline, plan_pipeline
 from vidport.golden.wan_parity import wan_parity
-from vidport.reference.wan_pipeline_fixtures import write_wan_pipeline
+from fixtures.wan_pipelines import write_wan_pipeline
 from vidport.runtime.pipelines import wan as wan_module
 from vidport.runtime.pipelines.wan import WanPipeline
 

@@ -13,8 +13,8 @@ import torch
 from vidport.converter.convert import convert, plan_conversion
 from vidport.converter.core.errors import VidportError
 from vidport.golden.verify import verify
-from vidport.reference.fixtures import write_config_folder
-from vidport.reference.wan_vae_fixtures import official_vae, wan_vae_config, write_diffusers_vae, write_native_vae
+from fixtures.motion import write_config_folder
+from fixtures.wan_vae import official_vae, wan_vae_config, write_diffusers_vae, write_native_vae
 
 SOURCES = {"native-2.1": ("2.1", "Wan2.1_VAE.pth"), "native-2.2": ("2.2", "Wan2.2_VAE.pth"),
            "diffusers-2.1": ("2.1", "vae-2.1"), "diffusers-2.2": ("2.2", "vae-2.2")}
