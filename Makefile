@@ -20,7 +20,7 @@ $(VENV)/.installed: requirements.txt requirements-nodeps.txt pyproject.toml
 		$(PY) -m pip install -q "ttnn==0.81.1"; \
 	else echo "vidport: ttnn has no wheel for $$($(PY) --version); TTNN tests will be skipped"; fi
 	$(PY) -m pip install -q --no-deps -e .
-	@$(PY) -c 'import vidport.runtime.blas as b; print("vidport: MLX BLAS:", b.use_fast_blas())'
+	@$(PY) -c 'from vidport.runtime import configure_cpu; print("vidport: MLX BLAS:", configure_cpu(malloc=False).blas)'
 	@touch $@
 
 test: venv

@@ -173,6 +173,9 @@ def verify(
     [dim]Example: vidport verify mm-v2-mlx --html report.html --save-golden mm-v2.golden.safetensors[/]
     [dim]Example: vidport verify animatediff-mlx --pipeline --image photo.png --json parity.json[/]
     """
+    from vidport.runtime import configure_cpu
+
+    configure_cpu(malloc=False)  # MLX's BLAS before golden imports mlx; malloc is the MLX port's (golden/port_mlx.py)
     from vidport.golden.report import print_report, write_html, write_json
     from vidport.golden.verify import verify as run
     from vidport.converter.core.manifest import read_manifest
@@ -301,6 +304,9 @@ def generate(
     [dim]Example: vidport generate t2v --model animatediff-mlx --prompt "a cat walking" --frames 16 --steps 25 --seed 1 --out cat.mp4[/]
     [dim]Example: vidport generate i2v --model wan21-i2v-mlx --image first.png --prompt "the cat turns" --out cat.webm[/]
     """
+    from vidport.runtime import configure_cpu
+
+    configure_cpu()  # before the runtime's models import mlx
     from vidport.runtime.pipelines.animatediff import AnimateDiffPipeline
     from vidport.runtime.pipelines.inputs import read_image, read_noise
 

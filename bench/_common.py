@@ -8,8 +8,8 @@ baseline), runs a warm-up call, then times each call the parent asks for and rep
 CPU time and its peak RSS (VmHWM) so far. "above baseline" is peak - baseline: what the
 computation itself needed on top of the weights.
 
-MLX workers must `import runtime` before mlx (runtime.blas gives MLX OpenBLAS on Linux); workers
-check `runtime.blas.state` and report it.
+MLX workers call `start_mlx()` (vidport.runtime.configure_cpu: OpenBLAS for MLX on Linux, glibc malloc
+kept from returning memory) before anything imports mlx, and report which BLAS MLX uses.
 """
 from __future__ import annotations
 
@@ -60,16 +60,12 @@ def cpu_seconds() -> float:
 
 
 def start_mlx() -> str:
-    """Import the runtime (its OpenBLAS shim) before mlx; returns which BLAS MLX uses."""
-    sys.path.insert(0, str(ROOT))
-    if "mlx.core" in sys.modules and "runtime" not in sys.modules:
-        raise RuntimeError("mlx was imported before runtime: MLX would keep the reference BLAS")
-    import vidport.runtime  # noqa: F401  (loads runtime.blas first)
-    import vidport.runtime.blas
+    """Set the worker up for MLX (`vidport.runtime.configure_cpu`) before mlx loads; returns which BLAS MLX uses."""
+    from vidport.runtime import configure_cpu, cpu_settings
 
-    import mlx.core  # noqa: F401
-
-    return runtime.blas.state["blas"]
+    if "mlx.core" in sys.modules and not cpu_settings().fast_blas:
+        raise RuntimeError("mlx was imported before vidport.runtime.configure_cpu(): MLX would keep the reference BLAS")
+    return configure_cpu().blas
 
 
 def start_torch() -> str:
@@ -126,7 +122,7 @@ def mlx_profile(fn: Callable[[], Any]) -> dict[str, float]:
     patches += [(layers.GroupNorm, "__call__", "group norm"), (layers.Conv2d, "__call__", "conv")]
     functions = {"attention": "attention", "silu": "activation", "gelu": "activation", "gelu_tanh": "activation",
                  "geglu": "activation", "sigmoid": "activation"}
-    for module in [m for name, m in sys.modules.items() if name.startswith("runtime.") and m is not None]:
+    for module in [m for name, m in sys.modules.items() if name.startswith("vidport.runtime.") and m is not None]:
         for name, category in functions.items():  # the module's own reference to the runtime.layers function
             if getattr(module, name, None) is getattr(layers, name):
                 patches.append((module, name, category))

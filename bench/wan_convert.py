@@ -120,8 +120,7 @@ def _child(route: str, folder: Path, out: Path) -> dict:
     index = folder / "diffusion_pytorch_model.safetensors.index.json"
     shards = sorted(folder.glob("*.safetensors"))
     if route == "vidport":
-        import vidport.runtime  # noqa: F401  (before mlx: plan_conversion builds the MLX model to check shapes)
-        import vidport.runtime.registry  # noqa: F401
+        import vidport.runtime.registry  # noqa: F401  (plan_conversion builds the MLX model to check shapes)
         import vidport.runtime.wan_dit  # noqa: F401
         from vidport.converter.convert import convert, plan_conversion
     elif route == "naive":

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import vidport.runtime  # noqa: F401  (loads the fast BLAS before mlx)
 import mlx.core as mx
 import mlx.nn as nn
 

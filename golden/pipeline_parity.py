@@ -128,11 +128,10 @@ def pipeline_parity(folder: str | Path, task: str = "t2v", prompt: str = "a cat 
     defaults to an image's (image-to-video), else 64 x 64: parity needs no large frames.
     `scheduler` swaps the folder's scheduler class on both sides; ancestral samplers draw fresh
     noise inside diffusers' loop at every step, which no replay here reproduces: refused."""
+    import mlx.core as mx
     import torch
 
-    from vidport.runtime.pipelines.animatediff import AnimateDiffPipeline  # the runtime first: it sets MLX's BLAS up
-
-    import mlx.core as mx  # noqa: E402
+    from vidport.runtime.pipelines.animatediff import AnimateDiffPipeline
 
     if task not in TASKS:
         raise VidportError(f"unknown task '{task}'", hint=f"one of {', '.join(TASKS)}")

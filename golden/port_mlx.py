@@ -20,10 +20,12 @@ class MlxPort:
     @classmethod
     def open(cls, folder: Path, device: bool = False) -> "MlxPort":
         from vidport.converter.core.errors import VidportError
+        from vidport.runtime import configure_cpu
         from vidport.runtime.loading import load_model
 
         if device:
             raise VidportError("--device is for TTNN conversions; MLX runs on this machine")
+        configure_cpu()  # malloc tuned only now, after the torch reference ran; warns if MLX missed its BLAS
         return cls(load_model(folder))
 
     def module_names(self) -> set[str]:

@@ -7,7 +7,6 @@ import inspect
 from collections.abc import Iterator
 from typing import Any
 
-import vidport.runtime  # noqa: F401  (loads the fast BLAS before mlx)
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np

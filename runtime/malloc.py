@@ -7,9 +7,9 @@ VM a fault is dear: 0.25 us a page at best on the development machine, 3-10 us w
 to supply the page (2.4 s for a fresh GB). A fused elementwise kernel over a 16 MB map took 47 ms
 with 16,000 faults a call, 9 ms without.
 
-`tune_malloc` (run by `import runtime`, before MLX starts its threads) makes glibc serve every
-block from the one main heap and never trim it: M_MMAP_MAX = 0, M_TRIM_THRESHOLD = 2^31 - 1 (trim only past 2 GB free),
-M_ARENA_MAX = 1. Peak RSS is unchanged (the high-water mark was reached anyway); what changes
+`tune_malloc` (called by `vidport.runtime.configure_cpu()`, best before MLX starts its threads)
+makes glibc serve every block from the one main heap and never trim it: M_MMAP_MAX = 0,
+M_TRIM_THRESHOLD = 2^31 - 1 (trim only past 2 GB free), M_ARENA_MAX = 1. Peak RSS is unchanged (the high-water mark was reached anyway); what changes
 is that RSS stays at it until the process exits, as with MLX's Metal buffer cache or torch's
 CUDA caching allocator. Set VIDPORT_MALLOC=default to leave glibc's defaults alone.
 """
@@ -40,5 +40,5 @@ def tune_malloc() -> str:
     done = all(mallopt(param, value) == 1 for param, value in
                ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2**31 - 1)))
     if done:
-        state["malloc"] = "glibc: one heap, no mmap, no trim (vidport runtime.malloc)"
+        state["malloc"] = "glibc: one heap, no mmap, no trim (vidport.runtime.malloc)"
     return state["malloc"]

@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from vidport.runtime import configure_cpu
+
+configure_cpu()  # before any test module imports mlx: MLX's fast BLAS, as `vidport generate` has it
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

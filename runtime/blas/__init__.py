@@ -17,6 +17,7 @@ OPENBLAS_CORETYPE). The choice applies only while the shim loads; the environmen
 after, so numpy's OpenBLAS and child processes see what the user set. `state["blas"]` names the
 kernels in use.
 
+Nothing here runs at import: `vidport.runtime.configure_cpu()` calls `use_fast_blas`.
 Set VIDPORT_BLAS=reference to keep the wheel's own BLAS (for benchmarks).
 """
 from __future__ import annotations
@@ -25,10 +26,12 @@ import ctypes
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 SHIM_SOURCE = Path(__file__).with_name("shim.c")
 state: dict[str, str] = {"blas": "mlx wheel default"}
+FAST_BLAS_PREFIX = "OpenBLAS"  # how state["blas"] begins once the shim is loaded
 
 
 def shim_path() -> Path:
@@ -80,15 +83,18 @@ def kernel_choice(cpuinfo: str | None = None) -> str | None:
     return None
 
 
-def use_fast_blas() -> str:
-    """Load the OpenBLAS shim before mlx (Linux only); returns which BLAS MLX will use."""
+def use_fast_blas(stacklevel: int = 1) -> str:
+    """Load the OpenBLAS shim before mlx (Linux only); returns which BLAS MLX will use. Once mlx is
+    imported it is too late (libmlx has bound its BLAS): it warns (at the caller `stacklevel` frames
+    up) and changes nothing."""
     if sys.platform != "linux" or os.environ.get("VIDPORT_BLAS") == "reference":
         return state["blas"]
-    if "mlx.core" in sys.modules and state["blas"] == "mlx wheel default":
-        import warnings
-
-        warnings.warn("mlx was imported before vidport's runtime: MLX keeps the slow reference BLAS; "
-                      "import vidport.runtime (or any runtime.* module) before mlx", stacklevel=2)
+    if state["blas"].startswith(FAST_BLAS_PREFIX):
+        return state["blas"]
+    if "mlx.core" in sys.modules:
+        warnings.warn("vidport: mlx was imported before the CPU setup, so MLX keeps the wheel's reference BLAS "
+                      "(matrix products about 25x slower); call vidport.runtime.configure_cpu() first, before "
+                      "importing mlx or any vidport.runtime model module", RuntimeWarning, stacklevel=stacklevel + 1)
         return state["blas"]
     core, before = kernel_choice(), os.environ.get("OPENBLAS_CORETYPE")
     if core:  # OpenBLAS reads it once, when it loads (importing scipy_openblas32 loads it)
@@ -103,7 +109,7 @@ def use_fast_blas() -> str:
         elif core:
             os.environ["OPENBLAS_CORETYPE"] = before
     if shim is not None:
-        state["blas"] = f"OpenBLAS {corename() or ''} kernels (scipy-openblas32 via vidport shim)".replace("  ", " ")
+        state["blas"] = f"{FAST_BLAS_PREFIX} {corename() or ''} kernels (scipy-openblas32 via vidport shim)".replace("  ", " ")
     return state["blas"]
 
 
