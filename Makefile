@@ -30,7 +30,7 @@ test-all: venv
 	$(PY) -m pytest -q -m ""
 
 demo: venv
-	$(PY) cli.py demo --out demo-output
+	$(PY) tests/demo.py --out demo-output
 
 bench: venv
 	$(PY) bench/run.py

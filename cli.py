@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -515,70 +514,6 @@ def models() -> None:
                       "\n".join(f"{i.option or i.name.upper() + '_SOURCE'}: {', '.join(l.name for l in i.layouts)}"
                                 for i in spec.inputs.values()), spec.description)
     console.print(table)
-
-
-@app.command()
-def demo(out: Path = typer.Option(Path("demo-output"), "--out", help="Where the demo writes everything.")) -> None:
-    """Build a small AnimateDiff v2 checkpoint, convert it to MLX, verify it, write the reports; then a
-    small SD 1.5 base, one AnimateDiff pipeline folder, and a short text-to-video generation."""
-    from vidport.converter.convert import convert as run, plan_conversion
-    from vidport.golden.report import print_report, write_html, write_json
-    from vidport.golden.verify import verify as check
-    from fixtures.motion import write_original_motion_module
-
-    out.mkdir(parents=True, exist_ok=True)
-    source = out / "mm_sd_v15_v2-small.ckpt"
-    console.print(f"1. building a small v2-layout motion module (random weights, real keys): {source}")
-    write_original_motion_module(source, "v2")
-    converted = out / "mm-v2-mlx"
-    console.print(f"2. converting to MLX: {converted}")
-    try:
-        plan = plan_conversion(source, "mlx", "animatediff-motion")
-        manifest = run(plan, converted, overwrite=True)
-        console.print(f"   {manifest['tensors']} tensors, variant {manifest['variant']}, config {manifest['config']}")
-        console.print("3. verifying against diffusers' MotionAdapter.from_single_file on the same file")
-        report = check(converted, frames=16)
-    except VidportError as err:
-        fail(err)
-    print_report(report, console, 15)
-    write_json(report, out / "report.json")
-    write_html(report, out / "report.html")
-    console.print(f"4. reports: {out / 'report.json'}, {out / 'report.html'}")
-    if not report.passed:
-        raise typer.Exit(2)
-    demo_generation(out, source)
-
-
-def demo_generation(out: Path, motion: Path) -> None:
-    """The demo's second half: a small SD 1.5 base, one AnimateDiff pipeline folder, a short video."""
-    from vidport.converter.pipeline import convert_pipeline, plan_pipeline
-    from fixtures.pipelines import write_sample_image, write_sd_pipeline_folder
-    from fixtures.sd import write_sd_single_file
-    from vidport.runtime.pipelines.animatediff import AnimateDiffPipeline
-    from vidport.runtime.video import write_video
-
-    base = out / "sd15-small"
-    console.print(f"5. building a small SD 1.5 base (random weights, real layouts): {base}/ (Diffusers folder), "
-                  f"{out / 'v1-5-small.safetensors'} (LDM single file), {out / 'image.png'}")
-    if base.exists():
-        shutil.rmtree(base)
-    write_sd_pipeline_folder(base)
-    write_sd_single_file(out / "v1-5-small.safetensors")
-    write_sample_image(out / "image.png", 64, 64)
-    folder = out / "animatediff-mlx"
-    console.print(f"6. converting SD base + motion module into one MLX pipeline folder: {folder}")
-    try:
-        manifest = convert_pipeline(plan_pipeline("animatediff", {"sd": base, "motion": motion}), folder, overwrite=True)
-        console.print(f"   {', '.join(manifest['components'])}, tokenizer, scheduler {manifest['scheduler']['class']}")
-        video = out / "animatediff-demo.gif"
-        console.print(f"7. generating 8 frames of 64x64 in 4 steps: {video}")
-        pipe = AnimateDiffPipeline.open(folder)
-        result = run_generation(pipe, "t2v", None, {}, prompt="a cat", negative_prompt="", strength=1.0, frames=8,
-                                steps=4, guidance=7.5, height=64, width=64, seed=0, decode_slice=8)
-        written = write_video(video, result.frames, fps=8)
-    except (VidportError, OSError) as err:
-        fail(err)
-    print_generation_summary(pipe, "t2v", result, written, 8, 64, 64)
 
 
 if __name__ == "__main__":

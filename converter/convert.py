@@ -5,10 +5,11 @@ from __future__ import annotations
 import datetime
 import importlib
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
@@ -18,7 +19,7 @@ from vidport.converter.detect import Detected, choose_ema, detect
 from vidport.converter.dtypes import NAMED_DTYPES, is_floating
 from vidport.converter.core.errors import VidportError
 from vidport.converter.generators import GENERATORS
-from vidport.converter.infer import finish_expressions, infer_config, match_variant, public
+from vidport.converter.infer import ConfigNeeded, assume_defaults, finish_expressions, infer_config, match_variant, public
 from vidport.converter.layouts import TargetLayout, TensorFormat, resolve_options
 from vidport.converter.output import atomic_folder
 from vidport.converter.plan import Mapping, Recipe, check_expected, map_keys
@@ -54,17 +55,25 @@ class ConversionPlan:
     options: dict[str, Any] = field(default_factory=dict)  # the target's options, resolved (TTNN: dtype, grid ...)
     formats: dict[str, TensorFormat] = field(default_factory=dict)  # output key -> role, layout, dtype
     ema: bool = False  # the source's EMA copies were converted instead of its weights
+    assumed: dict[str, Any] = field(default_factory=dict)  # library defaults taken because no variant matched
 
     @property
     def library(self) -> str:
         return self.detected.family.canonical.split(":")[0]
 
 
+class ResolvedConfig(NamedTuple):
+    config: dict[str, Any]
+    variant: str | None  # the known release the shapes matched
+    assumed: dict[str, Any]  # the family's defaults taken for what no variant or override gave
+
+
 def resolve_config(detected: Detected, source: Source, canonical_shapes: dict[str, Shape],
-                   overrides: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+                   overrides: dict[str, Any]) -> ResolvedConfig:
     """Config from (in priority order) overrides, the folder's config file, inference from source
-    keys, inference from canonical keys, then the matched variant's known values; `expr` values
-    that read a value only the variant or an override gives are evaluated last."""
+    keys, inference from canonical keys, then the matched variant's known values, or, when the
+    source has a variant table and none matches, the family's declared defaults (an error names
+    what has none); `expr` values that read a value only those give are evaluated last."""
     spec, family = detected.spec, detected.family
     config: dict[str, Any] = {}
     if spec.config.from_file:
@@ -76,15 +85,30 @@ def resolve_config(detected: Detected, source: Source, canonical_shapes: dict[st
     for key, value in (variant.config if variant else {}).items():
         config.setdefault(key, value)
     config.update(overrides)
+    assumed = {} if variant or not spec.variants else assume_defaults(spec.variants, family.defaults, config,
+                                                                      f"{source.path.name} ({spec.name})")
     finish_expressions(spec.config, spec.path.name, config)
     finish_expressions(family.config, family.path.name, config)
-    return config, variant.name if variant else None
+    return ResolvedConfig(config, variant.name if variant else None, assumed)
 
 
 def expected_shapes(plan_family, target: TargetSpec, config: dict[str, Any]) -> dict[str, Shape]:
     """The parameter shapes the output must have: the MLX runtime model's or the canonical model's."""
     model = plan_family.runtime if target.expected == "runtime" else plan_family.canonical
     return named_object(target.shapes)(model, config)
+
+
+@contextmanager
+def _naming_assumptions(assumed: dict[str, Any]):
+    """A model that does not build (or fit) with assumed defaults says which were assumed."""
+    try:
+        yield
+    except (VidportError, ValueError, TypeError, ArithmeticError) as err:
+        if not assumed:
+            raise
+        message = getattr(err, "message", str(err))
+        raise ConfigNeeded(f"{message} (no known release matched, so these were assumed: "
+                           + ", ".join(f"{k}={v!r}" for k, v in assumed.items()) + ")", list(assumed)) from err
 
 
 def plan_conversion(source_path: str | Path, target: str, family: str | None = None, dtype: str | None = None,
@@ -106,39 +130,40 @@ def plan_conversion(source_path: str | Path, target: str, family: str | None = N
         detected = choose_ema(detected, source)
     shapes = {k: tuple(r.shape) for k, r in detected.tensors.refs.items()}
     canonical = map_keys(shapes, detected.spec.rules, detected.spec.path.name)
-    config, variant = resolve_config(detected, source, canonical.shapes, overrides or {})
+    config, variant, assumed = resolve_config(detected, source, canonical.shapes, overrides or {})
 
-    fam = detected.family
-    extras = fam.targets.get(target_spec.name)
-    rules, what = extras.rules if extras else RuleSet([]), f"{fam.path.name} (target {target})"
-    layout = TargetLayout(target_spec, fam, public(config), options)
-    kept = {k: s for k, s in canonical.shapes.items() if layout.omitted(k) is None}
-    canonical.dropped += [(k, layout.omitted(k) or "") for k in canonical.shapes if k not in kept]
-    final = map_keys(kept, rules, what, pre_steps=layout.steps, identity_default=True)
-    formats = layout.add_companions(final, kept) if target_spec.formats else {}
-    expected = expected_shapes(fam, target_spec, public(config))
-    if target_spec.expected == "canonical":  # the canonical model's tensors through the same rules
-        model = {k: s for k, s in expected.items() if layout.omitted(k) is None}
-        expected_map = map_keys(model, rules, f"{what}: canonical model", pre_steps=layout.steps, identity_default=True)
-        if target_spec.formats:
-            layout.add_companions(expected_map, model)
-        expected = expected_map.shapes
-    for key in sorted(set(expected) - set(final.shapes)):
-        for pattern, fn in extras.generate if extras else []:
-            if pattern.match(key) is not None:
-                final.recipes[key] = Recipe((), (), generate=fn)
-                final.shapes[key] = tuple(expected[key])
-                if target_spec.formats:
-                    formats[key] = layout.format(key)
-    def origin(key: str) -> str | None:
-        recipe = final.recipes.get(key)
-        if recipe is None or not recipe.inputs or recipe.inputs[0] not in canonical.recipes:
-            return None
-        return ", ".join(canonical.recipes[recipe.inputs[0]].inputs)
+    with _naming_assumptions(assumed):
+        fam = detected.family
+        extras = fam.targets.get(target_spec.name)
+        rules, what = extras.rules if extras else RuleSet([]), f"{fam.path.name} (target {target})"
+        layout = TargetLayout(target_spec, fam, public(config), options)
+        kept = {k: s for k, s in canonical.shapes.items() if layout.omitted(k) is None}
+        canonical.dropped += [(k, layout.omitted(k) or "") for k in canonical.shapes if k not in kept]
+        final = map_keys(kept, rules, what, pre_steps=layout.steps, identity_default=True)
+        formats = layout.add_companions(final, kept) if target_spec.formats else {}
+        expected = expected_shapes(fam, target_spec, public(config))
+        if target_spec.expected == "canonical":  # the canonical model's tensors through the same rules
+            model = {k: s for k, s in expected.items() if layout.omitted(k) is None}
+            expected_map = map_keys(model, rules, f"{what}: canonical model", pre_steps=layout.steps, identity_default=True)
+            if target_spec.formats:
+                layout.add_companions(expected_map, model)
+            expected = expected_map.shapes
+        for key in sorted(set(expected) - set(final.shapes)):
+            for pattern, fn in extras.generate if extras else []:
+                if pattern.match(key) is not None:
+                    final.recipes[key] = Recipe((), (), generate=fn)
+                    final.shapes[key] = tuple(expected[key])
+                    if target_spec.formats:
+                        formats[key] = layout.format(key)
+        def origin(key: str) -> str | None:
+            recipe = final.recipes.get(key)
+            if recipe is None or not recipe.inputs or recipe.inputs[0] not in canonical.recipes:
+                return None
+            return ", ".join(canonical.recipes[recipe.inputs[0]].inputs)
 
-    check_expected(final.shapes, expected, f"{source.path.name} -> {target} ({detected.spec.name})", origin)
+        check_expected(final.shapes, expected, f"{source.path.name} -> {target} ({detected.spec.name})", origin)
     return ConversionPlan(source, detected, target_spec, config, variant, canonical, final,
-                          NAMED_DTYPES[dtype] if dtype else None, overrides or {}, options, formats, ema)
+                          NAMED_DTYPES[dtype] if dtype else None, overrides or {}, options, formats, ema, assumed)
 
 
 def _groups(plan: ConversionPlan) -> list[list[str]]:
@@ -245,6 +270,7 @@ def write_manifest(folder: Path, plan: ConversionPlan, files: list[Path], dtypes
         "dtype": "+".join(sorted(dtypes)),
         "config": public(plan.config),
         "overrides": plan.overrides,
+        "assumed": plan.assumed,
         "ema": plan.ema,
         "sources": [{"path": str(f.absolute()), "bytes": f.stat().st_size, "sha256": file_sha256(f)}
                     for f in plan.source.files],

@@ -62,17 +62,31 @@ def _integers(config: dict[str, Any]) -> dict[str, str]:
     return {k: str(v) for k, v in config.items() if isinstance(v, int) and not isinstance(v, bool)}
 
 
+class ConfigNeeded(VidportError):
+    """Config values the weights cannot tell and nothing gave: the hint asks for each by name."""
+
+    def __init__(self, message: str, names: list[str], prefix: str = ""):
+        super().__init__(message, hint="give " + " ".join(f"--set {prefix}{name}=VALUE" for name in names))
+        self.names = names
+
+    def for_component(self, component: str, family: str) -> ConfigNeeded:
+        """The same request inside a pipeline, where overrides are COMPONENT.KEY."""
+        return ConfigNeeded(f"{component} ({family}): {self.message}", self.names, prefix=f"{component}.")
+
+
 def infer_expression(inference: Inference, config: dict[str, Any], where: str) -> int:
     """An `expr` on the integer config values known so far."""
     known = _integers(config)
+    expression = inference.value.text[1:-1]
+    missing = sorted(name for name in inference.value.names() if name not in config)
+    if missing:
+        raise ConfigNeeded(f"{where}: config '{inference.name}' = {expression} needs {', '.join(missing)}, "
+                           "which the weights do not tell", missing)
     try:
         return int(inference.value.render(known))
     except (PatternError, ArithmeticError, ValueError) as err:
-        missing = sorted(inference.value.names() - set(known))
-        hint = ("not known from the weights; give " + " ".join(f"--set {name}=VALUE" for name in missing) if missing
-                else "an expr reads integer config values inferred before it (or given)")
-        raise VidportError(f"{where}: cannot infer config '{inference.name}' = {inference.value.text[1:-1]}: {err}",
-                           hint=hint) from err
+        raise VidportError(f"{where}: cannot infer config '{inference.name}' = {expression}: {err}",
+                           hint="an expr reads integer config values inferred before it (or given)") from err
 
 
 def infer_config(spec: ConfigSpec, shapes: dict[str, Shape], where: str, into: dict[str, Any]) -> dict[str, Any]:
@@ -101,6 +115,32 @@ def match_variant(variants: list[Variant], config: dict[str, Any]) -> Variant | 
         if all(config.get(k) == v for k, v in variant.when.items()):
             return variant
     return None
+
+
+def assume_defaults(variants: list[Variant], defaults: dict[str, Any], config: dict[str, Any],
+                    where: str) -> dict[str, Any]:
+    """No known release matched: the values only a variant gives (the names its table sets) that
+    nothing else gave take the family's declared defaults (the canonical library's own), which are
+    added to `config` and returned; values without a default are asked for, all at once."""
+    untold = list(dict.fromkeys(name for variant in variants for name in variant.config))
+    lacking = [name for name in untold if name not in config]
+    needed = [name for name in lacking if name not in defaults]
+    if needed:
+        read = list(dict.fromkeys(name for variant in variants for name in variant.when))
+        seen = ", ".join(f"{name.lstrip('_')}={config.get(name)!r}" for name in read)
+        raise ConfigNeeded(f"{where}: no known release matches these weights ({seen}); the shapes cannot tell "
+                           f"{', '.join(needed)}", needed)
+    assumed = {name: defaults[name] for name in lacking}
+    config.update(assumed)
+    return assumed
+
+
+def assumption_note(assumed: dict[str, Any]) -> str | None:
+    """One line saying which values were assumed, for the CLI and inspect to print."""
+    if not assumed:
+        return None
+    values = ", ".join(f"{name}={value!r}" for name, value in assumed.items())
+    return f"no known release matches these weights; assumed the library defaults {values} (--set NAME=VALUE to change)"
 
 
 def public(config: dict[str, Any]) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import numpy as np
 from vidport.converter.checkpoint import read_checkpoint, unwrap
 from vidport.converter.detect import COMMON_WRAPPERS, detect
 from vidport.converter.dtypes import dtype_name
+from vidport.converter.infer import assumption_note
 from vidport.converter.core.errors import VidportError
 from vidport.converter.spec import load_catalog
 from vidport.converter.core.manifest import MANIFEST, read_manifest
@@ -38,6 +39,8 @@ def describe(path: str | Path) -> dict[str, Any]:
 
         plan = plan_conversion(path, "mlx", found.family.name)
         rows["variant"] = plan.variant or "-"
+        if plan.assumed:
+            rows["assumed"] = assumption_note(plan.assumed)
         rows["config"] = {k: v for k, v in plan.config.items() if not k.startswith("_")}
     except VidportError as err:
         tensors = unwrap(source.tree, COMMON_WRAPPERS, ["module."])

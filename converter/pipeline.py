@@ -20,7 +20,7 @@ from vidport.converter.core.named import named_object
 from vidport.converter.convert import MANIFEST, ConversionPlan, Progress, plan_conversion, tool_version
 from vidport.converter.core.errors import VidportError
 from vidport.converter.hashing import hash_in_background
-from vidport.converter.infer import public
+from vidport.converter.infer import ConfigNeeded, public
 from vidport.converter.output import atomic_folder
 from vidport.converter.pipeline_spec import Layout, PipelineSpec, pipeline_spec
 
@@ -160,6 +160,8 @@ def plan_pipeline(pipeline: str | PipelineSpec, sources: dict[str, str | Path], 
         try:
             components[component.name] = plan_conversion(path, target, component.family, dtype,
                                                          per_component[component.name], target_options=target_options)
+        except ConfigNeeded as err:
+            raise err.for_component(component.name, component.family) from err
         except VidportError as err:
             raise VidportError(f"{component.name} ({component.family}): {err.message}", hint=err.hint) from err
     configs = {name: public(plan.config) for name, plan in components.items()}

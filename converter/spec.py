@@ -137,6 +137,9 @@ FAMILY_SCHEMA = {
         "description": "str",
         "aliases": ["list", "str"],
         "config": CONFIG,
+        # the canonical class's own defaults for values only a source's variant table gives; used,
+        # and recorded as assumed, when no variant matches
+        "defaults": {"optional": {"*": "any"}},
         "targets": {"optional": {"*": {"optional": {"rules": ["list", RULE],
                                                      "generate": ["list", {"required": {"match": "pattern", "fn": "str"}}],
                                                      "runtime": "str"}}}},
@@ -335,6 +338,7 @@ class FamilySpec:
     targets: dict[str, TargetExtras]
     sources: list[SourceSpec] = field(default_factory=list)
     role_args: list[dict[str, Any]] = field(default_factory=list)  # parallel to roles: `args:` of each
+    defaults: dict[str, Any] = field(default_factory=dict)  # the canonical library's defaults (no variant matched)
 
     def args_of(self, key: str) -> dict[str, Any]:
         """The `args` of the role declaration that matches `key` (placeholders unresolved)."""
@@ -423,7 +427,7 @@ def load_family_spec(path: Path) -> FamilySpec:
         canonical=data["canonical"], runtime=data["runtime"], reference=data["reference"], path=path,
         config=_config(data.get("config")),
         roles=[(compile_pattern(r["match"]), r["role"]) for r in data["roles"]], targets=targets,
-        role_args=[dict(r.get("args") or {}) for r in data["roles"]],
+        role_args=[dict(r.get("args") or {}) for r in data["roles"]], defaults=data.get("defaults") or {},
     )
 
 
