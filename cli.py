@@ -67,6 +67,15 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return found
 
 
+def print_assumed(assumed: dict[str, Any]) -> None:
+    """The note for config values taken from the library's defaults (no known release matched)."""
+    from vidport.converter.infer import assumption_note
+
+    note = assumption_note(assumed)
+    if note:
+        console.print(f"  [yellow]note:[/] {note}", highlight=False, soft_wrap=True)
+
+
 @app.command()
 def convert(
     family: str = typer.Argument(..., help="Model family (see `vidport models`), e.g. animatediff-motion."),
@@ -104,6 +113,7 @@ def convert(
         plan = plan_conversion(source, target, family, dtype, parse_overrides(set_), ema=ema, target_options=options)
         console.print(f"[bold]{plan.detected.spec.name}[/] ({plan.source.format}"
                       + (f", {plan.variant}" if plan.variant else "") + f") -> [bold]{target}[/]")
+        print_assumed(plan.assumed)
         if plan.detected.tensors.wrappers or plan.detected.tensors.skipped:
             console.print(f"  unwrapped: {', '.join(plan.detected.tensors.wrappers) or '-'}; "
                           f"skipped: {', '.join(plan.detected.tensors.skipped) or '-'}")
@@ -134,6 +144,7 @@ def convert_pipeline_command(spec, source: Path, motion: Optional[Path], tokeniz
     for name, component in plan.components.items():
         console.print(f"[bold]{name}[/]: {component.detected.spec.name} ({component.source.format}"
                       + (f", {component.variant}" if component.variant else "") + f") -> [bold]{target}[/]")
+        print_assumed(component.assumed)
     console.print(f"[bold]tokenizer[/]: {plan.tokenizer or '-'}; [bold]scheduler[/]: "
                   f"{plan.scheduler.get('_class_name', '-')} ({plan.scheduler_from})")
     with progress_bar("converting") as bar:
@@ -480,6 +491,62 @@ def inspect(path: Path = typer.Argument(..., help="A checkpoint file, model fold
     table = Table(show_header=False, title=str(path))
     for key, value in rows.items():
         table.add_row(f"[bold]{key}[/]", str(value))
+    console.print(table)
+
+
+@app.command()
+def explain(
+    source: Path = typer.Argument(..., help="A checkpoint file or model folder."),
+    key: str = typer.Argument(..., help="A tensor name as the file holds it (vidport inspect describes the file)."),
+    target: str = typer.Option("mlx", "--target", "-t", help="mlx | diffusers | ttnn"),
+    family: Optional[str] = typer.Option(None, "--family", help="The model family (needed for a file holding several)."),
+    set_: list[str] = typer.Option([], "--set", help="A config value the shapes cannot tell, as for convert."),
+) -> None:
+    """Show where one source key goes: the rules that take it (file:line), the transforms, the target name(s) and shape(s).
+
+    [dim]Example: vidport explain mm_sd_v15_v2.ckpt down_blocks.0.motion_modules.0.temporal_transformer.proj_in.weight[/]
+    """
+    from vidport.converter.explain import explain_key
+
+    try:
+        found = explain_key(source, key, target, family, parse_overrides(set_))
+    except (VidportError, OSError) as err:
+        fail(err)
+    def shape(dims: tuple[int, ...]) -> str:
+        return "[" + ", ".join(str(d) for d in dims) + "]"
+
+    def chain(steps: list[str]) -> str:
+        return ", ".join(steps) or "none"
+
+    table = Table(show_header=False, title=f"{found.source.name}: {found.key}")
+    table.add_row("[bold]source key[/]", f"{found.key} {shape(found.shape)} {found.dtype}")
+    table.add_row("[bold]family[/]", f"{found.family} (spec {found.spec}" + (f", {found.variant}" if found.variant else "") + ")")
+    if found.assumed:
+        table.add_row("[bold]assumed[/]", ", ".join(f"{k}={v!r}" for k, v in found.assumed.items()))
+    if found.rule:
+        table.add_row("[bold]rule[/]", f"{found.rule.where}  {found.rule.text}")
+    if found.rule is None:
+        table.add_row("[bold red]no rule[/]", f"no rule of {found.spec} takes this key (a conversion refuses the file)"
+                      + (f"; closest rule: {found.closest.where}  {found.closest.text}" if found.closest else ""))
+    if found.dropped:
+        table.add_row("[bold yellow]dropped[/]", f"on purpose: {found.dropped}")
+    for tensor in found.canonical:
+        table.add_row("[bold]canonical[/]", f"{tensor.key} {shape(tensor.shape) if tensor.shape else ''}"
+                      + (f" ({tensor.part})" if tensor.part else ""))
+        table.add_row("  source transforms", chain(tensor.steps))
+        if tensor.omitted:
+            table.add_row(f"  [yellow]{found.target}[/]", f"left out: {tensor.omitted}")
+        for out in tensor.targets:
+            if out.companion_of:
+                table.add_row(f"  {found.target} companion", f"{out.role}: {chain(out.role_steps)} ({found.target_spec})")
+            else:
+                table.add_row(f"  {found.target} role", f"{out.role}: {chain(out.role_steps)} ({found.target_spec})")
+                table.add_row(f"  {found.target} rule", f"{out.rule.where}  {out.rule.text}; transforms: {chain(out.rule_steps)}"
+                              if out.rule else "none (the canonical name is kept)")
+            stored = ", ".join(v for v in (out.layout, out.dtype) if v)
+            table.add_row(f"  [bold]{found.target}[/]", f"{out.key} {shape(out.shape)}" + (f" ({stored})" if stored else ""))
+    if found.problem:
+        table.add_row("[bold red]target side[/]", f"unknown: the conversion cannot be planned: {found.problem}")
     console.print(table)
 
 

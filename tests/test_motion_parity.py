@@ -55,9 +55,33 @@ def test_variant_detection(motion_sources):
     assert plan.config["block_out_channels"] == [32, 64, 64, 64]
 
 
-def test_heads_override(motion_sources):
-    plan = plan_conversion(motion_sources["v2"], "mlx", overrides={"motion_num_attention_heads": 4})
-    assert plan.config["motion_num_attention_heads"] == 4
+def test_heads_override(motion_sources, tmp_path):
+    """--set motion_num_attention_heads=4 reaches the built model: every attention of the MLX
+    adapter loaded from the folder splits into 4 heads, and a motion module computes what diffusers'
+    computes with 4 heads on the same weights, not what it computes with the release's 8."""
+    import mlx.core as mx
+    from diffusers import MotionAdapter
+    from diffusers.loaders.single_file_utils import convert_animatediff_checkpoint_to_diffusers
+    from fixtures.motion import motion_adapter_config
+    from vidport.runtime.animatediff_motion import Attention
+    from vidport.runtime.loading import load_model
+
+    convert(plan_conversion(motion_sources["v2"], "mlx", overrides={"motion_num_attention_heads": 4}), tmp_path / "o")
+    adapter = load_model(tmp_path / "o")
+    heads = [module.heads for _, module in adapter.named_modules() if isinstance(module, Attention)]
+    assert len(heads) == 2 * (4 * 2 + 4 * 3 + 1) and set(heads) == {4}  # attn1 + attn2 of every motion module
+    state = convert_animatediff_checkpoint_to_diffusers(torch.load(motion_sources["v2"], weights_only=True))
+    x = np.random.default_rng(0).standard_normal((8, 32, 2, 3)).astype(np.float32)  # 8 frames, 32 channels
+    ours = np.array(adapter.down_blocks[0].motion_modules[0](mx.array(x), num_frames=8))
+    theirs = {}
+    for count in (4, 8):
+        reference = MotionAdapter(**motion_adapter_config("v2", motion_num_attention_heads=count)).eval()
+        missing, unexpected = reference.load_state_dict(state, strict=False)
+        assert not unexpected and all(k.endswith("pos_embed.pe") for k in missing)  # the table diffusers computes
+        with torch.no_grad():
+            theirs[count] = reference.down_blocks[0].motion_modules[0](torch.from_numpy(x), num_frames=8).numpy()
+    np.testing.assert_allclose(ours, theirs[4], rtol=0, atol=1e-4)
+    assert np.abs(ours - theirs[8]).max() > 1e-2
 
 
 def test_original_to_diffusers_folder(motion_sources, tmp_path):
@@ -76,16 +100,22 @@ def test_original_to_diffusers_folder(motion_sources, tmp_path):
 
 def test_sharded_output_loads(motion_sources, tmp_path):
     """A small shard limit gives several shards and an index that MLX and diffusers both read."""
+    import mlx.utils
     from diffusers import MotionAdapter
+    from diffusers.loaders.single_file_utils import convert_animatediff_checkpoint_to_diffusers
     from vidport.runtime.loading import load_model
 
     manifest = convert(plan_conversion(motion_sources["v2"], "mlx"), tmp_path / "mlx", shard_bytes=2_000_000)
     assert sum(f.endswith(".safetensors") for f in manifest["files"]) > 1
     assert "model.safetensors.index.json" in manifest["files"]
-    load_model(tmp_path / "mlx")
+    source = convert_animatediff_checkpoint_to_diffusers(torch.load(motion_sources["v2"], weights_only=True))
+    loaded = dict(mlx.utils.tree_flatten(load_model(tmp_path / "mlx").parameters()))
+    assert len(loaded) == len(source)  # every tensor, once; pos_embed.pe is computed, not loaded
+    assert all(np.array_equal(np.array(loaded[k]), source[k].numpy()) for k in source)  # linears and norms keep layout
     convert(plan_conversion(motion_sources["v2"], "diffusers"), tmp_path / "diff", shard_bytes=2_000_000)
     assert (tmp_path / "diff" / "diffusion_pytorch_model.safetensors.index.json").exists()
-    MotionAdapter.from_pretrained(tmp_path / "diff")
+    state = MotionAdapter.from_pretrained(tmp_path / "diff").state_dict()
+    assert all(torch.equal(state[k], v) for k, v in source.items())
 
 
 def test_manifest_records_provenance(motion_sources, tmp_path):

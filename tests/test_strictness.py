@@ -10,7 +10,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cli import app
+from vidport.cli import app
+from vidport.converter.core.errors import VidportError
 
 runner = CliRunner()
 
@@ -123,8 +124,7 @@ def test_truncated_zip_checkpoint(motion_sources, tmp_path, fraction):
     source = tmp_path / "cut.ckpt"
     source.write_bytes(data[: int(len(data) * fraction)])
     result = run_convert(source, tmp_path / "out")
-    assert result.exit_code != 0 and "cut.ckpt" in result.output
-    assert "truncated" in result.output or "corrupted" in result.output
+    assert result.exit_code != 0 and "cut.ckpt: zip archive is truncated or corrupted" in result.output
     assert "Traceback" not in result.output and not (tmp_path / "out").exists()
 
 
@@ -158,7 +158,11 @@ def test_unknown_file(tmp_path):
 
 
 def test_error_shows_traceback_only_with_debug(tmp_path):
+    """Without --debug: one line and exit 1 (a clean SystemExit, no traceback); with it, the error
+    itself propagates, so its traceback shows."""
     result = runner.invoke(app, ["inspect", str(tmp_path / "nope.ckpt")])
-    assert result.exit_code == 1 and "no such file" in result.output and result.exception is None or isinstance(result.exception, SystemExit)
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+    assert result.output == f"error: {tmp_path / 'nope.ckpt'}: no such file or folder\n"
     result = runner.invoke(app, ["--debug", "inspect", str(tmp_path / "nope.ckpt")])
-    assert result.exit_code != 0 and result.exception is not None and not isinstance(result.exception, SystemExit)
+    assert result.exit_code == 1 and isinstance(result.exception, VidportError)
+    assert "no such file or folder" in str(result.exception) and "error:" not in result.output

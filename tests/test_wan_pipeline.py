@@ -161,7 +161,12 @@ def test_wan21_vae_with_wan22_dit(wan_folders, tmp_path):
     with pytest.raises(VidportError, match="Wan 2.1 VAE.*Wan 2.2 TI2V DiT") as caught:
         plan_pipeline("wan", {"wan": source}, "mlx")
     assert "z 48" in caught.value.hint
-    assert not (tmp_path / "out").exists()
+    from typer.testing import CliRunner
+
+    from vidport.cli import app
+
+    result = CliRunner().invoke(app, ["convert", "wan", str(source), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1 and "Wan 2.2 TI2V DiT" in result.output and not (tmp_path / "out").exists()
 
     mixed = tmp_path / "mixed-mlx"
     shutil.copytree(wan_folders["ti2v"]["mlx"], mixed)
