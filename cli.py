@@ -14,14 +14,41 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
+import click
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from vidport.converter.core.errors import VidportError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
+INTERNAL_ERROR = 70  # EX_SOFTWARE: a bug in vidport, not the input
+
+
+class ErrorBoundary(typer.core.TyperGroup):
+    """Every command's one error boundary: a known failure (VidportError, OSError) is one line and
+    a hint, exit 1; an unexpected exception one line that says it is a bug, exit 70; --debug
+    shows the traceback instead."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (typer.Exit, typer.Abort, click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except (VidportError, OSError) as err:
+            fail(err)
+        except Exception as err:
+            if state["debug"]:
+                raise
+            message = " ".join(f"{type(err).__name__}: {err}".split())
+            console.print(Text("internal error: ", style="bold red") + message, highlight=False, soft_wrap=True)
+            console.print(Text("  hint: ", style="yellow") + "a bug in vidport; --debug shows the traceback to report",
+                          highlight=False, soft_wrap=True)
+            raise typer.Exit(INTERNAL_ERROR) from None
+
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich", cls=ErrorBoundary,
                   help="Port video-diffusion checkpoints to MLX and TTNN, prove them layer by layer, generate video.")
 console = Console() if sys.stdout.isatty() else Console(width=160)  # logs and pipes get wide tables
 state = {"debug": False}
@@ -33,13 +60,26 @@ def main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks on e
 
 
 def fail(err: Exception) -> None:
+    """One line naming what is wrong (a file's path first), a hint line where there is one, exit 1."""
     if state["debug"]:
         raise err
     hint = getattr(err, "hint", None)
-    console.print(f"[bold red]error:[/] {getattr(err, 'message', str(err))}", highlight=False, soft_wrap=True)
+    if isinstance(err, VidportError):
+        message = err.message
+    elif isinstance(err, OSError) and err.filename is not None:
+        message = f"{err.filename}: {err.strerror or err}" + (f" ({err.filename2})" if err.filename2 else "")
+    else:
+        message = str(err)
+    error, note = Text("error: ", style="bold red"), Text("  hint: ", style="yellow")
+    console.print(error + " ".join(message.split()), highlight=False, soft_wrap=True)
     if hint:
-        console.print(f"  [yellow]hint:[/] {hint}", highlight=False, soft_wrap=True)
+        console.print(note + " ".join(str(hint).split()), highlight=False, soft_wrap=True)
     raise typer.Exit(1)
+
+
+def notice(line: str) -> None:
+    """A note the library has for the user (what an interrupted run left, removed)."""
+    console.print(Text("note: ", style="yellow") + line, highlight=False, soft_wrap=True)
 
 
 def progress_bar(description: str) -> Progress:
@@ -84,7 +124,8 @@ def convert(
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (written atomically)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | float16 | bfloat16 (default: keep the source's)."),
     set_: list[str] = typer.Option([], "--set", help="Override an architecture config value, e.g. --set motion_num_attention_heads=8."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder that vidport wrote."),
+    overwrite_any: bool = typer.Option(False, "--overwrite-any", help="Replace whatever --out names (never a source or the working directory)."),
     shard_size: int = typer.Option(5000, "--shard-size", help="Largest weights shard, in MB."),
     ema: bool = typer.Option(False, "--ema", help="Convert the EMA copies the file keeps (an LDM file's model_ema.*)."),
     cache_style: Optional[str] = typer.Option(None, "--cache-style", help="ttnn: as_tensor | model_cache | tt_dit (file naming; default as_tensor)."),
@@ -106,7 +147,7 @@ def convert(
         pipeline = find_pipeline(family)
         if pipeline is not None:
             return convert_pipeline_command(pipeline, source, motion, tokenizer, target, out, dtype, set_, overwrite,
-                                            shard_size, options)
+                                            shard_size, options, overwrite_any=overwrite_any)
         if motion or tokenizer:
             raise VidportError(f"--motion / --tokenizer belong to pipeline conversions; '{family}' is a model family",
                                hint="for a whole AnimateDiff pipeline: vidport convert animatediff SD_SOURCE --motion MOTION ...")
@@ -120,7 +161,8 @@ def convert(
         with progress_bar("converting") as bar:
             task = bar.add_task("convert", total=len(plan.final.recipes), item="")
             manifest = run(plan, out, overwrite, shard_size * 1024 * 1024,
-                           lambda done, total, name: bar.update(task, completed=done, item=name[-60:]))
+                           lambda done, total, name: bar.update(task, completed=done, item=name[-60:]),
+                           overwrite_any=overwrite_any, notice=notice)
     except (VidportError, OSError) as err:
         fail(err)
     console.print(f"wrote {manifest['tensors']} tensors ({manifest['parameters'] / 1e6:.2f}M parameters, "
@@ -129,7 +171,7 @@ def convert(
 
 def convert_pipeline_command(spec, source: Path, motion: Optional[Path], tokenizer: Optional[Path], target: str,
                              out: Path, dtype: Optional[str], set_: list[str], overwrite: bool, shard_size: int,
-                             options: dict[str, Any]) -> None:
+                             options: dict[str, Any], overwrite_any: bool = False) -> None:
     """`vidport convert animatediff|sd15|wan ...`: every component, tokenizer and scheduler into one folder."""
     from vidport.converter.pipeline import convert_pipeline, plan_pipeline
 
@@ -150,7 +192,8 @@ def convert_pipeline_command(spec, source: Path, motion: Optional[Path], tokeniz
     with progress_bar("converting") as bar:
         task = bar.add_task("convert", total=plan.total_tensors, item="")
         manifest = convert_pipeline(plan, out, overwrite, shard_size * 1024 * 1024,
-                                    lambda done, total, name: bar.update(task, completed=done, item=name[-60:]))
+                                    lambda done, total, name: bar.update(task, completed=done, item=name[-60:]),
+                                    overwrite_any=overwrite_any, notice=notice)
     console.print(f"wrote the {spec.name} pipeline ({', '.join(manifest['components'])}; {manifest['tensors']} tensors, "
                   f"{manifest['parameters'] / 1e6:.2f}M parameters, {manifest['dtype']}) to [bold]{out}[/]")
 

@@ -301,9 +301,12 @@ def canonical_config_file(plan: ConversionPlan) -> dict[str, Any]:
 
 
 def convert(plan: ConversionPlan, out: str | Path, overwrite: bool = False, shard_bytes: int = DEFAULT_SHARD_BYTES,
-            progress: Progress | None = None) -> dict[str, Any]:
-    """Write the planned output atomically; returns the manifest."""
+            progress: Progress | None = None, *, overwrite_any: bool = False,
+            notice: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Write the planned output atomically; returns the manifest. `overwrite` replaces a folder
+    vidport wrote, `overwrite_any` anything but a source or the working directory (converter/output.py)."""
     writer_module = importlib.import_module(f"vidport.converter.targets.{plan.target.writer}")
-    hash_in_background(plan.source.files)  # for the manifest, beside the conversion
-    with atomic_folder(Path(out), overwrite) as folder:
+    sources = [plan.source.path, *plan.source.files]
+    with atomic_folder(Path(out), overwrite, overwrite_any=overwrite_any, sources=sources, notice=notice) as folder:
+        hash_in_background(plan.source.files)  # for the manifest, beside the conversion
         return writer_module.write(plan, folder, shard_bytes, progress)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime
 import importlib
 import json
-import shutil
+import os
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -21,7 +21,7 @@ from vidport.converter.convert import MANIFEST, ConversionPlan, Progress, plan_c
 from vidport.converter.core.errors import VidportError
 from vidport.converter.hashing import hash_in_background
 from vidport.converter.infer import ConfigNeeded, public
-from vidport.converter.output import atomic_folder
+from vidport.converter.output import Notice, atomic_folder, copy_files, source_files
 from vidport.converter.pipeline_spec import Layout, PipelineSpec, pipeline_spec
 
 SCHEDULER_FILE = "scheduler/scheduler_config.json"
@@ -42,6 +42,7 @@ class PipelinePlan:
     scheduler_from: str = "default"  # the file it was read from, or "default" (the spec's)
     copies: dict[str, Path] = field(default_factory=dict)  # part -> the file or folder copied as it is
     index_values: dict[str, Any] = field(default_factory=dict)  # the spec's model_index_from_source, read
+    files: dict[str, list[tuple[Path, Path]]] = field(default_factory=dict)  # copied part -> its files, checked
 
     @property
     def total_tensors(self) -> int:
@@ -170,8 +171,13 @@ def plan_pipeline(pipeline: str | PipelineSpec, sources: dict[str, str | Path], 
     scheduler, origin = _scheduler(spec, paths, layouts, target)
     copies = {part: found for part in spec.copy
               if (found := _part(spec, paths, layouts, part)) is not None and found.exists()}
-    return PipelinePlan(spec, target, paths, layouts, components, _tokenizer(spec, paths, layouts, tokenizer),
-                        scheduler, origin, copies, _index_values(spec, paths, layouts))
+    tokenizer_folder = _tokenizer(spec, paths, layouts, tokenizer)
+    files = {part: source_files(found, paths[_holder(spec, part)]) for part, found in copies.items()}
+    if tokenizer_folder is not None:  # --tokenizer is followed where it points; inside a source, regular files only
+        named = Path(os.path.realpath(tokenizer_folder)) if tokenizer is not None else None
+        files["tokenizer"] = source_files(named or tokenizer_folder, named or paths[_holder(spec, "tokenizer")])
+    return PipelinePlan(spec, target, paths, layouts, components, tokenizer_folder, scheduler, origin, copies,
+                        _index_values(spec, paths, layouts), files)
 
 
 def _index_values(spec: PipelineSpec, sources: dict[str, Path], layouts: dict[str, Layout]) -> dict[str, Any]:
@@ -210,8 +216,10 @@ def _model_index(plan: PipelinePlan) -> dict[str, Any]:
 
 
 def convert_pipeline(plan: PipelinePlan, out: str | Path, overwrite: bool = False,
-                     shard_bytes: int = 5 * 1024**3, progress: Progress | None = None) -> dict[str, Any]:
-    """Write the planned pipeline folder atomically; returns its manifest."""
+                     shard_bytes: int = 5 * 1024**3, progress: Progress | None = None, *, overwrite_any: bool = False,
+                     notice: Notice | None = None) -> dict[str, Any]:
+    """Write the planned pipeline folder atomically; returns its manifest. `overwrite` and
+    `overwrite_any` as converter/output.py's atomic_folder takes them."""
     total, done = plan.total_tensors, 0
 
     def report(component: str) -> Callable[[int, int, str], None]:
@@ -220,18 +228,18 @@ def convert_pipeline(plan: PipelinePlan, out: str | Path, overwrite: bool = Fals
                 progress(done + count, total, f"{component}/{name}")
         return step
 
-    hash_in_background(f for component in plan.components.values() for f in component.source.files)
-    with atomic_folder(Path(out), overwrite) as folder:
+    sources = [*plan.sources.values(), *plan.copies.values(), *([plan.tokenizer] if plan.tokenizer else []),
+               *(f for component in plan.components.values() for f in (component.source.path, *component.source.files))]
+    with atomic_folder(Path(out), overwrite, overwrite_any=overwrite_any, sources=sources, notice=notice) as folder:
+        hash_in_background(f for component in plan.components.values() for f in component.source.files)
         manifests: dict[str, dict[str, Any]] = {}
         for name, component in plan.components.items():
             (folder / name).mkdir()
             writer = importlib.import_module(f"vidport.converter.targets.{component.target.writer}")
             manifests[name] = writer.write(component, folder / name, shard_bytes, report(name))
             done += len(component.final.recipes)
-        if plan.tokenizer is not None:
-            shutil.copytree(plan.tokenizer, folder / "tokenizer")
-        for part, found in plan.copies.items():
-            (shutil.copytree if found.is_dir() else shutil.copyfile)(found, folder / part)
+        for part, files in plan.files.items():  # tokenizer/, image_processor/: regular files only
+            copy_files(files, folder / part)
         if plan.scheduler:
             (folder / "scheduler").mkdir()
             (folder / SCHEDULER_FILE).write_text(json.dumps(plan.scheduler, indent=2))

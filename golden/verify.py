@@ -51,6 +51,32 @@ def reference_calls(manifest: dict[str, Any], source: Path, seed: int, frames: i
     return probes, capture_reference(model, probes)
 
 
+def _check_family(converted: Path, manifest: dict[str, Any]) -> None:
+    """The manifest's family and source spec must be known before any reference is built."""
+    from vidport.converter.core.manifest import MANIFEST
+    from vidport.converter.spec import load_catalog
+
+    try:
+        family = load_catalog().family(manifest["family"])
+    except VidportError as err:
+        raise VidportError(f"{converted / MANIFEST}: {err.message}", hint=err.hint) from err
+    if all(s.name != manifest["spec"]["name"] for s in family.sources):
+        raise VidportError(f"{converted / MANIFEST}: source spec '{manifest['spec']['name']}' is not one of "
+                           f"{family.name}'s", hint=f"known: {', '.join(s.name for s in family.sources)}")
+
+
+def _check_source_kind(source: Path, converted: Path, manifest: dict[str, Any]) -> None:
+    """A folder where the conversion read a file (or the reverse) is the wrong source: say so."""
+    kind = manifest.get("source_kind")
+    if not isinstance(kind, str):
+        return
+    wanted = "folder" if kind.endswith("-folder") else "file"
+    given = "folder" if source.is_dir() else "file"
+    if given != wanted:
+        raise VidportError(f"{source}: a {given}, but {converted} was converted from a {wanted} ({kind}: "
+                           f"{manifest['source']})", hint=f"pass --source the {wanted} it was converted from")
+
+
 def verify(converted: Path, source: Path | None = None, golden: Path | None = None, save_to: Path | None = None,
            seed: int = 0, frames: int | None = None, progress=None, device: bool = False) -> Report:
     """`device`: run a TTNN conversion on a Tenstorrent card instead of the host emulator."""
@@ -59,6 +85,7 @@ def verify(converted: Path, source: Path | None = None, golden: Path | None = No
 
     converted = Path(converted)
     manifest = read_manifest(converted)
+    _check_family(converted, manifest)
     if golden is not None:
         probes, calls, info = load_golden(golden)
         if info.get("family") != manifest["family"]:
@@ -67,6 +94,7 @@ def verify(converted: Path, source: Path | None = None, golden: Path | None = No
         source = Path(source or manifest["source"])
         if not source.exists():
             raise VidportError(f"{source}: the source is gone", hint="pass --source PATH (the checkpoint converted from)")
+        _check_source_kind(source, converted, manifest)
         probes, calls = reference_calls(manifest, source, seed, frames)
         info = {"family": manifest["family"], "source": str(source), "seed": seed, "versions": _versions(),
                 "config": manifest["config"]}

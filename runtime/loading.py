@@ -9,18 +9,44 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from vidport.converter.core.errors import VidportError
-from vidport.converter.core.manifest import read_manifest
+from vidport.converter.core.manifest import MANIFEST, read_manifest
 
+
+
+def _shards(index: Path) -> list[str]:
+    """The shard files a converted folder's index names: plain file names beside it."""
+    try:
+        weight_map = json.loads(index.read_text()).get("weight_map")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+        raise VidportError(f"{index}: not a JSON object with a weight_map ({err})") from err
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise VidportError(f"{index}: 'weight_map' must map tensor names to shard file names")
+    for shard in set(weight_map.values()):
+        if Path(shard).name != shard or shard in ("", ".", ".."):
+            raise VidportError(f"{index}: shard '{shard}' is not a file name in the folder")
+    return sorted(set(weight_map.values()))
+
+
+def _load_file(path: Path) -> dict[str, mx.array]:
+    """One safetensors file; a missing or damaged one is named, not a traceback."""
+    if not path.is_file():
+        raise VidportError(f"{path}: missing; the converted folder is incomplete",
+                           hint="convert again: vidport convert ... --overwrite")
+    try:
+        return mx.load(str(path))
+    except (RuntimeError, ValueError) as err:  # mx.load's errors on a damaged file
+        raise VidportError(f"{path}: not a readable safetensors file ({err})",
+                           hint="convert again: vidport convert ... --overwrite") from err
 
 
 def load_weights(folder: Path) -> dict[str, mx.array]:
     index = folder / "model.safetensors.index.json"
     if index.exists():
         weights: dict[str, mx.array] = {}
-        for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-            weights.update(mx.load(str(folder / shard)))
+        for shard in _shards(index):
+            weights.update(_load_file(folder / shard))
         return weights
-    return mx.load(str(folder / "model.safetensors"))
+    return _load_file(folder / "model.safetensors")
 
 
 def load_model(folder: str | Path) -> nn.Module:
@@ -33,7 +59,10 @@ def load_model(folder: str | Path) -> nn.Module:
         raise VidportError(f"{folder}: converted for target '{manifest['target']['name']}', not mlx")
     from vidport.converter.spec import load_catalog
 
-    family = load_catalog().family(manifest["family"])
+    try:
+        family = load_catalog().family(manifest["family"])
+    except VidportError as err:
+        raise VidportError(f"{folder / MANIFEST}: {err.message}", hint=err.hint) from err
     model = build_model(family.runtime, manifest["config"])
     try:
         model.load_weights(list(load_weights(folder).items()), strict=True)

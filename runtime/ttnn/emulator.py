@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from vidport.converter.core.errors import VidportError
 from vidport.converter.ttnn_support import group_norm as packing
 from vidport.converter.core.tensorbin import read_tensorbin, to_bfloat8_b, to_bfloat16
 
@@ -50,7 +51,7 @@ class EmulatorOps:
     def parameter(self, path: Path, info: dict[str, Any]) -> np.ndarray:
         values, found = read_tensorbin(path)
         if (found["dtype"], found["layout"], list(found["logical_shape"])) != (info["dtype"], info["layout"], info["shape"]):
-            raise ValueError(f"{path}: holds {found}, the manifest says {info['dtype']} {info['layout']} {info['shape']}")
+            raise VidportError(f"{path}: holds {found}, the manifest says {info['dtype']} {info['layout']} {info['shape']}")
         return values
 
     def constant(self, array: np.ndarray) -> np.ndarray:

@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import importlib
-import json
 from pathlib import Path
 
 from vidport.converter.core.errors import VidportError
 from vidport.runtime.ttnn.module import Module, Parameters
 from vidport.runtime.ttnn.ops import Ops
-from vidport.converter.core.manifest import MANIFEST
+from vidport.converter.core.manifest import MANIFEST, read_manifest
 
 
 
@@ -28,10 +27,13 @@ def load_model(folder: str | Path, ops: Ops | None = None) -> Module:
     from vidport.converter.spec import load_catalog
 
     folder = Path(folder)
-    manifest = json.loads((folder / MANIFEST).read_text()) if (folder / MANIFEST).exists() else None
-    if manifest is None or manifest["target"]["name"] != "ttnn":
+    manifest = read_manifest(folder)
+    if manifest["target"]["name"] != "ttnn":
         raise VidportError(f"{folder}: not a TTNN conversion", hint="convert with --target ttnn")
-    family = load_catalog().family(manifest["family"])
+    try:
+        family = load_catalog().family(manifest["family"])
+    except VidportError as err:
+        raise VidportError(f"{folder / MANIFEST}: {err.message}", hint=err.hint) from err
     extras = family.targets.get("ttnn")
     if extras is None or not extras.runtime:
         raise VidportError(f"family {family.name} has no TTNN runtime model",

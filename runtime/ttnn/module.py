@@ -55,7 +55,12 @@ class Parameters:
         if not path.exists():
             raise VidportError(f"{folder}: no {TTNN_MANIFEST}; not a TTNN conversion",
                                hint="convert with: vidport convert FAMILY SRC --target ttnn --out DIR")
-        self.manifest = json.loads(path.read_text())
+        try:
+            self.manifest = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise VidportError(f"{path}: not valid JSON ({err})") from err
+        if not isinstance(self.manifest, dict) or not isinstance(self.manifest.get("tensors"), dict):
+            raise VidportError(f"{path}: a JSON object with 'tensors' (name -> file entry) expected")
         self.entries: dict[str, dict[str, Any]] = self.manifest["tensors"]
         self.ops = ops
         self.taken: set[str] = set()
