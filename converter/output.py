@@ -214,7 +214,8 @@ def _terminate_raises(out: Path) -> Iterator[None]:
     def handler(signum: int, _frame: FrameType | None) -> None:
         raise Terminated(f"{out}: interrupted by {signal.Signals(signum).name}")
 
-    previous = {number: signal.signal(number, handler) for number in (signal.SIGTERM, signal.SIGHUP)}
+    previous = {number: signal.signal(number, handler) for number in (signal.SIGTERM, signal.SIGHUP)
+                if signal.getsignal(number) is not signal.SIG_IGN}  # nohup's ignored SIGHUP stays ignored
     try:
         yield
     finally:

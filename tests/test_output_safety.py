@@ -230,6 +230,19 @@ def test_sigterm_removes_the_partial_folder_at_once(tmp_path):
     assert list(tmp_path.iterdir()) == []  # no partial folder, no lock file, no output
 
 
+def test_an_ignored_sighup_stays_ignored(tmp_path):
+    """Under nohup a closed terminal's SIGHUP must not stop the conversion."""
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with atomic_folder(tmp_path / "out") as temp:
+            os.kill(os.getpid(), signal.SIGHUP)
+            (temp / "weights").write_text("done")
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+    assert (tmp_path / "out" / "weights").read_text() == "done"
+
+
 def test_only_dead_writers_folders_are_removed(tmp_path):
     finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(finished.stdout)
