@@ -232,6 +232,9 @@ def verify(
     from vidport.golden.report import print_report, write_html, write_json
     from vidport.golden.verify import verify as run
     from vidport.converter.core.manifest import read_manifest
+    strict: bool = typer.Option(False, "--strict", help="A source that is not the file converted (SHA-256) is an error, not a warning."),
+    self_mapped: bool = typer.Option(False, "--self-mapped", help="Build the reference through vidport's own mapping "
+                                                                  "(not an independent check; the report says so)."),
 
     try:
         is_pipeline = read_manifest(converted).get("kind") == "pipeline"
@@ -249,7 +252,7 @@ def verify(
             task = bar.add_task("verify", total=None, item="building reference" if not golden else "reading golden")
             report = run(converted, source, golden, save_golden, seed, frames,
                          lambda done, total, name: bar.update(task, completed=done, total=total, item=name[-60:]),
-                         device=device)
+                         device=device, self_mapped=self_mapped, strict=strict)
     except (VidportError, OSError) as err:
         fail(err)
     print_report(report, console, None if show_all else 25)
@@ -266,6 +269,8 @@ def verify(
     if not report.passed:
         raise typer.Exit(2)
 
+    if golden and self_mapped:
+        fail(VidportError("--self-mapped builds a reference; --golden reads a saved one"))
 
 def parse_size(size: Optional[str]) -> tuple[Optional[int], Optional[int]]:
     """WIDTHxHEIGHT -> (height, width)."""

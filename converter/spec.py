@@ -115,12 +115,17 @@ RULE = {
 INFER = {"optional": {"shape": "pattern", "each": "pattern", "dim": ("either", "int", ["list", "int"]), "count": "pattern", "exists": "pattern",
                       "value": "any", "expr": "str", "default": "any"}}
 CONFIG = {"optional": {"from_file": "str", "infer": {"optional": {"*": INFER}}}}
+# `reference`: a loader of the canonical library (from_single_file, from_pretrained), or the format's
+# official code where that library reads no such file: a named function that builds the official
+# model from the file's tensors, and its modules that are canonical modules (compared layer by layer)
+OFFICIAL_REFERENCE = {"required": {"official": "str"},
+                      "optional": {"layers": ["list", {"required": {"official": "pattern", "canonical": "template"}}]}}
 SOURCE_SCHEMA = {
     "required": {"spec": "str", "version": "int", "family": "str", "source": "str", "rules": ["list", RULE]},
     "optional": {
         "description": "str",
         "formats": ["list", "str"],
-        "reference": "str",
+        "reference": ("either", "str", OFFICIAL_REFERENCE),
         "unwrap": {"optional": {"descend": ["list", "str"], "strip_prefix": ["list", "str"],
                                 "select_prefix": ("either", "str", ["list", "str"]),
                                 "ema": {"required": {"prefix": "str"},
@@ -310,9 +315,33 @@ class SourceSpec:
     rules: RuleSet
     config: ConfigSpec
     variants: list[Variant]
-    reference: str | None  # how the reference library loads this format (from_single_file, ...)
+    reference: str | None  # how the reference library loads this format (from_single_file, ...); "official"
     ema: EmaCopies | None = None  # where the file keeps EMA copies (chosen with --ema)
     ema_reference: dict[str, Any] = field(default_factory=dict)  # the reference loader's arguments for them
+    official: OfficialReference | None = None  # reference: official (the format's own code)
+
+
+@dataclass(frozen=True)
+class OfficialReference:
+    """The format's own code as the reference: `build` (a named function) makes the official model
+    from the file's tensors; `layers` pairs its modules with the canonical modules that compute the
+    same thing from the same inputs, the layers compared one by one (the probes' outputs always are)."""
+
+    build: str
+    layers: tuple[tuple[Pattern, Template], ...]
+
+
+def _official_reference(path: Path, node: yaml.Node, data: Any) -> OfficialReference | None:
+    if not isinstance(data, dict):
+        return None
+    layers = []
+    for item, item_node in zip(data.get("layers") or [], _child(node, "layers").value if "layers" in data else []):
+        official, canonical = compile_pattern(item["official"]), compile_template(item["canonical"])
+        unknown = canonical.names() - set(official.names)
+        if unknown:
+            raise _fail(path, item_node, f"'canonical' uses placeholder(s) {sorted(unknown)} that 'official' does not capture")
+        layers.append((official, canonical))
+    return OfficialReference(data["official"], tuple(layers))
 
 
 @dataclass
@@ -403,7 +432,9 @@ def load_source_spec(path: Path) -> SourceSpec:
         detect_none=[compile_pattern(p) for p in detect.get("none", [])],
         folder_class=detect.get("folder_class"),
         rules=_rules(path, _child(node, "rules"), data["rules"]),
-        config=_config(data.get("config")), variants=variants, reference=data.get("reference"),
+        config=_config(data.get("config")), variants=variants,
+        reference="official" if isinstance(data.get("reference"), dict) else data.get("reference"),
+        official=_official_reference(path, _child(node, "reference"), data.get("reference")),
         ema=EmaCopies(unwrap["ema"]["prefix"], unwrap["ema"].get("dotless", False)) if "ema" in unwrap else None,
         ema_reference=(unwrap.get("ema") or {}).get("reference") or {},
     )

@@ -1,10 +1,11 @@
 """Run the PyTorch reference with forward hooks on every submodule and record each call."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
+from vidport.converter.core.errors import VidportError
 from vidport.reference.probe import Probe
 from vidport.golden.records import Call, CallNamer
 
@@ -41,17 +42,22 @@ def _first_tensor(value: Any) -> Any:
     return getattr(value, "sample", None)
 
 
-def capture_reference(model: Any, probes: list[Probe]) -> list[Call]:
+def capture_reference(model: Any, probes: list[Probe], run: Callable[..., Any] | None = None,
+                      layers: tuple = ()) -> list[Call]:
     """Every module call (children before parents: the order outputs become available); the
-    model itself is named "" (a probe may run the whole model)."""
+    model itself is named "" (a probe may run the whole model).
+
+    An official model (`run` given: how a probe runs on it) names its modules its own way: only
+    the calls of modules `layers` pairs with a canonical module are kept, under that name; the
+    model's own call, paired with "", takes the probe's inputs, as the port's whole-model call does."""
     import torch
 
     calls: list[Call] = []
-    namer = CallNamer()
     handles = []
     # Inputs are taken when a call begins: a module may change a container it was passed (the
     # Wan VAE's feature cache list), and a replay needs what the module was given.
     started: dict[str, list[tuple[list, dict]]] = {}
+    recorded: list[Call] = []
 
     def begin(name: str):
         def snapshot(module, args, kwargs):
@@ -65,20 +71,52 @@ def capture_reference(model: Any, probes: list[Probe]) -> list[Call]:
             tensor = _first_tensor(output)
             if tensor is None:
                 return
-            calls.append(Call(namer(name), name, type(module).__name__, inputs, named, _to_numpy(tensor)))
+            recorded.append(Call(name, name, type(module).__name__, inputs, named, _to_numpy(tensor)))
 
         return record
 
     for name, module in model.named_modules():
         handles.append(module.register_forward_pre_hook(begin(name), with_kwargs=True))
         handles.append(module.register_forward_hook(hook(name), with_kwargs=True))
+    namer, paired = CallNamer(), _Pairing(layers)
     try:
         with torch.no_grad():
             for probe in probes:
-                target = model.get_submodule(probe.module)
-                run = getattr(target, probe.method) if probe.method else target
-                run(*map(_to_torch, probe.args), **{k: _to_torch(v) for k, v in probe.kwargs.items()})
+                args, kwargs = list(map(_to_torch, probe.args)), {k: _to_torch(v) for k, v in probe.kwargs.items()}
+                if run is not None:
+                    run(probe, args, kwargs)
+                else:
+                    target = model.get_submodule(probe.module)
+                    (getattr(target, probe.method) if probe.method else target)(*args, **kwargs)
+                for call in recorded:
+                    module = paired(call.module) if run is not None else call.module
+                    if module is None:
+                        continue
+                    whole = run is not None and module == probe.module
+                    calls.append(Call(namer(module), module, call.kind, list(probe.args) if whole else call.args,
+                                      dict(probe.kwargs) if whole else call.kwargs, call.output))
+                recorded.clear()
     finally:
         for handle in handles:
             handle.remove()
     return calls
+
+
+class _Pairing:
+    """Official module name -> the canonical module it is, by the first `layers` pair that matches
+    (None: no counterpart); two official modules may not be one canonical module."""
+
+    def __init__(self, layers: tuple) -> None:
+        self.layers = layers
+        self.owner: dict[str, str] = {}
+
+    def __call__(self, official: str) -> str | None:
+        for pattern, template in self.layers:
+            values = pattern.match(official)
+            if values is not None:
+                canonical = template.render(values)
+                if self.owner.setdefault(canonical, official) != official:
+                    raise VidportError(f"reference layers: both {self.owner[canonical]!r} and {official!r} "
+                                       f"are paired with {canonical!r}")
+                return canonical
+        return None

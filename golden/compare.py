@@ -36,10 +36,17 @@ class Report:
     layers: list[LayerResult]
     not_in_port: list[str] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
+    uncompared_outputs: list[str] = field(default_factory=list)  # probe outputs the reference did not record
 
     @property
     def first_failure(self) -> str | None:
-        return next((r.name for r in self.layers if not r.passed), None)
+        """The first layer that fails on the reference's own inputs; when all pass there but the
+        port still fails (a wrong weight in a layer an official reference has no counterpart of),
+        the first whose free-running output diverges."""
+        local = next((r.name for r in self.layers if not r.passed), None)
+        if local is not None or self.passed:
+            return local
+        return next((r.name for r in self.layers if r.global_passed is False), None)
 
     @property
     def worst(self) -> str | None:
@@ -48,12 +55,16 @@ class Report:
     @property
     def passed(self) -> bool:
         outputs_ok = all(r.global_passed is not False for r in self.layers if r.is_probe_output)
-        return bool(self.layers) and all(r.passed for r in self.layers) and outputs_ok
+        return bool(self.layers) and all(r.passed for r in self.layers) and outputs_ok and not self.uncompared_outputs
 
     def as_json(self) -> dict[str, Any]:
-        """The report file: exactly {passed, first_failure, layers} at the top level."""
-        return {"passed": self.passed, "first_failure": self.first_failure,
-                "layers": [r.as_json() for r in self.layers]}
+        """The report file: passed, first_failure, what was compared against (reference, the dtype
+        of the weights that chose the thresholds, the source check, config values that came from
+        --set or were assumed, warnings), then every layer."""
+        shown = {key: self.info[key] for key in ("reference", "reference_run", "source", "overrides", "assumed",
+                                                 "warnings") if key in self.info}
+        return {"passed": self.passed, "first_failure": self.first_failure, **shown, "dtype": self.dtype,
+                "uncompared_outputs": self.uncompared_outputs, "layers": [r.as_json() for r in self.layers]}
 
 
 def run_port(model: nn.Module, probes: list[Probe]) -> tuple[dict[str, Any], set[str]]:
@@ -101,4 +112,5 @@ def compare_port(model: Any, probes: list[Probe], calls: list[Call], threshold: 
                                   passes(global_, threshold) if global_ else None, call.name in finals))
         if progress:
             progress(index + 1, len(calls), call.name)
-    return Report(dtype, threshold, layers, sorted(set(missing)))
+    recorded = {call.name for call in calls}
+    return Report(dtype, threshold, layers, sorted(set(missing)), uncompared_outputs=sorted(finals - recorded))

@@ -10,10 +10,14 @@ from rich.console import Console
 from rich.table import Table
 
 from vidport.golden.compare import Report
+from vidport.reference.build import SELF_MAPPED
 
 
 def print_report(report: Report, console: Console, limit: int | None = None) -> None:
-    table = Table(title=f"per-layer parity ({report.dtype}; PCC >= {report.threshold.min_pcc}"
+    reference = report.info.get("reference")
+    against = (" against a [bold red]SELF-MAPPED[/] reference (vidport's own mapping: not an independent check)"
+               if reference == SELF_MAPPED else f" against {reference}" if reference else "")
+    table = Table(title=f"per-layer parity{against} ({report.dtype} weights; PCC >= {report.threshold.min_pcc}"
                         + (f", max abs <= {report.threshold.max_abs:g} x max(1, rms)" if report.threshold.max_abs else "") + ")")
     for column in ("#", "layer", "module", "PCC", "max abs", "rel L2", "global PCC", ""):
         table.add_column(column, justify="right" if column in ("#", "PCC", "max abs", "rel L2", "global PCC") else "left")
@@ -32,9 +36,19 @@ def print_report(report: Report, console: Console, limit: int | None = None) -> 
     console.print(table)
     if limit is not None and len(report.layers) > len(shown):
         console.print(f"({len(report.layers) - len(shown)} passing layers not shown; --all shows every layer)")
+    for title, values in (("from --set, not from the file", report.info.get("overrides")),
+                          ("assumed (no known release matched)", report.info.get("assumed"))):
+        if values:
+            console.print(f"[bold yellow]config {title}:[/] " + ", ".join(f"{k}={v!r}" for k, v in values.items())
+                          + " (the reference was built with these too: a wrong value fails neither side)")
+    for output in report.uncompared_outputs:
+        console.print(f"[bold red]output {output} has no reference counterpart: not compared[/]")
+    for warning in report.info.get("warnings") or []:
+        console.print(f"[bold yellow]WARNING:[/] {warning}")
     verdict = "[bold green]PASSED[/]" if report.passed else "[bold red]FAILED[/]"
-    console.print(f"{verdict}: {sum(r.passed for r in report.layers)}/{len(report.layers)} layers within threshold; "
-                  f"first failing layer: {first or 'none'}; worst layer: {report.worst}")
+    reference_note = " against a SELF-MAPPED reference" if reference == SELF_MAPPED else ""
+    console.print(f"{verdict}{reference_note}: {sum(r.passed for r in report.layers)}/{len(report.layers)} layers "
+                  f"within threshold; first failing layer: {first or 'none'}; worst layer: {report.worst}")
 
 
 def write_json(report: Report, path: Path) -> None:
@@ -70,7 +84,7 @@ def write_html(report: Report, path: Path) -> None:
 <style>body{{font-family:sans-serif;margin:2em}} td,th{{padding:2px 8px;font-size:12px}} .bad{{background:#fdd}}
 svg{{border:1px solid #ccc;background:#fafafa}}</style></head><body>
 <h1>vidport verify: {'PASSED' if report.passed else 'FAILED'}</h1>
-<p>dtype {report.dtype}; threshold PCC &ge; {report.threshold.min_pcc}; first failing layer:
+<p>reference: {html.escape(str(report.info.get("reference")))}; weights {report.dtype}; threshold PCC &ge; {report.threshold.min_pcc}; first failing layer:
 <b>{html.escape(str(report.first_failure))}</b>; worst layer: {html.escape(str(report.worst))}</p>
 <h2>PCC against layer depth (local: blue, global: orange; red line: threshold)</h2>
 <svg width="{width}" height="{height}" viewBox="0 0 {width} {height}">

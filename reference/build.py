@@ -1,19 +1,82 @@
-"""Build the PyTorch reference (diffusers / transformers) from the same source file the port
-was converted from, in float32 on the CPU."""
+"""Build the PyTorch reference from the same source file the port was converted from, in float32
+on the CPU: the canonical library's own loader (diffusers / transformers) where it reads the
+format, else the format's official code (a source spec's `reference: {official: ...}`).
+
+Files are read by torch / safetensors themselves, never by vidport's reader; only the wrappers
+a training run adds (a `state_dict` entry, a `module.` prefix: the spec's `unwrap`) are taken off.
+A reference built through vidport's own mapping ("self-mapped") shares its mistakes: it is built
+only when asked for by name, and then reported as such."""
 from __future__ import annotations
 
 import json
 import tempfile
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from vidport.converter.core.errors import VidportError
+from vidport.converter.core.named import named_object
 from vidport.reference.canonical import build_canonical, canonical_class, tied_aliases
+from vidport.reference.wan_official import INSTALL_HINT
+
+if TYPE_CHECKING:
+    from vidport.converter.spec import SourceSpec
+
+SELF_MAPPED = "self-mapped"  # what reports call a reference built through vidport's own mapping
 
 
-def load_reference(canonical: str, loader: str, source: Path, config_file: dict[str, Any], **options: Any) -> Any:
+@dataclass
+class Reference:
+    """A reference model and what the report calls it. `run` is set for an official model: it runs
+    one of the family's probes (written for the canonical model) on it; `layers` pairs its modules
+    with canonical ones (`OfficialReference.layers`)."""
+
+    model: Any
+    name: str
+    run: Callable[..., Any] | None = None
+    layers: tuple = ()
+
+
+def build_reference(spec: "SourceSpec", canonical: str, source: Path, config_file: dict[str, Any],
+                    self_mapped: bool = False, **options: Any) -> Reference:
+    """The reference of a conversion from `source` (a `spec` source): the canonical library's
+    loader, or the official code; with `self_mapped`, the canonical model loaded through the
+    spec's own mapping (only when asked for)."""
+    if self_mapped:
+        return Reference(_from_mapping(canonical, source, config_file).eval(), SELF_MAPPED)
+    if spec.official is not None:
+        state = read_state(source, spec.descend, spec.strip_prefixes)
+        config = {k: v for k, v in config_file.items() if not k.startswith("_")}
+        try:
+            official = named_object(spec.official.build)(state, config)
+        except ModuleNotFoundError as err:
+            raise VidportError(f"{spec.path.name}: no diffusers / transformers loader reads this format, and its "
+                               f"official code is missing ({err})",
+                               hint=f"{INSTALL_HINT}; or verify --self-mapped (vidport's own mapping: not an "
+                                    "independent check)") from err
+        return Reference(official.model.eval(), official.name, official.run, spec.official.layers)
+    if not spec.reference:
+        raise VidportError(f"{spec.path.name}: no reference loader for this source format")
+    model = load_reference(canonical, spec.reference, source, config_file,
+                           unwrap=(spec.descend, spec.strip_prefixes), **options)
+    return Reference(model, reference_name(canonical, spec.reference))
+
+
+def reference_name(canonical: str, loader: str) -> str:
+    """What a report calls the canonical library's loader: "diffusers:AutoencoderKLWan.from_single_file"."""
+    if loader == "from_single_file" and not canonical.startswith("diffusers:"):
+        return f"{canonical} via diffusers' single-file loader"
+    return f"{canonical}.{loader}"
+
+
+def load_reference(canonical: str, loader: str, source: Path, config_file: dict[str, Any],
+                   unwrap: tuple[list[str], list[str]] = (["state_dict"], []), **options: Any) -> Any:
     """`loader` is the source spec's `reference`: from_single_file (with a local config folder,
-    so nothing is downloaded) or from_pretrained; `options` go to the loader (`extract_ema`)."""
+    so nothing is downloaded; given the file's tensors, wrappers taken off by `unwrap` = (descend,
+    strip_prefix), by default the `state_dict` entries diffusers' own file loader steps into) or
+    from_pretrained; `options` go to the loader (`extract_ema`). `from_mapping` is the self-mapped
+    model (see `build_reference`)."""
     import torch
     from diffusers.utils import logging as diffusers_logging
 
@@ -24,7 +87,7 @@ def load_reference(canonical: str, loader: str, source: Path, config_file: dict[
     elif loader == "from_single_file":
         with tempfile.TemporaryDirectory() as config_dir:
             (Path(config_dir) / "config.json").write_text(json.dumps(config_file))
-            model = _from_single_file(cls, canonical, source, config_dir, **options)
+            model = _from_single_file(cls, canonical, read_state(Path(source), *unwrap), config_dir, **options)
     elif loader == "from_mapping":
         model = _from_mapping(canonical, source, config_file)
     else:
@@ -32,11 +95,55 @@ def load_reference(canonical: str, loader: str, source: Path, config_file: dict[
     return model.eval()
 
 
+def read_state(source: Path, descend: list[str] = (), strip_prefixes: list[str] = ()) -> dict[str, Any]:
+    """The file's tensors as torch / safetensors read them (a sharded index: every shard's), out of
+    the wrappers a training run adds: `descend` into wrapper entries while a level holds no tensor,
+    nested dicts joined with dots, non-tensor entries left out, a prefix every key has removed."""
+    import torch
+    from safetensors.torch import load_file
+
+    from vidport.converter.safetensors_io import looks_like_safetensors
+
+    source = Path(source)
+    try:
+        if source.name.endswith(".index.json"):
+            tree: Any = _shards_state_dict(source)
+        elif looks_like_safetensors(source):
+            tree = load_file(str(source))
+        else:
+            tree = torch.load(source, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(source))
+    except (OSError, RuntimeError, ValueError) as err:
+        raise VidportError(f"{source}: the reference library cannot read it ({str(err).splitlines()[0]})") from err
+    while isinstance(tree, dict) and not any(isinstance(v, torch.Tensor) for v in tree.values()):
+        step = next((k for k in descend if isinstance(tree.get(k), dict)), None)
+        if step is None:
+            break
+        tree = tree[step]
+    if not isinstance(tree, dict):
+        raise VidportError(f"{source}: holds a {type(tree).__name__}, not a dict of tensors")
+    state = _flat_tensors(tree, "")
+    for prefix in strip_prefixes:
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def _flat_tensors(tree: dict, prefix: str) -> dict[str, Any]:
+    import torch
+
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, torch.Tensor):
+            flat[f"{prefix}{key}"] = value
+        elif isinstance(value, dict):
+            flat.update(_flat_tensors(value, f"{prefix}{key}."))
+    return flat
+
+
 def _from_mapping(canonical: str, source: Path, config_file: dict[str, Any]) -> Any:
-    """For a format the reference library cannot read (the native Wan 2.2 VAE): its canonical
-    model, built from the config and loaded strictly with the source converted by its own spec.
-    The spec's mapping is then part of what is trusted, so a test must prove the result equal to
-    the format's official code (tests/test_wan_vae.py does for the Wan 2.2 VAE)."""
+    """The self-mapped model: canonical, built from the config and loaded strictly with the source
+    converted by its own spec. The spec's mapping is then part of what is trusted (a wrong rule
+    passes), so verify builds it only when asked (`--self-mapped`) and says so."""
     import torch
 
     from vidport.converter.convert import iter_outputs, plan_conversion
@@ -52,23 +159,19 @@ def _from_mapping(canonical: str, source: Path, config_file: dict[str, Any]) -> 
     return model.to(torch.float32)
 
 
-def _from_single_file(cls: type, canonical: str, source: Path, config_dir: str, **options: Any) -> Any:
-    """A diffusers model reads its part of the file itself; a transformers component (the CLIP
-    text encoder of an LDM file) is read the way StableDiffusionPipeline.from_single_file does."""
+def _from_single_file(cls: type, canonical: str, state: dict[str, Any], config_dir: str, **options: Any) -> Any:
+    """A diffusers model reads its part of the file's tensors itself (from_single_file takes a state
+    dict in place of a path); a transformers component (the CLIP text encoder of an LDM file) is
+    read the way StableDiffusionPipeline.from_single_file does."""
     import torch
 
     if hasattr(cls, "from_single_file"):
-        # diffusers reads one file; a sharded release (its *.index.json) is handed over as the
-        # state dict its shards hold, which from_single_file takes in place of a path
-        checkpoint = _shards_state_dict(source) if source.name.endswith(".index.json") else str(source)
-        return cls.from_single_file(checkpoint, config=config_dir, local_files_only=True, torch_dtype=torch.float32,
+        return cls.from_single_file(state, config=config_dir, local_files_only=True, torch_dtype=torch.float32,
                                     **options)
     from diffusers.loaders.single_file import load_single_file_sub_model
-    from diffusers.loaders.single_file_utils import load_single_file_checkpoint
 
     library, class_name = canonical.split(":")
-    checkpoint = load_single_file_checkpoint(str(source), local_files_only=True)
-    return load_single_file_sub_model(library, class_name, "", checkpoint, None, False, config_dir,
+    return load_single_file_sub_model(library, class_name, "", state, None, False, config_dir,
                                       local_files_only=True, torch_dtype=torch.float32)
 
 

@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from vidport.reference.official import Official, load_strict
 from vidport.reference.probe import Probe
 
 
@@ -16,3 +17,31 @@ def probes(config: dict[str, Any], seed: int, frames: int | None = None, batch: 
     rng = np.random.default_rng(seed)
     pixel_values = rng.standard_normal((frames or batch, channels, size, size), dtype=np.float32)
     return [Probe("", [pixel_values])]
+
+
+def official_visual(state: dict[str, Any], config: dict[str, Any]) -> Official:
+    """The visual tower of wan/modules/animate/clip.py's XLMRobertaCLIP (`VisionTransformer`, as
+    clip_xlm_roberta_vit_h_14 builds it, at the config's widths) with the file's `visual.` tensors
+    loaded strictly (Wan runs only this tower); flash attention is the official signature computed
+    by torch's SDPA in float32 on the CPU. Its forward returns the last block's hidden states, the
+    canonical model's `last_hidden_state`."""
+    import torch
+
+    from vidport.reference.wan_official import cpu_attention, official_module
+
+    clip = official_module("animate.clip")
+    clip.flash_attention = cpu_attention
+    hidden = config["hidden_size"]
+    with torch.device("meta"):
+        model = clip.VisionTransformer(
+            image_size=config["image_size"], patch_size=config["patch_size"], dim=hidden,
+            mlp_ratio=config["intermediate_size"] / hidden, out_dim=config["projection_dim"],
+            num_heads=config["num_attention_heads"], num_layers=config["num_hidden_layers"], pool_type="token",
+            pre_norm=True, post_norm=False, activation=config["hidden_act"], norm_eps=config["layer_norm_eps"])
+    visual = {key[len("visual."):]: value for key, value in state.items() if key.startswith("visual.")}
+    model = load_strict(model, visual, "wan/modules/animate/clip.py VisionTransformer")
+
+    def run(probe: Probe, args: list, kwargs: dict) -> Any:
+        return model(args[0])
+
+    return Official(model, "official:wan22 wan/modules/animate/clip.py XLMRobertaCLIP.visual", run)

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from vidport.converter.core.errors import VidportError
+from vidport.reference.official import Official, load_strict
 from vidport.reference.probe import Probe
 
 
@@ -29,3 +30,28 @@ def probes(config: dict[str, Any], seed: int, frames: int | None = None) -> list
     video = rng.uniform(-1.0, 1.0, (1, rgb, frames, 2 * factor, 3 * factor)).astype(np.float32)
     latents = rng.standard_normal((1, config.get("z_dim", 16), 1 + (frames - 1) // step, 2, 3), dtype=np.float32)
     return [Probe("", [video], method="encode"), Probe("", [latents], method="decode")]
+
+
+def official_vae_2_2(state: dict[str, Any], config: dict[str, Any]) -> Official:
+    """The Wan 2.2 VAE as wan/modules/vae2_2.py's `_video_vae` builds it (the official `WanVAE_`,
+    with the config's widths and structure), the file's tensors loaded strictly; a probe's
+    `encode` / `decode` is the official method with the identity scale (the port's latents are
+    unscaled, as diffusers' are)."""
+    import torch
+
+    from vidport.reference.wan_official import official_module
+
+    module = official_module("vae2_2")
+    with torch.device("meta"):
+        model = module.WanVAE_(dim=config["base_dim"], dec_dim=config.get("decoder_base_dim") or config["base_dim"],
+                               z_dim=config["z_dim"], dim_mult=list(config["dim_mult"]),
+                               num_res_blocks=config["num_res_blocks"], attn_scales=list(config["attn_scales"]),
+                               temperal_downsample=list(config["temperal_downsample"]), dropout=0.0)
+    model = load_strict(model, state, "wan/modules/vae2_2.py WanVAE_")
+
+    def run(probe: Probe, args: list, kwargs: dict) -> Any:
+        if probe.method not in ("encode", "decode"):
+            raise VidportError(f"the official Wan 2.2 VAE runs encode and decode probes, not {probe.method!r}")
+        return getattr(model, probe.method)(*args, [0.0, 1.0], **kwargs)
+
+    return Official(model, "official:wan22 wan/modules/vae2_2.py WanVAE_", run)

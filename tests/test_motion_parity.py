@@ -11,6 +11,7 @@ import torch
 from vidport.converter.convert import convert, plan_conversion
 from vidport.golden.verify import verify
 from fixtures.motion import write_config_folder
+from fixtures.references import assert_names_reference
 
 VARIANTS = ["v1", "v2", "v3", "sdxl-beta"]
 
@@ -41,6 +42,7 @@ def test_convert_and_verify(motion_sources, variant, dtype, tmp_path):
     assert manifest["dtype"] == dtype
     report = verify(tmp_path / "out", frames=8)
     assert report.passed, report.first_failure
+    assert_names_reference(report, tmp_path / "out")
     assert len(report.layers) > 100 and not report.not_in_port
     worst = min(r.local["pcc"] for r in report.layers)
     assert worst >= (0.99999 if dtype == "float32" else 0.999)

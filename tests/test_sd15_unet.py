@@ -12,6 +12,7 @@ from vidport.converter.convert import convert, plan_conversion
 from vidport.converter.core.errors import VidportError
 from vidport.golden.verify import verify
 from fixtures.motion import write_config_folder
+from fixtures.references import assert_names_reference
 from fixtures.sd import SD_UNET_CONFIG
 
 @pytest.fixture(scope="module")
@@ -61,6 +62,7 @@ def test_convert_and_verify(sd15_sources, source, dtype, tmp_path):
     convert(plan, tmp_path / "out")
     report = verify(tmp_path / "out")
     assert report.passed, report.first_failure
+    assert_names_reference(report, tmp_path / "out")
     assert len(report.layers) > 600 and not report.not_in_port
     worst = min(r.local["pcc"] for r in report.layers)
     assert worst >= (0.99999 if dtype == "float32" else 0.999)

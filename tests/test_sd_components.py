@@ -14,6 +14,7 @@ import torch
 from vidport.converter.convert import convert, plan_conversion
 from vidport.converter.core.errors import VidportError
 from vidport.golden.verify import verify
+from fixtures.references import assert_names_reference
 
 CLIP_HEADS = {"num_attention_heads": 4}  # an LDM file does not say; the small test model has 4
 
@@ -96,6 +97,7 @@ def test_convert_and_verify(sd_sources, family, source, overrides, dtype, tmp_pa
     assert convert(plan, tmp_path / "out")["dtype"] == dtype
     report = verify(tmp_path / "out", frames=1)
     assert report.passed, report.first_failure
+    assert_names_reference(report, tmp_path / "out")
     assert not report.not_in_port and len(report.layers) >= (200 if family == "sd-vae" else 30)
     worst = min(r.local["pcc"] for r in report.layers)
     assert worst >= (0.99999 if dtype == "float32" else 0.999)

@@ -10,11 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from cli import app
 from vidport.converter.convert import convert, plan_conversion
 from vidport.converter.safetensors_io import SafetensorsWriter, read_safetensors
+from vidport.converter.core.manifest import MANIFEST
+from vidport.golden.metrics import passes, threshold_for
 from vidport.golden.verify import verify
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,11 +31,12 @@ def converted(motion_sources, tmp_path_factory) -> Path:
     return out
 
 
-def perturbed_copy(converted: Path, dest: Path, key: str) -> Path:
+def perturbed_copy(converted: Path, dest: Path, key: str, scale: float = 0.05) -> Path:
     shutil.copytree(converted, dest)
     refs, _ = read_safetensors(dest / "model.safetensors")
     arrays = {name: ref.load() for name, ref in refs.items()}
-    arrays[key] = arrays[key] + np.float32(0.05) * np.random.default_rng(1).standard_normal(arrays[key].shape, dtype=np.float32)
+    noise = np.random.default_rng(1).standard_normal(arrays[key].shape, dtype=np.float32)
+    arrays[key] = arrays[key] + np.float32(scale) * noise
     (dest / "model.safetensors").unlink()
     writer = SafetensorsWriter(dest, "model", 1 << 40)
     for name, array in arrays.items():
@@ -75,8 +79,12 @@ def test_cli_reports(converted, tmp_path):
                                  "--html", str(tmp_path / "r.html")])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "r.json").read_text())
-    assert set(report) == {"passed", "first_failure", "layers"}
+    assert set(report) == {"passed", "first_failure", "reference", "reference_run", "source", "overrides", "assumed",
+                           "warnings", "dtype", "uncompared_outputs", "layers"}
     assert report["passed"] is True and report["first_failure"] is None
+    assert report["reference"] == "diffusers:MotionAdapter.from_single_file" and report["reference_run"] == "live"
+    assert report["source"]["matches_conversion"] is True and report["dtype"] == "float32"
+    assert report["overrides"] == {} and report["warnings"] == [] and report["uncompared_outputs"] == []
     layer = report["layers"][0]
     assert {"name", "pcc", "max_abs", "passed"} <= set(layer)
     assert isinstance(layer["pcc"], float) and isinstance(layer["passed"], bool)
@@ -124,3 +132,49 @@ def test_offline_golden_without_torch(converted, tmp_path):
                            "--json", str(tmp_path / "offline2.json")], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 2
     assert json.loads((tmp_path / "offline2.json").read_text())["first_failure"] == "down_blocks.2.motion_modules.1.proj_out"
+
+
+# ---------------------------------------------------------------- issue 10: verify must not pass what is wrong
+
+
+def test_thresholds_follow_the_weights_not_the_manifest(converted, tmp_path):
+    """A float32 port damaged within bfloat16's tolerance fails; writing "bfloat16" into its
+    manifest does not loosen the thresholds (the weights are float32), and the report says so."""
+    key = "down_blocks.1.motion_modules.0.transformer_blocks.0.attn1.to_q.weight"
+    broken = perturbed_copy(converted, tmp_path / "broken", key, scale=0.002)
+    report = verify(broken, frames=8)
+    assert not report.passed and report.dtype == "float32"
+    loose = threshold_for("bfloat16")  # what the manifest's word used to choose: it passes the damage
+    assert all(passes(r.local, loose) and (r.global_ is None or passes(r.global_, loose)) for r in report.layers)
+    manifest = json.loads((broken / MANIFEST).read_text())
+    (broken / MANIFEST).write_text(json.dumps({**manifest, "dtype": "bfloat16"}))
+    relabelled = verify(broken, frames=8)
+    assert not relabelled.passed and relabelled.dtype == "float32"
+    assert relabelled.first_failure == report.first_failure
+    assert any("manifest says dtype bfloat16" in w for w in relabelled.info["warnings"])
+
+
+def test_source_other_than_converted_warns_and_strict_refuses(converted, motion_sources, tmp_path):
+    """The same tensors in another file (a legacy torch pickle): the numbers agree, but it is not the
+    file that was converted: a loud warning; --strict makes it an error before any reference."""
+    other = tmp_path / "mm_v2_legacy.ckpt"
+    torch.save(torch.load(motion_sources["v2"], weights_only=True), other, _use_new_zipfile_serialization=False)
+    report = verify(converted, source=other, frames=8)
+    assert report.passed and report.info["source"]["matches_conversion"] is False
+    assert any("not the source that was converted" in w for w in report.as_json()["warnings"])
+    result = runner.invoke(app, ["verify", str(converted), "--source", str(other), "--frames", "8"])
+    assert result.exit_code == 0 and "WARNING" in result.output and "not the source that was converted" in result.output
+    result = runner.invoke(app, ["verify", str(converted), "--source", str(other), "--frames", "8", "--strict"])
+    assert result.exit_code == 1 and "not the source that was converted" in result.output
+    assert "Traceback" not in result.output and "per-layer parity" not in result.output
+    assert runner.invoke(app, ["verify", str(converted), "--frames", "8", "--strict"]).exit_code == 0
+
+
+def test_values_from_set_are_shown(motion_sources, tmp_path):
+    """--set heads makes port and reference wrong together (verify passes): the report says the
+    value came from --set, not from the file."""
+    convert(plan_conversion(motion_sources["v2"], "mlx", overrides={"motion_num_attention_heads": 4}), tmp_path / "out")
+    result = runner.invoke(app, ["verify", str(tmp_path / "out"), "--frames", "8", "--json", str(tmp_path / "r.json")])
+    assert result.exit_code == 0, result.output
+    assert "from --set" in result.output and "motion_num_attention_heads=4" in result.output
+    assert json.loads((tmp_path / "r.json").read_text())["overrides"] == {"motion_num_attention_heads": 4}

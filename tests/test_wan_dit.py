@@ -15,6 +15,7 @@ from vidport.converter.convert import convert, plan_conversion
 from vidport.converter.infer import public
 from vidport.golden.verify import verify
 from fixtures.motion import write_config_folder
+from fixtures.references import assert_names_reference
 from fixtures.wan_dit import (native_state_dict, random_wan_transformer, to_native_key, wan_config,
                                         write_a14b_pipeline, write_diffusers, write_native)
 
@@ -80,6 +81,7 @@ def test_convert_and_verify(wan_sources, name, overrides, dtype, tmp_path):
     convert(plan, tmp_path / "out")
     report = verify(tmp_path / "out")
     assert report.passed, report.first_failure
+    assert_names_reference(report, tmp_path / "out")
     assert not report.not_in_port
     kinds = {r.kind for r in report.layers}
     assert {"WanRotaryPosEmbed", "WanAttention", "WanTransformerBlock", "Conv3d"} <= kinds
