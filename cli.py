@@ -131,7 +131,8 @@ def convert(
     cache_style: Optional[str] = typer.Option(None, "--cache-style", help="ttnn: as_tensor | model_cache | tt_dit (file naming; default as_tensor)."),
     ttnn_dtype: Optional[str] = typer.Option(None, "--ttnn-dtype", help="ttnn: bfloat16 | bfloat8_b for linear weights (default bfloat16)."),
     ttnn_grid: Optional[str] = typer.Option(None, "--ttnn-grid", help="ttnn: core grid COLUMNSxROWS for group-norm packing (default 8x8)."),
-    motion: Optional[Path] = typer.Option(None, "--motion", help="Pipelines (animatediff): the motion module, a file or Diffusers folder."),
+    motion: Optional[Path] = typer.Option(None, "--motion", help="Pipelines (animatediff): the motion module, a file or Diffusers folder (= --input motion=PATH)."),
+    inputs: list[str] = typer.Option([], "--input", help="Pipelines: another input the pipeline spec declares, NAME=PATH (repeatable)."),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Pipelines: the tokenizer folder (an LDM single file carries none)."),
 ) -> None:
     """Convert a checkpoint to a target layout; or a whole pipeline (animatediff, sd15) into one folder.
@@ -146,11 +147,12 @@ def convert(
     try:
         pipeline = find_pipeline(family)
         if pipeline is not None:
-            return convert_pipeline_command(pipeline, source, motion, tokenizer, target, out, dtype, set_, overwrite,
+            named = parse_inputs(inputs, {"motion": motion})
+            return convert_pipeline_command(pipeline, source, named, tokenizer, target, out, dtype, set_, overwrite,
                                             shard_size, options, overwrite_any=overwrite_any)
-        if motion or tokenizer:
-            raise VidportError(f"--motion / --tokenizer belong to pipeline conversions; '{family}' is a model family",
-                               hint="for a whole AnimateDiff pipeline: vidport convert animatediff SD_SOURCE --motion MOTION ...")
+        if motion or inputs or tokenizer:
+            raise VidportError(f"--motion / --input / --tokenizer belong to pipeline conversions; '{family}' is a "
+                               "model family", hint="vidport models lists the pipelines and their inputs")
         plan = plan_conversion(source, target, family, dtype, parse_overrides(set_), ema=ema, target_options=options)
         console.print(f"[bold]{plan.detected.spec.name}[/] ({plan.source.format}"
                       + (f", {plan.variant}" if plan.variant else "") + f") -> [bold]{target}[/]")
@@ -169,19 +171,39 @@ def convert(
                   f"{manifest['dtype']}) to [bold]{out}[/]; dropped {len(manifest['dropped'])} on purpose")
 
 
-def convert_pipeline_command(spec, source: Path, motion: Optional[Path], tokenizer: Optional[Path], target: str,
+def parse_inputs(pairs: list[str], shorthands: dict[str, Optional[Path]]) -> dict[str, Path]:
+    """`--input NAME=PATH` (repeatable), and the options that are shorthand for one (`--motion X`)."""
+    found: dict[str, Path] = {}
+    for pair in pairs:
+        name, _, path = pair.partition("=")
+        if not name or not path:
+            raise VidportError(f"--input {pair}: expected NAME=PATH", hint="for example --input motion=mm_sd_v15_v2.ckpt")
+        if name in found:
+            raise VidportError(f"--input {name} is given twice")
+        found[name] = Path(path)
+    for name, path in shorthands.items():
+        if path is not None:
+            if name in found:
+                raise VidportError(f"--{name} and --input {name}=... name the same input", hint="give one of them")
+            found[name] = path
+    return found
+
+
+def convert_pipeline_command(spec, source: Path, inputs: dict[str, Path], tokenizer: Optional[Path], target: str,
                              out: Path, dtype: Optional[str], set_: list[str], overwrite: bool, shard_size: int,
                              options: dict[str, Any], overwrite_any: bool = False) -> None:
-    """`vidport convert animatediff|sd15|wan ...`: every component, tokenizer and scheduler into one folder."""
+    """`vidport convert PIPELINE SOURCE [--input NAME=PATH ...]`: SOURCE is the spec's first input, the
+    others come by name; every component, tokenizer and scheduler go into one folder."""
     from vidport.converter.pipeline import convert_pipeline, plan_pipeline
 
-    positional = next(name for name, entry in spec.inputs.items() if not entry.option)  # sd, wan
-    sources = {positional: source}
-    if "motion" in spec.inputs:
-        sources["motion"] = motion
-    elif motion is not None:
-        raise VidportError(f"--motion: the {spec.name} pipeline has no motion module",
-                           hint="vidport convert animatediff SD_SOURCE --motion MOTION ... adds one")
+    positional, *others = spec.inputs
+    unknown = sorted(set(inputs) - set(others))
+    if unknown:
+        takes = ", ".join(f"{spec.inputs[name].option or '--input ' + name + '=PATH'}" for name in others)
+        raise VidportError(f"the {spec.name} pipeline has no input {', '.join(unknown)}"
+                           + (" besides SOURCE" if positional in unknown else ""),
+                           hint=f"its inputs: SOURCE ({positional})" + (f", {takes}" if takes else ""))
+    sources = {positional: source, **inputs}
     plan = plan_pipeline(spec, sources, target, dtype, parse_overrides(set_), tokenizer, options)
     for name, component in plan.components.items():
         console.print(f"[bold]{name}[/]: {component.detected.spec.name} ({component.source.format}"
@@ -207,16 +229,16 @@ def verify(
     save_golden: Optional[Path] = typer.Option(None, "--save-golden", help="Save the reference run (safetensors + .json)."),
     golden: Optional[Path] = typer.Option(None, "--golden", help="Compare against a saved golden; torch not needed."),
     seed: int = typer.Option(0, "--seed", help="Seed of the probe inputs."),
-    frames: Optional[int] = typer.Option(None, "--frames", help="Frames per probe (default: min(16, positions); --pipeline: 8, Wan 5)."),
+    frames: Optional[int] = typer.Option(None, "--frames", help="Frames per probe (default: min(16, positions); --pipeline: the pipeline's parity default)."),
     show_all: bool = typer.Option(False, "--all", help="Show every layer in the table."),
     device: bool = typer.Option(False, "--device", help="TTNN conversions: run on a Tenstorrent card (default: the host emulator)."),
     pipeline: bool = typer.Option(False, "--pipeline", help="A pipeline folder: whole generations against diffusers, step by step."),
-    task: Optional[str] = typer.Option(None, "--task", help="--pipeline: t2v | i2v, Wan also ti2v (default: AnimateDiff both; Wan the model's own)."),
-    image: Optional[Path] = typer.Option(None, "--image", help="--pipeline: the i2v input image (default: a generated one)."),
-    steps: int = typer.Option(5, "--steps", help="--pipeline: scheduler steps."),
-    size: Optional[str] = typer.Option(None, "--size", help="--pipeline: WIDTHxHEIGHT (default: 64x64, or the image's; Wan: the smallest it takes, 2 x 3 patches)."),
-    strength: float = typer.Option(0.6, "--strength", help="--pipeline: i2v strength."),
-    prompt: str = typer.Option("a cat and a dog", "--prompt", help="--pipeline: the prompt."),
+    task: Optional[str] = typer.Option(None, "--task", help="--pipeline: one of the folder's tasks, t2v | i2v | ti2v ... (default: each)."),
+    image: Optional[Path] = typer.Option(None, "--image", help="--pipeline: the image of the tasks that take one (default: a synthetic one)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="--pipeline: scheduler steps (default: the pipeline's parity default, a few)."),
+    size: Optional[str] = typer.Option(None, "--size", help="--pipeline: WIDTHxHEIGHT (default: small, the pipeline's parity default, or the image's)."),
+    strength: Optional[float] = typer.Option(None, "--strength", help="--pipeline: image-to-video strength, where the pipeline takes one."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="--pipeline: the prompt (default: the pipeline's parity prompt)."),
     scheduler: Optional[str] = typer.Option(None, "--scheduler", help="--pipeline: swap the scheduler class on both sides."),
 ) -> None:
     """Compare a converted model with the PyTorch reference, layer by layer; name the first layer that diverges.
@@ -243,8 +265,8 @@ def verify(
     if pipeline or is_pipeline:
         if not is_pipeline:
             fail(VidportError(f"{converted}: not a pipeline folder", hint="leave out --pipeline to verify a model layer by layer"))
-        return verify_pipeline_command(converted, task, image, frames, steps, size, strength, prompt, seed, json_out,
-                                       scheduler)
+        return verify_pipeline_command(converted, task, source, size, json_out, dict(
+            image=image, frames=frames, steps=steps, strength=strength, prompt=prompt, scheduler=scheduler, seed=seed))
     if golden and save_golden:
         fail(VidportError("--golden and --save-golden exclude each other"))
     try:
@@ -283,34 +305,22 @@ def parse_size(size: Optional[str]) -> tuple[Optional[int], Optional[int]]:
     return height, width
 
 
-def verify_pipeline_command(folder: Path, task: Optional[str], image: Optional[Path], frames: Optional[int], steps: int,
-                            size: Optional[str], strength: float, prompt: str, seed: int, json_out: Optional[Path],
-                            scheduler: Optional[str] = None) -> None:
-    from vidport.golden.pipeline_parity import TASKS, pipeline_parity
+def verify_pipeline_command(folder: Path, task: Optional[str], source: Optional[Path], size: Optional[str],
+                            json_out: Optional[Path], settings: dict[str, Any]) -> None:
+    """`vidport verify PIPELINE_DIR`: each task (or `task`) through the pipeline spec's parity; `settings`
+    are request fields, None for the pipeline's parity defaults."""
+    from vidport.golden.pipeline_parity import parity_tasks, pipeline_parity
     from vidport.golden.pipeline_report import print_pipeline_report, write_pipeline_json
 
     reports = []
     try:
-        wan = pipeline_name(folder) == "wan"  # Wan: golden/wan_parity.py, the tasks its model runs
-        if wan:
-            from vidport.golden.wan_parity import WAN_TASKS, model_tasks, wan_parity
-        known = WAN_TASKS if wan else TASKS
-        if task is not None and task not in known:
-            raise VidportError(f"--task {task}: unknown", hint=f"one of {', '.join(known)}")
         height, width = parse_size(size)
-        for name in [task] if task else list(model_tasks(folder) if wan else TASKS):
+        for name in [task] if task else parity_tasks(folder):
             with progress_bar(f"{name} parity") as bar:
                 job = bar.add_task(name, total=None, item="")
-                if wan:
-                    report = wan_parity(folder, name, prompt=prompt, frames=frames or 5, steps=steps, height=height,
-                                        width=width, seed=seed, image=image if name != "t2v" else None,
-                                        scheduler=scheduler,
-                                        progress=lambda done, total, item: bar.update(job, completed=done, item=item))
-                else:
-                    report = pipeline_parity(folder, name, prompt=prompt, frames=frames or 8, steps=steps,
-                                             height=height, width=width, strength=strength, seed=seed,
-                                             image=image if name == "i2v" else None, scheduler=scheduler,
-                                             progress=lambda done, total, item: bar.update(job, completed=done, item=item))
+                report = pipeline_parity(folder, name, source,
+                                         lambda done, total, item: bar.update(job, completed=done, item=item),
+                                         height=height, width=width, **settings)
             print_pipeline_report(report, console)
             reports.append(report)
     except (VidportError, OSError) as err:
@@ -322,42 +332,35 @@ def verify_pipeline_command(folder: Path, task: Optional[str], image: Optional[P
         raise typer.Exit(2)
 
 
-GENERATE_TASKS = ("t2v", "i2v", "ti2v")
-
-
 @app.command()
 def generate(
-    task: str = typer.Argument(..., help="t2v (text-to-video) | i2v (image-to-video) | ti2v (Wan 2.2 TI2V, with --image)."),
-    model: Path = typer.Option(..., "--model", "-m", help="A pipeline folder (vidport convert animatediff|wan ...)."),
+    task: str = typer.Argument(..., help="The pipeline's task: t2v (text-to-video), i2v (image-to-video), ti2v (Wan 2.2 TI2V) ..."),
+    model: Path = typer.Option(..., "--model", "-m", help="A pipeline folder (vidport convert PIPELINE ...)."),
     prompt: str = typer.Option(..., "--prompt", "-p", help="What the video shows."),
-    negative_prompt: str = typer.Option("", "--negative-prompt", "-n", help="What it should not show."),
-    image: Optional[Path] = typer.Option(None, "--image", help="i2v: the input image (AnimateDiff: its size is the video's); "
-                                                               "Wan i2v / ti2v: the first frame, resized to the video."),
-    strength: float = typer.Option(0.8, "--strength", help="i2v: how far from the image (0..1]; diffusers' strength."),
-    frames: Optional[int] = typer.Option(None, "--frames",
-                                         help="Frames (AnimateDiff: up to the motion module's positions, 16; Wan: 1 + 4k, 81)."),
-    steps: Optional[int] = typer.Option(None, "--steps",
-                                        help="Scheduler steps (AnimateDiff 25, its i2v runs the last strength x steps; Wan 50)."),
-    guidance: Optional[float] = typer.Option(None, "--guidance",
-                                             help="Classifier-free guidance scale, <= 1: none (AnimateDiff 7.5, Wan 5)."),
+    negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", "-n", help="What it should not show."),
+    image: Optional[Path] = typer.Option(None, "--image", help="Tasks that take an image: the input image or first frame."),
+    strength: Optional[float] = typer.Option(None, "--strength", help="AnimateDiff i2v: how far from the image (0..1]; diffusers' strength."),
+    frames: Optional[int] = typer.Option(None, "--frames", help="Frames of the video."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Scheduler steps."),
+    guidance: Optional[float] = typer.Option(None, "--guidance", help="Classifier-free guidance scale, <= 1: none."),
     guidance_2: Optional[float] = typer.Option(None, "--guidance-2",
                                                help="Wan 2.2 A14B: the low-noise expert's guidance (default: --guidance)."),
     flow_shift: Optional[float] = typer.Option(None, "--flow-shift",
-                                               help="Wan: the flow schedule's shift (default: the folder's; 3 at 480p, 5 at 720p)."),
-    height: Optional[int] = typer.Option(None, "--height", help="Pixels: AnimateDiff a multiple of 8, Wan of 16 (TI2V 32); "
-                                                                "default: the model's size, or the image's."),
-    width: Optional[int] = typer.Option(None, "--width", help="Pixels: AnimateDiff a multiple of 8, Wan of 16 (TI2V 32); "
-                                                              "default: the model's size, or the image's."),
-    fps: Optional[int] = typer.Option(None, "--fps", help="Frames per second of the video file (AnimateDiff 8, Wan 16)."),
+                                               help="Flow-matching pipelines: the schedule's shift (default: the folder's)."),
+    height: Optional[int] = typer.Option(None, "--height", help="Pixels (default: the model's size, or the image's)."),
+    width: Optional[int] = typer.Option(None, "--width", help="Pixels (default: the model's size, or the image's)."),
+    fps: Optional[int] = typer.Option(None, "--fps", help="Frames per second of the video file."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the noise (default: random, printed)."),
     out: Path = typer.Option(..., "--out", "-o", help="video.mp4 | video.gif | video.webm | frames/ (PNG frames)."),
-    noise: Optional[Path] = typer.Option(None, "--noise", help="Initial noise .npy, (1, C, latent frames, h, w) (AnimateDiff: "
-                                                               "(1, 4, frames, h/8, w/8); its i2v: .npz with noise and encode_noise)."),
+    noise: Optional[Path] = typer.Option(None, "--noise", help="Initial noise .npy in the latent layout (1, C, latent frames, h, w), "
+                                                               "or .npz of named draws (AnimateDiff i2v: noise, encode_noise)."),
     scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Swap the scheduler class, keeping the folder's schedule (e.g. EulerDiscreteScheduler)."),
-    decode_slice: int = typer.Option(1, "--decode-slice",
-                                    help="Frames the VAE decodes at a time (1: least memory, and fastest on the CPU)."),
+    decode_slice: Optional[int] = typer.Option(None, "--decode-slice",
+                                               help="AnimateDiff: frames the VAE decodes at a time (1: least memory, and fastest on the CPU)."),
+    set_: list[str] = typer.Option([], "--set", help="A pipeline-specific setting, KEY=VALUE (e.g. Wan: --set max_sequence_length=256)."),
 ) -> None:
-    """Generate a video with the MLX runtime: text-to-video, or image-to-video from one image.
+    """Generate a video with the MLX runtime: text-to-video, or image-to-video from one image. Every
+    default is the pipeline's own (shown before the run); a bad request fails before any weight loads.
 
     [dim]Example: vidport generate t2v --model animatediff-mlx --prompt "a cat walking" --frames 16 --steps 25 --seed 1 --out cat.mp4[/]
     [dim]Example: vidport generate i2v --model wan21-i2v-mlx --image first.png --prompt "the cat turns" --out cat.webm[/]
@@ -365,108 +368,34 @@ def generate(
     from vidport.runtime import configure_cpu
 
     configure_cpu()  # before the runtime's models import mlx
-    from vidport.runtime.pipelines.animatediff import AnimateDiffPipeline
-    from vidport.runtime.pipelines.inputs import read_image, read_noise
-
-    try:
-        if task not in GENERATE_TASKS:
-            raise VidportError(f"unknown task '{task}'", hint="t2v (text-to-video) or i2v (image-to-video, with --image)")
-        if pipeline_name(model) == "wan":
-            return generate_wan_command(task, model, prompt, negative_prompt, image, frames, steps, guidance,
-                                        guidance_2, flow_shift, height, width, fps, seed, out, noise, scheduler)
-        if task == "ti2v" or guidance_2 is not None or flow_shift is not None:
-            raise VidportError("ti2v, --guidance-2 and --flow-shift are Wan options",
-                               hint="vidport generate t2v|i2v for AnimateDiff")
-        frames, steps, guidance = frames or 16, steps or 25, 7.5 if guidance is None else guidance
-        if task == "i2v" and image is None:
-            raise VidportError("i2v needs --image", hint="or run t2v for text alone")
-        if task == "t2v" and image is not None:
-            raise VidportError("--image is for i2v", hint="vidport generate i2v --image IMG ...")
-        check_video_path(out)
-        picture = read_image(image) if image is not None else None
-        supplied = read_noise(noise) if noise is not None else {}
-        if task == "t2v" and "encode_noise" in supplied:
-            raise VidportError(f"{noise}: encode_noise is for i2v; t2v takes the initial noise alone")
-        pipe = AnimateDiffPipeline.open(model, scheduler)
-        if picture is not None:
-            height, width = height or picture.shape[0], width or picture.shape[1]
-        else:
-            height, width = height or pipe.default_size()[0], width or pipe.default_size()[1]
-        pipe.check_request(frames, height, width, steps, strength if task == "i2v" else None, picture, supplied)
-        result = run_generation(pipe, task, picture, supplied, prompt=prompt, negative_prompt=negative_prompt,
-                                strength=strength, frames=frames, steps=steps, guidance=guidance, height=height,
-                                width=width, seed=seed, decode_slice=decode_slice)
-        from vidport.runtime.video import write_video
-
-        written = write_video(out, result.frames, fps or 8)
-    except (VidportError, OSError) as err:
-        fail(err)
-    print_generation_summary(pipe, task, result, written, frames, height, width)
-
-
-def pipeline_name(folder: Path) -> str | None:
-    """The pipeline a converted folder holds (its manifest's `pipeline`), None for a model folder."""
-    from vidport.converter.core.manifest import read_manifest
-
-    manifest = read_manifest(folder)
-    return manifest.get("pipeline") if manifest.get("kind") == "pipeline" else None
-
-
-def generate_wan_command(task: str, model: Path, prompt: str, negative_prompt: str, image: Optional[Path],
-                         frames: Optional[int], steps: Optional[int], guidance: Optional[float],
-                         guidance_2: Optional[float], flow_shift: Optional[float], height: Optional[int],
-                         width: Optional[int], fps: Optional[int], seed: Optional[int], out: Path, noise: Optional[Path],
-                         scheduler: Optional[str]) -> None:
-    """`vidport generate t2v|i2v|ti2v --model WAN_DIR`: Wan 2.1 T2V / I2V, Wan 2.2 A14B and TI2V.
-    The task must be the model's (a TI2V model also runs t2v); checked before any weight loads."""
-    import mlx.core as mx
-
-    from vidport.runtime.pipelines.inputs import read_image, read_noise
-    from vidport.runtime.pipelines.wan import WanPipeline
+    from vidport.runtime.pipelines.inputs import read_noise
+    from vidport.runtime.pipelines.protocol import Request, open_pipeline
     from vidport.runtime.video import write_video
 
-    pipe = WanPipeline.open(model, scheduler, flow_shift)
-    allowed = {"t2v": ("t2v",), "i2v": ("i2v",), "ti2v": ("ti2v", "t2v")}[pipe.task]
-    if task not in allowed:
-        raise VidportError(f"{model}: a Wan {pipe.task} model runs {' or '.join(allowed)}, not {task}",
-                           hint=f"vidport generate {allowed[0]} --model {model} ..."
-                                + (" --image IMG" if allowed[0] != "t2v" else ""))
-    if task != "t2v" and image is None:
-        raise VidportError(f"{task} needs --image (the first frame)", hint=f"vidport generate {task} --image IMG ...")
-    if task == "t2v" and image is not None:
-        raise VidportError("--image is for i2v / ti2v", hint=f"vidport generate {allowed[0]} --image IMG ...")
-    check_video_path(out)
-    picture = read_image(image) if image is not None else None
-    supplied = read_noise(noise) if noise is not None else {}
-    if set(supplied) - {"noise"}:
-        raise VidportError(f"{noise}: Wan takes the initial noise alone (a .npy of shape (1, C, F, h, w))")
-    request = dict(prompt=prompt, negative_prompt=negative_prompt, frames=81 if frames is None else frames,
-                   steps=steps or 50, guidance=5.0 if guidance is None else guidance, guidance_2=guidance_2,
-                   height=height, width=width, seed=seed, noise=supplied.get("noise"))
-    pipe.check_request(pipe.request(picture, **request))  # every refusal before any weight loads
-    mx.reset_peak_memory()
-    with tasks_bar() as bar:
-        denoise = bar.add_task("denoising", total=request["steps"], item="loading weights")
-        pipe.release_experts = True  # A14B: one expert resident at a time
-        pipe.load(skip=("transformer_2",))  # the low-noise expert loads when it takes over
-        decode = bar.add_task("decoding", total=None, item="", visible=False)
-        bar.update(denoise, item="encoding the prompt" + (" and the image" if picture is not None else ""))
+    try:
+        check_video_path(out)
+        pipe = open_pipeline(model)
+        request = pipe.check(Request(  # every refusal before any weight loads
+            task=task, prompt=prompt, negative_prompt=negative_prompt, image=image, frames=frames, steps=steps,
+            guidance=guidance, guidance_2=guidance_2, height=height, width=width, seed=seed,
+            noise=read_noise(noise) if noise is not None else None, strength=strength, scheduler=scheduler,
+            flow_shift=flow_shift, decode_slice=decode_slice, fps=fps, release_weights=True,
+            extra=parse_overrides(set_)))
+        console.print(f"[bold]{pipe.name} {request.task}[/]: {request_line(request)}", highlight=False)
+        result = run_generation(pipe, request)
+        written = write_video(out, result.frames, result.fps)
+    except (VidportError, OSError) as err:
+        fail(err)
+    print_generation_summary(request, result, written)
 
-        def on_step(index, total, t, latents):
-            expert = pipe.expert_at(t)
-            bar.update(denoise, total=total, completed=index + 1, item=f"step {index + 1}/{total} (t={t.item():g}"
-                       + (f", {expert}" if pipe.layout.boundary_ratio is not None else "") + ")")
 
-        def on_slice(done, total):
-            bar.update(decode, visible=True, total=total, completed=done, item=f"latent frame {done}/{total}")
-
-        if picture is not None:
-            result = pipe.image_to_video(picture, on_step=on_step, on_slice=on_slice, **request)
-        else:
-            result = pipe.text_to_video(on_step=on_step, on_slice=on_slice, **request)
-    written = write_video(out, result.frames, fps or 16)
-    print_generation_summary(pipe, task, result, written, len(result.frames), result.frames.shape[1],
-                             result.frames.shape[2])
+def request_line(request) -> str:
+    """The settings a run uses, the pipeline's defaults filled in."""
+    shown = {"frames": request.frames, "size": f"{request.width}x{request.height}" if request.width else None,
+             "steps": request.steps, "guidance": request.guidance, "guidance 2": request.guidance_2,
+             "strength": request.strength, "scheduler": request.scheduler, "flow shift": request.flow_shift,
+             "fps": request.fps, "seed": request.seed, **request.extra}
+    return ", ".join(f"{key} {value}" for key, value in shown.items() if value is not None)
 
 
 def check_video_path(out: Path) -> None:
@@ -477,42 +406,40 @@ def check_video_path(out: Path) -> None:
         raise VidportError(f"{out}: unknown video format '{out.suffix}'", hint="use .mp4, .webm, .gif or a folder/ for PNG frames")
 
 
-def run_generation(pipe, task: str, picture, supplied: dict, **request):
-    """One generation with a progress bar per scheduler step and one for the decode."""
+def run_generation(pipe, request):
+    """One generation with a progress bar for the scheduler steps and one for the decode."""
     import mlx.core as mx
 
     mx.reset_peak_memory()
     with tasks_bar() as bar:
-        denoise = bar.add_task("denoising", total=None, item="loading weights")
-        pipe.load()
-        decode = bar.add_task("decoding", total=request["frames"], item="", visible=False)
-        bar.update(denoise, item="encoding the prompt" + (" and the image" if task == "i2v" else ""))
+        denoise = bar.add_task("denoising", total=request.steps, item="loading weights, encoding the prompt"
+                               + (" and the image" if request.image is not None else ""))
+        decode = bar.add_task("decoding", total=None, item="", visible=False)
 
-        def on_step(index, total, t, latents):
-            bar.update(denoise, total=total, completed=index + 1, item=f"step {index + 1}/{total} (t={t.item():g})")
+        def on_step(step):
+            bar.update(denoise, total=step.total, completed=step.index + 1,
+                       item=f"step {step.index + 1}/{step.total} (t={step.timestep:g}"
+                            + (f", {step.model}" if step.model else "") + ")")
 
-        def on_slice(done, total):
-            bar.update(decode, visible=True, total=total, completed=done, item=f"frames {done}/{total}")
+        def on_decode(done, total):
+            bar.update(decode, visible=True, total=total, completed=done, item=f"{pipe.decode_unit} {done}/{total}")
 
-        strength = request.pop("strength")
-        if task == "t2v":
-            return pipe.text_to_video(noise=supplied.get("noise"), on_step=on_step, on_slice=on_slice, **request)
-        return pipe.video_to_video(picture, request.pop("prompt"), strength=strength, noise=supplied.get("noise"),
-                                   encode_noise=supplied.get("encode_noise"), on_step=on_step, on_slice=on_slice, **request)
+        return pipe.generate(request, on_step=on_step, on_decode=on_decode)
 
 
-def print_generation_summary(pipe, task: str, result, written: Path, frames: int, height: int, width: int) -> None:
+def print_generation_summary(request, result, written: Path) -> None:
     import resource
 
     import mlx.core as mx
     import psutil
 
     steps = result.step_seconds
+    frames, height, width = result.frames.shape[:3]
     rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-    table = Table(show_header=False, title=f"{task}: {written}")
+    table = Table(show_header=False, title=f"{request.task}: {written}")
     rows = {
-        "video": f"{frames} frames, {width}x{height}, seed {result.seed}",
-        "scheduler": f"{pipe.scheduler_config['_class_name']}, {len(steps)} steps (timesteps {result.timesteps[0]:g} .. {result.timesteps[-1]:g})" if steps else "-",
+        "video": f"{frames} frames, {width}x{height}, {result.fps} fps, seed {result.seed}",
+        "scheduler": f"{result.scheduler}, {len(steps)} steps (timesteps {result.timesteps[0]:g} .. {result.timesteps[-1]:g})" if steps else "-",
         "time per step": (f"{sum(steps) / len(steps):.2f} s mean (first {steps[0]:.2f} s, fastest {min(steps):.2f} s)" if steps else "-"),
         "denoise": f"{sum(steps):.1f} s",
         "decode": f"{result.decode_seconds:.1f} s",

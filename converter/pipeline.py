@@ -139,7 +139,7 @@ def plan_pipeline(pipeline: str | PipelineSpec, sources: dict[str, str | Path], 
     for name, entry in spec.inputs.items():
         if sources.get(name) is None:
             raise VidportError(f"the {spec.name} pipeline needs {entry.help or name}",
-                               hint=f"pass it with {entry.option}" if entry.option else None)
+                               hint=f"pass it with {entry.option or '--input ' + name + '=PATH'}")
     unknown = sorted(set(sources) - set(spec.inputs))
     if unknown:
         raise VidportError(f"the {spec.name} pipeline takes no {', '.join(unknown)}")

@@ -34,6 +34,7 @@ PIPELINE_SCHEMA = {
                       "optional": {"set": {"optional": {"*": "any"}}, "why": "str", "check": "str"}},
         "checks": ["list", "str"],
         "runtime": "str",
+        "parity": "str",
         "reference": {"optional": {"*": "str"}},
         "model_index": {"optional": {"*": "any"}},
         "model_index_from_source": {"optional": {"*": "any"}},
@@ -91,7 +92,8 @@ class PipelineSpec:
     scheduler_default: dict[str, Any] = field(default_factory=dict)
     scheduler_set: dict[str, Any] = field(default_factory=dict)
     checks: list[str] = field(default_factory=list)  # "module:function", called with {component: config}
-    runtime: str | None = None  # the MLX pipeline class that runs the folder
+    runtime: str | None = None  # "module:Class": the MLX pipeline (runtime/pipelines/protocol.py) that runs the folder
+    parity: str | None = None  # "module:function": its step-by-step parity against the reference (verify --pipeline)
     scheduler_check: str | None = None  # "module:function" that refuses a scheduler config the runtime cannot run
     reference: dict[str, str] = field(default_factory=dict)  # task -> "diffusers:PipelineClass"
     model_index: dict[str, Any] = field(default_factory=dict)  # extra model_index.json entries
@@ -126,6 +128,9 @@ def load_pipeline_spec(path: Path) -> PipelineSpec:
             raise _fail(path, _child(node, "scheduler"), "scheduler.default needs a _class_name")
     spec.checks = list(data.get("checks", []))
     spec.runtime = data.get("runtime")
+    spec.parity = data.get("parity")
+    if spec.parity and not spec.runtime:
+        raise _fail(path, _child(node, "parity"), "parity compares a runtime with its reference: name the `runtime:` too")
     spec.reference = dict(data.get("reference") or {})
     spec.model_index = dict(data.get("model_index") or {})
     spec.model_index_from_source = dict(data.get("model_index_from_source") or {})

@@ -1,16 +1,14 @@
-"""Pipeline parity: one generation through diffusers' AnimateDiff pipeline and through the MLX
-port, with the same prompt embeddings and the same noise, the latents compared after every
-scheduler step and the decoded frames by PSNR.
+"""Pipeline parity: one generation through the reference library's pipeline (diffusers) and through
+the MLX port, with the same text states and the same noise, the latents compared after every
+scheduler step (PCC) and the decoded frames by PSNR, against golden/metrics.py's PIPELINE_THRESHOLDS.
 
-The diffusers pipeline is built from the sources the pipeline folder's manifests name (each
-component with the loader its source spec names, as `vidport verify` does per model), the
-folder's tokenizer and scheduler config. Text-to-video: the initial latents are drawn once with
-torch and handed to both. Image-to-video: diffusers draws the VAE's latent sample and the noise
-added at the first timestep from a seeded torch generator; the same draws are replayed here, in
-the same order and chunking, and handed to the port.
+The comparison is the same for every pipeline; what a model contributes is named by its pipeline
+spec's `parity:` entry: a function `(ours, request, source, note) -> ParityCase` that builds the
+reference pipeline and the inputs both sides get (golden/animatediff_parity.py, golden/wan_parity.py).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -21,9 +19,9 @@ import numpy as np
 
 from vidport.converter.core.errors import VidportError
 from vidport.golden.metrics import PipelineThreshold, compare, pipeline_threshold_for, psnr
+from vidport.runtime.pipelines.protocol import SETTINGS, Pipeline, Request, Step, open_pipeline, option
 
 Progress = Callable[[int, int | None, str], None]
-TASKS = ("t2v", "i2v")
 
 
 @dataclass
@@ -41,7 +39,7 @@ class PipelineReport:
     threshold: PipelineThreshold
     steps: list[StepRow]
     psnr: float
-    text: dict[str, float]  # our text encoder's prompt embeddings against diffusers'
+    text: dict[str, float]  # our text encoder's prompt states against the reference's ({} where not compared)
     settings: dict[str, Any] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -64,161 +62,126 @@ class PipelineReport:
                           for r in self.steps]}
 
 
-def build_reference(folder: Path, task: str, scheduler: str | None = None) -> Any:
-    """diffusers' pipeline for `task` from the sources the folder's manifests name, in float32;
-    `scheduler` swaps the scheduler class, keeping the folder's schedule."""
-    import diffusers
-    import torch
-    from transformers import CLIPTokenizer
+@dataclass
+class ParityCase:
+    """What a model's parity function builds: the reference pipeline and the keyword arguments of
+    its call (its step callback is added here), the checked request our pipeline runs on the same
+    text states and noise, the text-state metrics, and settings for the report."""
 
-    from vidport.converter.pipeline_spec import pipeline_spec
-    from vidport.golden.verify import reference_model
-    from vidport.reference.canonical import canonical_class
-    from vidport.runtime.pipelines.folder import PipelineFolder
-
-    pipeline = PipelineFolder.open(folder)
-    spec = pipeline_spec(pipeline.pipeline)
-    if task not in spec.reference:
-        raise VidportError(f"the {spec.name} pipeline has no reference for {task}",
-                           hint=f"tasks with a reference: {', '.join(spec.reference) or 'none'}")
-    models = {}
-    for name, manifest in pipeline.components.items():
-        source = Path(manifest["source"])
-        if not source.exists():
-            raise VidportError(f"{source}: the {name} source is gone; the reference is built from it")
-        models[name] = reference_model(manifest, source).to(torch.float32)
-    config = dict(pipeline.scheduler_config)
-    sampler = getattr(diffusers, scheduler or config["_class_name"]).from_config(config)
-    tokenizer = CLIPTokenizer.from_pretrained(str(pipeline.tokenizer), local_files_only=True)
-    pipe = canonical_class(spec.reference[task])(tokenizer=tokenizer, scheduler=sampler, **models)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    reference: Any
+    arguments: dict[str, Any]
+    request: Request
+    text: dict[str, float] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
 
 
-def _image(image: np.ndarray | str | Path | None, height: int, width: int, seed: int) -> np.ndarray:
-    from fixtures.pipelines import sample_image
-    from vidport.runtime.pipelines.inputs import read_image
-
-    if image is None:
-        return sample_image(height, width, seed)
-    return read_image(image) if isinstance(image, (str, Path)) else np.asarray(image, dtype=np.uint8)
-
-
-def replay_v2v_noise(seed: int, frames: int, latent: tuple[int, int, int], chunk: int) -> tuple[np.ndarray, np.ndarray]:
-    """The two draws diffusers' AnimateDiffVideoToVideoPipeline makes from `Generator().manual_seed(seed)`:
-    the VAE's latent sample per chunk of frames (chunk, C, h, w), then the added noise
-    (1, frames, C, h, w); both returned in the latent layout (1, C, frames, h, w)."""
-    import torch
-
-    generator = torch.Generator().manual_seed(seed)
-    channels, h, w = latent
-    samples = [torch.randn((min(chunk, frames - start), channels, h, w), generator=generator, dtype=torch.float32)
-               for start in range(0, frames, chunk)]
-    noise = torch.randn((1, frames, channels, h, w), generator=generator, dtype=torch.float32)
-    encode = torch.cat(samples).permute(1, 0, 2, 3)[None]
-    return encode.numpy().copy(), noise.permute(0, 2, 1, 3, 4).numpy().copy()
+def synthetic_image(height: int, width: int) -> np.ndarray:
+    """A deterministic RGB uint8 image (height, width, 3) with structure in both directions and all
+    three channels: the image-to-video input when none is given."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    rgb = np.stack([x / max(width - 1, 1), y / max(height - 1, 1), 0.5 + 0.5 * np.sin((x + 2 * y) / 3.0)], axis=-1)
+    return (rgb * 255).round().astype(np.uint8)
 
 
-def pipeline_parity(folder: str | Path, task: str = "t2v", prompt: str = "a cat and a dog",
-                    negative_prompt: str = "", frames: int = 8, steps: int = 5, guidance: float = 7.5,
-                    height: int | None = None, width: int | None = None, strength: float = 0.6, seed: int = 0,
-                    image: np.ndarray | str | Path | None = None, decode_slice: int = 8,
-                    scheduler: str | None = None, progress: Progress | None = None) -> PipelineReport:
-    """Run `task` through both pipelines; per-step latent metrics and final-frame PSNR. The size
-    defaults to an image's (image-to-video), else 64 x 64: parity needs no large frames.
-    `scheduler` swaps the folder's scheduler class on both sides; ancestral samplers draw fresh
-    noise inside diffusers' loop at every step, which no replay here reproduces: refused."""
+def text_metrics(reference: tuple[np.ndarray, np.ndarray], ours: tuple[Any, Any]) -> dict[str, float]:
+    """Our (prompt, negative) text states against the reference's."""
     import mlx.core as mx
+
+    return compare(np.concatenate(reference), np.concatenate([np.array(m.astype(mx.float32)) for m in ours]))
+
+
+def _parity_function(folder: Path) -> tuple[Pipeline, Callable[..., ParityCase], str]:
+    from vidport.converter.core.manifest import read_manifest
+    from vidport.converter.core.named import named_object
+    from vidport.converter.pipeline_spec import pipeline_spec
+
+    manifest = read_manifest(folder)
+    ours = open_pipeline(folder)
+    spec = pipeline_spec(manifest["pipeline"])
+    if not spec.parity:
+        raise VidportError(f"{folder}: the {spec.name} pipeline has no parity ({spec.path.name} names no `parity:`)")
+    return ours, named_object(spec.parity), manifest["dtype"]
+
+
+def parity_tasks(folder: str | Path) -> tuple[str, ...]:
+    """What `vidport verify --pipeline` checks by default: every task the folder runs."""
+    return _parity_function(Path(folder))[0].tasks
+
+
+def _task_request(ours: Pipeline, task: str, request: Request) -> Request:
+    """`request` for `task`: a setting only another task of the pipeline takes (an image, i2v's
+    strength) is dropped; one no task takes is refused."""
+    taken = ours.settings(task)
+    anywhere = set().union(*(ours.settings(other) for other in ours.tasks))
+    given = [name for name in SETTINGS if getattr(request, name) is not None]
+    never = [name for name in given if name not in anywhere]
+    if never:
+        raise VidportError(f"the {ours.name} pipeline takes no {', '.join(option(name) for name in never)}",
+                           hint="drop it")
+    return dataclasses.replace(request, task=task, **{name: None for name in given if name not in taken})
+
+
+def pipeline_parity(folder: str | Path, task: str | None = None, source: str | Path | None = None,
+                    progress: Progress | None = None, **settings: Any) -> PipelineReport:
+    """Run `task` (default: the folder's first) through the reference and the port; per-step latent
+    metrics and final-frame PSNR. `settings` are `Request` fields (None: the model's parity default,
+    small sizes and few steps); `source`: what the reference is built from where a model builds it
+    from one source (default: the folder's manifest's)."""
     import torch
 
-    from vidport.runtime.pipelines.animatediff import AnimateDiffPipeline
-
-    if task not in TASKS:
-        raise VidportError(f"unknown task '{task}'", hint=f"one of {', '.join(TASKS)}")
     folder = Path(folder)
     note = progress or (lambda done, total, item: None)
-    timings: dict[str, float] = {}
     clock = time.perf_counter()
+    ours, build, dtype = _parity_function(folder)
+    task = task or ours.tasks[0]
+    if task not in ours.tasks:
+        raise VidportError(f"{folder}: the {ours.name} pipeline runs {' or '.join(ours.tasks)}, not {task}",
+                           hint=f"verify it with --task {ours.tasks[0]}")
+    scheduler = settings.get("scheduler")
     if scheduler and "Ancestral" in scheduler:
         raise VidportError(f"{scheduler} draws new noise at every step inside diffusers' loop; parity needs a "
                            "deterministic sampler", hint="DDIMScheduler, EulerDiscreteScheduler, DPMSolverMultistepScheduler, ...")
-    ours = AnimateDiffPipeline.from_folder(folder, scheduler)
-    if task == "i2v" and image is not None:
-        picture = _image(image, 0, 0, seed)
-        height, width = height or picture.shape[0], width or picture.shape[1]
-    height, width = height or 64, width or 64
-    if task == "i2v" and image is None:
-        picture = _image(None, height, width, seed)
-    elif task == "t2v":
-        picture = None
-    ours.check_request(frames, height, width, steps, strength if task == "i2v" else None, picture)
-    note(0, None, "building the diffusers reference")
-    reference = build_reference(folder, task, scheduler)
-    timings["load"] = time.perf_counter() - clock
+    request = _task_request(ours, task, Request(**settings))
+    note(0, None, "building the reference")
+    case = build(ours, request, Path(source) if source else None, note)
+    timings = {"load": time.perf_counter() - clock}
 
-    with torch.no_grad():
-        positive, negative = reference.encode_prompt(prompt, "cpu", 1, guidance > 1.0, negative_prompt)
-    negative = negative if negative is not None else positive
-    embeds = (positive.numpy(), negative.numpy())
-    mine = ours.encode_prompt(prompt, negative_prompt)
-    text = compare(np.concatenate(embeds), np.concatenate([np.array(m.astype(mx.float32)) for m in mine]))
-
-    shape = ours.latent_shape(frames, height, width)
-    captured: list[np.ndarray] = []
-    timesteps: list[float] = []
+    captured: list[tuple[float, np.ndarray]] = []
 
     def capture(pipe, index, t, tensors):
-        captured.append(tensors["latents"].detach().numpy().copy())
-        timesteps.append(float(t))
-        note(len(captured), None, f"diffusers step {index} (t={float(t):g})")
+        captured.append((float(t), tensors["latents"].detach().float().numpy().copy()))
+        note(len(captured), None, f"reference step {index} (t={float(t):g})")
         return {}
 
-    common = {"num_frames": frames, "height": height, "width": width, "num_inference_steps": steps,
-              "guidance_scale": guidance, "output_type": "np", "decode_chunk_size": decode_slice,
-              "callback_on_step_end": capture, "prompt_embeds": positive, "negative_prompt_embeds": negative}
     clock = time.perf_counter()
-    if task == "t2v":
-        start = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
-        noise = {"noise": start.numpy().copy()}
-        with torch.no_grad():
-            expected = reference(latents=start.clone(), **common).frames[0]
-    else:
-        from PIL import Image
+    with torch.no_grad():
+        expected = case.reference(**case.arguments, callback_on_step_end=capture).frames[0]
+    timings["reference"] = time.perf_counter() - clock
 
-        encode, added = replay_v2v_noise(seed, frames, shape[1:2] + shape[3:], decode_slice)
-        noise = {"noise": added, "encode_noise": encode}
-        del common["num_frames"]
-        with torch.no_grad():
-            expected = reference(video=[Image.fromarray(picture)] * frames, strength=strength,
-                                 generator=torch.Generator().manual_seed(seed), **common).frames[0]
-    timings["diffusers"] = time.perf_counter() - clock
+    got: list[Step] = []
 
-    got: list[np.ndarray] = []
-
-    def record(index, total, t, latents):
-        got.append(np.array(latents))
-        note(len(captured) + len(got), None, f"mlx step {index} (t={float(t.item()):g})")
+    def record(step: Step) -> None:
+        got.append(dataclasses.replace(step, latents=np.array(step.latents)))
+        note(len(captured) + len(got), None, f"mlx step {step.index} (t={step.timestep:g})")
 
     clock = time.perf_counter()
-    arguments = {"negative_prompt": negative_prompt, "frames": frames, "steps": steps, "guidance": guidance,
-                 "height": height, "width": width, "prompt_embeds": embeds, "decode_slice": decode_slice,
-                 "on_step": record, **noise}
-    if task == "t2v":
-        result = ours.text_to_video(prompt, **arguments)
-    else:
-        result = ours.video_to_video(picture, prompt, strength=strength, **arguments)
+    result = ours.generate(case.request, on_step=record)
     timings["mlx"] = time.perf_counter() - clock
 
-    threshold = pipeline_threshold_for(ours.folder.manifest["dtype"])
     if len(got) != len(captured):
-        raise VidportError(f"the port ran {len(got)} steps, diffusers {len(captured)}")
+        raise VidportError(f"the port ran {len(got)} steps, the reference {len(captured)}")
+    threshold = pipeline_threshold_for(dtype)
     rows = []
-    for index, (want, have) in enumerate(zip(captured, got)):
-        metrics = compare(want, have)
-        rows.append(StepRow(index, timesteps[index], metrics,
-                            bool(metrics["finite"] and metrics["pcc"] >= threshold.min_step_pcc)))
-    settings = {"prompt": prompt, "negative_prompt": negative_prompt, "frames": frames, "steps": steps,
-                "guidance": guidance, "height": height, "width": width, "seed": seed, "folder": str(folder),
-                "scheduler": ours.scheduler_config["_class_name"], **({"strength": strength} if task == "i2v" else {})}
-    return PipelineReport(task, ours.folder.manifest["dtype"], threshold, rows, float(psnr(expected, result.frames)),
-                          text, settings, timings)
+    for index, ((t, want), have) in enumerate(zip(captured, got)):
+        metrics = compare(want, have.latents)
+        rows.append(StepRow(index, t, metrics, bool(metrics["finite"] and metrics["pcc"] >= threshold.min_step_pcc)))
+    run = case.request
+    report_settings = {"prompt": run.prompt, "negative_prompt": run.negative_prompt, "frames": run.frames,
+                       "steps": run.steps, "guidance": run.guidance, "height": run.height, "width": run.width,
+                       "seed": run.seed, "folder": str(folder), "scheduler": result.scheduler,
+                       "reference": type(case.reference).__name__,
+                       **({"strength": run.strength} if run.strength is not None else {}), **case.settings}
+    if any(step.model for step in got):  # a pipeline with several models (Wan 2.2 A14B): which ran each step
+        report_settings["experts"] = [step.model for step in got]
+    return PipelineReport(task, dtype, threshold, rows, float(psnr(expected, result.frames)), case.text,
+                          report_settings, timings)

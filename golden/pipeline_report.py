@@ -14,8 +14,8 @@ TITLES = {"t2v": "text-to-video", "i2v": "image-to-video", "ti2v": "text/image-t
 
 def print_pipeline_report(report: PipelineReport, console: Console) -> None:
     s, t = report.settings, report.threshold
-    table = Table(title=f"{TITLES.get(report.task, report.task)} parity against diffusers ({report.dtype}; "
-                        f"step PCC >= {t.min_step_pcc}, frames PSNR >= {t.min_psnr:g} dB)")
+    table = Table(title=f"{TITLES.get(report.task, report.task)} parity against {s.get('reference', 'the reference')} "
+                        f"({report.dtype}; step PCC >= {t.min_step_pcc}, frames PSNR >= {t.min_psnr:g} dB)")
     experts = s.get("experts")  # a two-expert model (Wan 2.2 A14B): which one ran each step
     for column in ("step", "timestep", *(["model"] if experts else []), "PCC", "max abs", "rel L2", "latent rms", ""):
         table.add_column(column, justify="left" if column in ("", "model") else "right")
@@ -29,11 +29,12 @@ def print_pipeline_report(report: PipelineReport, console: Console) -> None:
     psnr_ok = report.psnr >= t.min_psnr
     console.print(f"  {s.get('frames')} frames {s.get('width')}x{s.get('height')}, {len(report.steps)} steps of "
                   f"{s.get('scheduler')}, guidance {s.get('guidance')}" + (f", strength {s['strength']}" if "strength" in s else "")
-                  + f", seed {s.get('seed')}; prompt embeddings (our text encoder against diffusers'): "
-                    f"PCC {report.text['pcc']:.8f}")
+                  + f", seed {s.get('seed')}"
+                  + (f"; prompt embeddings (our text encoder against the reference's): PCC {report.text['pcc']:.8f}"
+                     if report.text else ""))
     console.print(f"  worst step: {worst.index if worst else '-'} (PCC {worst.metrics['pcc']:.8f}); final frames PSNR "
                   + (f"[green]{report.psnr:.1f} dB[/]" if psnr_ok else f"[red]{report.psnr:.1f} dB[/]")
-                  + f"; time: diffusers {report.seconds.get('diffusers', 0):.1f} s, mlx {report.seconds.get('mlx', 0):.1f} s")
+                  + f"; time: reference {report.seconds.get('reference', 0):.1f} s, mlx {report.seconds.get('mlx', 0):.1f} s")
     verdict = "[bold green]PASSED[/]" if report.passed else "[bold red]FAILED[/]"
     failing = [r.index for r in report.steps if not r.passed]
     console.print(f"{verdict}: {len(report.steps) - len(failing)}/{len(report.steps)} steps within threshold"

@@ -1,62 +1,47 @@
-"""Wan pipeline parity: the same text embeddings, the same initial noise and the same first frame
-through diffusers' WanPipeline / WanImageToVideoPipeline (built with `from_pretrained` from the
-Diffusers folder the MLX pipeline was converted from) and through runtime.pipelines.wan; the
-latents after every scheduler step compared (PCC, max abs), and the decoded frames (PSNR).
+"""Wan's part of pipeline parity (golden/pipeline_parity.py): the spec's reference for the task
+(diffusers' WanPipeline / WanImageToVideoPipeline) built with `from_pretrained` from the Diffusers
+folder the MLX pipeline was converted from, running our scheduler config; both sides get the reference's text states, the
+same initial noise and the same first frame.
 
 The reference's text states come from its own UMT5 (`WanPipeline._get_t5_prompt_embeds`; the I2V
-pipeline's prompt cleaning needs `ftfy`), and are compared with ours on their own. The report is
-golden/pipeline_parity.py's; a two-expert (A14B) model names the expert of each step in
-`settings["experts"]`."""
+pipeline's prompt cleaning needs `ftfy`), and are compared with ours on their own. A two-expert
+(A14B) model names the expert of each step in the report's `settings["experts"]`."""
 from __future__ import annotations
 
-import time
+import dataclasses
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from vidport.converter.core.errors import VidportError
-from vidport.golden.metrics import compare, pipeline_threshold_for, psnr
-from vidport.golden.pipeline_parity import PipelineReport, Progress, StepRow
+from vidport.golden.pipeline_parity import ParityCase, Progress, synthetic_image, text_metrics
+from vidport.runtime.pipelines.protocol import Request
 
-WAN_TASKS = ("t2v", "i2v", "ti2v")
-PROMPT = "a red cat walks slowly on the green mat under the sun"
-NEGATIVE = "blurry, low quality, static frame"
-
-
-def sample_frame(height: int, width: int):
-    """A deterministic first frame with structure in both directions and all three channels."""
-    from PIL import Image
-
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    rgb = np.stack([x / max(width - 1, 1), y / max(height - 1, 1),
-                    0.5 + 0.5 * np.sin((x + 2 * y) / 3.0)], axis=-1)
-    return Image.fromarray((rgb * 255).round().astype(np.uint8))
+# small and short: the smallest size the models take is the default (see wan_case)
+PARITY_DEFAULTS = {"prompt": "a red cat walks slowly on the green mat under the sun",
+                   "negative_prompt": "blurry, low quality, static frame", "frames": 5, "steps": 4, "guidance": 5.0,
+                   "seed": 0}
 
 
-def model_tasks(folder: str | Path) -> list[str]:
-    """What `vidport verify --pipeline` checks by default: the model's own task (a TI2V model:
-    with and without the image)."""
-    from vidport.runtime.pipelines.wan import WanPipeline
-
-    task = WanPipeline.open(folder).task
-    return ["t2v", "ti2v"] if task == "ti2v" else [task]
-
-
-def _reference(source: Path, with_image: bool, scheduler: dict):
-    """diffusers' own pipeline loaded from the Diffusers folder, running our scheduler config (the
-    folder's, or its class swapped)."""
+def _reference(ours: Any, task: str, source: Path, scheduler: dict[str, Any]) -> Any:
+    """The spec's reference pipeline for `task` loaded from the Diffusers folder, running our
+    scheduler config (the folder's, or its class swapped)."""
     import diffusers
     import torch
-    from diffusers import WanImageToVideoPipeline, WanPipeline
 
-    cls = WanImageToVideoPipeline if with_image else WanPipeline
-    pipe = cls.from_pretrained(str(source), dtype=torch.float32, local_files_only=True)
+    from vidport.converter.pipeline_spec import pipeline_spec
+    from vidport.reference.canonical import canonical_class
+
+    spec = pipeline_spec(ours.folder.pipeline)
+    pipe = canonical_class(spec.reference[task]).from_pretrained(str(source), dtype=torch.float32,
+                                                                 local_files_only=True)
     pipe.scheduler = getattr(diffusers, scheduler["_class_name"]).from_config(scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def _reference_states(pipe, prompts: list[str], length: int) -> list[np.ndarray]:
+def _reference_states(pipe: Any, prompts: list[str], length: int) -> list[np.ndarray]:
     import torch
     from diffusers import WanPipeline
 
@@ -65,100 +50,39 @@ def _reference_states(pipe, prompts: list[str], length: int) -> list[np.ndarray]
                 for p in prompts]
 
 
-def wan_parity(folder: str | Path, task: str | None = None, source: str | Path | None = None,
-               prompt: str = PROMPT, negative_prompt: str = NEGATIVE, frames: int = 5, steps: int = 4,
-               guidance: float = 5.0, height: int | None = None, width: int | None = None, seed: int = 0,
-               image=None, max_sequence_length: int = 512, scheduler: str | None = None,
-               progress: Progress | None = None) -> PipelineReport:
-    """Run `task` through both pipelines: t2v (also a TI2V model without an image), i2v (Wan 2.1
-    I2V, or a TI2V model with the image), ti2v (= i2v on a TI2V model); default: the model's own
-    task, with an image where it takes one. The size defaults to the smallest the models take,
-    x2 by x3 (the test image is drawn at that size unless `image` is given). `scheduler` swaps
-    the scheduler class on both sides, keeping the folder's schedule."""
-    import mlx.core as mx
+def wan_case(ours: Any, request: Request, source: Path | None, note: Progress) -> ParityCase:
+    """The reference and inputs of one Wan parity run: t2v (also a TI2V model without an image),
+    i2v (Wan 2.1 I2V), ti2v (a TI2V model with the image). The size defaults to the smallest the
+    models take, x2 by x3 (a synthetic first frame is drawn at that size unless an image is given)."""
     import torch
 
-    from vidport.runtime.pipelines.wan import WanPipeline
-    from vidport.runtime.pipelines.wan_image import load_image
-
-    note = progress or (lambda done, total, item: None)
-    timings: dict[str, float] = {}
-    clock = time.perf_counter()
-    ours = WanPipeline.open(folder, scheduler)
-    task = task or ours.task
-    if task not in WAN_TASKS:
-        raise VidportError(f"unknown task '{task}'", hint="one of t2v, i2v, ti2v")
+    task = request.task
     with_image = task != "t2v"
-    if with_image and ours.task == "t2v":
-        raise VidportError(f"{folder}: a text-to-video model; it takes no image", hint="verify it with task t2v")
-    if not with_image and ours.task == "i2v":
-        raise VidportError(f"{folder}: an image-to-video model (Wan 2.1 I2V); it needs an image",
-                           hint="verify it with task i2v")
-    if task == "ti2v" and ours.task != "ti2v":
-        raise VidportError(f"{folder}: a Wan {ours.task} model, not TI2V", hint=f"verify it with task {ours.task}")
     source = Path(source or ours.folder.manifest["inputs"]["wan"]["path"])
     if not (source / "model_index.json").exists():
         raise VidportError(f"{source}: not a Diffusers Wan folder (no model_index.json)",
-                           hint="pass the folder this pipeline was converted from")
+                           hint="pass the folder this pipeline was converted from (--source)")
     mult_h, mult_w = ours.layout.multiple
-    height, width = height or 2 * mult_h, width or 3 * mult_w
-    picture = (sample_frame(height, width) if image is None else load_image(image)) if with_image else None
-    noise = np.random.default_rng(seed).standard_normal(ours.latent_shape(frames, height, width)).astype(np.float32)
-    ours.check_request(ours.request(picture, prompt, negative_prompt, frames, steps, guidance, height=height,
-                                    width=width, noise=noise, max_sequence_length=max_sequence_length))
-    note(0, None, "building the diffusers reference")
-    reference = _reference(source, with_image, ours.scheduler_config)
-    timings["load"] = time.perf_counter() - clock
+    filled = {name: value for name, value in PARITY_DEFAULTS.items() if getattr(request, name) is None}
+    request = dataclasses.replace(request, **filled, height=request.height or 2 * mult_h,
+                                  width=request.width or 3 * mult_w)
+    if with_image and request.image is None:
+        request = dataclasses.replace(request, image=synthetic_image(request.height, request.width))
+    request = ours.check(request)
+    length = request.extra["max_sequence_length"]
+    noise = np.random.default_rng(request.seed).standard_normal(
+        ours.latent_shape(request.frames, request.height, request.width)).astype(np.float32)
+    reference = _reference(ours, task, source, ours.scheduler_for(request))
 
-    positive, negative = _reference_states(reference, [prompt, negative_prompt], max_sequence_length)
+    positive, negative = _reference_states(reference, [request.prompt, request.negative_prompt], length)
     text = {}
     if ours.has("text_encoder"):
-        mine = ours.encode_prompt(prompt, negative_prompt, max_sequence_length)
-        text = compare(np.concatenate([positive, negative]),
-                       np.concatenate([np.array(m.astype(mx.float32)) for m in mine]))
-
-    captured: list[tuple[float, np.ndarray]] = []
-
-    def capture(pipe, index, t, tensors):
-        captured.append((float(t), tensors["latents"].detach().float().numpy().copy()))
-        note(len(captured), None, f"diffusers step {index} (t={float(t):g})")
-        return {}
-
+        text = text_metrics((positive, negative), ours.encode_prompt(request.prompt, request.negative_prompt, length))
     arguments = dict(prompt_embeds=torch.from_numpy(positive), negative_prompt_embeds=torch.from_numpy(negative),
-                     height=height, width=width, num_frames=frames, num_inference_steps=steps,
-                     guidance_scale=guidance, latents=torch.from_numpy(noise.copy()), output_type="np",
-                     callback_on_step_end=capture)
-    clock = time.perf_counter()
-    with torch.no_grad():
-        expected = reference(**arguments, **({"image": picture} if with_image else {})).frames[0]
-    timings["diffusers"] = time.perf_counter() - clock
-
-    got: list[np.ndarray] = []
-
-    def record(index, total, t, latents):
-        got.append(np.array(latents))
-        note(len(captured) + len(got), None, f"mlx step {index} (t={float(t):g})")
-
-    clock = time.perf_counter()
-    common = dict(prompt=None, frames=frames, steps=steps, guidance=guidance, height=height, width=width,
-                  noise=noise, prompt_embeds=(positive, negative), on_step=record,
-                  max_sequence_length=max_sequence_length)
-    result = ours.image_to_video(picture, **common) if with_image else ours.text_to_video(**common)
-    timings["mlx"] = time.perf_counter() - clock
-
-    if len(got) != len(captured):
-        raise VidportError(f"the port ran {len(got)} steps, diffusers {len(captured)}")
-    threshold = pipeline_threshold_for(ours.folder.manifest["dtype"])
-    boundary = ours.layout.boundary_ratio
-    rows, experts = [], []
-    for index, ((t, want), have) in enumerate(zip(captured, got)):
-        metrics = compare(want, have)
-        rows.append(StepRow(index, t, metrics, bool(metrics["finite"] and metrics["pcc"] >= threshold.min_step_pcc)))
-        experts.append(ours.expert_at(t))
-    settings = {"prompt": prompt, "negative_prompt": negative_prompt, "frames": frames, "steps": steps,
-                "guidance": guidance, "height": height, "width": width, "seed": seed, "folder": str(folder),
-                "source": str(source), "reference": type(reference).__name__, "model_task": ours.task,
-                "scheduler": ours.scheduler_config["_class_name"],
-                **({"boundary_ratio": boundary, "experts": experts} if boundary is not None else {})}
-    return PipelineReport(task, ours.folder.manifest["dtype"], threshold, rows, psnr(expected, result.frames),
-                          text, settings, timings)
+                     height=request.height, width=request.width, num_frames=request.frames,
+                     num_inference_steps=request.steps, guidance_scale=request.guidance,
+                     latents=torch.from_numpy(noise.copy()), output_type="np",
+                     **({"image": request.image} if with_image else {}))
+    ours_request = dataclasses.replace(request, prompt_embeds=(positive, negative), noise=noise)
+    return ParityCase(reference, arguments, ours_request, text,
+                      {"source": str(source), "model_task": ours.task})

@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 import vidport.runtime  # noqa: F401  (before mlx: the runtime gives MLX its fast BLAS)
-from cli import app
+from vidport.cli import app
 from vidport.converter.core.errors import VidportError
 from vidport.converter.pipeline import convert_pipeline, plan_pipeline
 
@@ -172,6 +172,7 @@ def test_bad_input_is_refused_before_any_heavy_work(sources, ldm_pipeline, tmp_p
     """Each bad request fails fast, with one line, and before a weight is loaded or the UNet runs."""
     from fixtures.pipelines import sample_image
     from vidport.runtime.pipelines.animatediff import AnimateDiffPipeline
+    from vidport.runtime.pipelines.protocol import Request
 
     # a motion module made for SDXL with an SD 1.5 UNet: refused when planning, no tensor read
     start = time.perf_counter()
@@ -180,20 +181,23 @@ def test_bad_input_is_refused_before_any_heavy_work(sources, ldm_pipeline, tmp_p
                       overrides=CLIP_HEADS, tokenizer=sources["tokenizer"])
     assert time.perf_counter() - start < 30
 
-    pipe = AnimateDiffPipeline.open(ldm_pipeline)  # configs only; weights load on first use
+    pipe = AnimateDiffPipeline.from_folder(ldm_pipeline)  # configs only; weights load on first use
     with pytest.raises(VidportError, match="the image is 64x64, the video 96x64"):
-        pipe.video_to_video(sample_image(64, 64), "a cat", frames=4, steps=2, height=64, width=96)
+        pipe.image_to_video(sample_image(64, 64), "a cat", frames=4, steps=2, height=64, width=96)
     with pytest.raises(VidportError, match="33 frames: the motion module has 32 positions"):
         pipe.text_to_video("a cat", frames=33, steps=2, height=64, width=64)
-    assert pipe.unet is None  # nothing was loaded, so nothing ran
+    with pytest.raises(VidportError, match="t2v on this animatediff pipeline takes no strength"):
+        pipe.text_to_video("a cat", strength=0.5)
+    assert pipe.models == {}  # nothing was loaded, so nothing ran
 
     broken = tmp_path / "broken"
     shutil.copytree(ldm_pipeline, broken)
     config = json.loads((broken / "scheduler" / "scheduler_config.json").read_text())
     (broken / "scheduler" / "scheduler_config.json").write_text(json.dumps({**config, "_class_name": "LMSDiscreteScheduler"}))
     with pytest.raises(VidportError, match="LMSDiscreteScheduler") as err:
-        AnimateDiffPipeline.open(broken)
+        AnimateDiffPipeline.from_folder(broken).check(Request(prompt="a cat"))
     assert "--scheduler" in err.value.hint
+    assert AnimateDiffPipeline.from_folder(broken).check(Request(prompt="a cat", scheduler="DDIMScheduler"))
 
     # and through the CLI: one line plus a hint, exit 1, no video written
     for args, message in ((["--frames", "40"], "40 frames"), (["--model", str(broken)], "LMSDiscreteScheduler")):
@@ -201,3 +205,39 @@ def test_bad_input_is_refused_before_any_heavy_work(sources, ldm_pipeline, tmp_p
                                      "--out", str(tmp_path / "never.mp4"), *args])
         assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output
     assert not (tmp_path / "never.mp4").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["t2v", "--frames", "40"], "40 frames: the motion module has 32 positions"),
+    (["t2v", "--height", "60", "--width", "64"], "multiples of 8"),
+    (["t2v", "--steps", "0"], "0 steps"),
+    (["t2v", "--image", "IMAGE"], "t2v on this animatediff pipeline takes no image"),
+    (["t2v", "--flow-shift", "3"], "takes no flow_shift (--flow-shift)"),
+    (["t2v", "--set", "max_sequence_length=8"], "takes no max_sequence_length"),
+    (["i2v"], "i2v needs an image"),
+    (["i2v", "--image", "IMAGE", "--width", "96"], "the image is 64x48, the video 96x48"),
+    (["i2v", "--image", "IMAGE", "--strength", "0.1", "--steps", "4"], "leaves no step to denoise"),
+    (["t2v", "--noise", "NOISE"], "noise has shape"),
+    (["ti2v"], "runs t2v or i2v, not ti2v"),
+    (["t2v", "--scheduler", "LMSDiscreteScheduler"], "LMSDiscreteScheduler"),
+])
+def test_requests_are_refused_without_reading_a_weight(ldm_pipeline, tmp_path, args, message):
+    """Every request check runs before a weight is read: with the weights deleted, a bad request
+    still gets its own one-line error (and a good one fails reading the weights)."""
+    from fixtures.pipelines import write_sample_image
+
+    folder = tmp_path / "no-weights"
+    shutil.copytree(ldm_pipeline, folder)
+    for weights in folder.rglob("*.safetensors"):
+        weights.unlink()
+    image = write_sample_image(tmp_path / "image.png", 48, 64)
+    np.save(tmp_path / "noise.npy", np.zeros((1, 4, 2, 6, 8), np.float32))
+    args = [{"IMAGE": str(image), "NOISE": str(tmp_path / "noise.npy")}.get(a, a) for a in args]
+    result = runner.invoke(app, ["generate", *args, "--model", str(folder), "--prompt", "a cat",
+                                 "--out", str(tmp_path / "never.gif")])
+    assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output, result.output
+    assert "hint:" in result.output
+    result = runner.invoke(app, ["generate", "t2v", "--model", str(folder), "--prompt", "a cat", "--frames", "2",
+                                 "--steps", "1", "--height", "32", "--width", "32", "--out", str(tmp_path / "never.gif")])
+    assert result.exit_code == 1 and "model.safetensors" in result.output, result.output
+    assert not (tmp_path / "never.gif").exists()

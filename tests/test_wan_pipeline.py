@@ -14,7 +14,7 @@ import pytest
 
 from vidport.converter.core.errors import VidportError
 from vidport.converter.pipeline import convert_pipeline, plan_pipeline
-from vidport.golden.wan_parity import wan_parity
+from vidport.golden.pipeline_parity import pipeline_parity
 from fixtures.wan_pipelines import write_wan_pipeline
 from vidport.runtime.pipelines import wan as wan_module
 from vidport.runtime.pipelines.wan import WanPipeline
@@ -60,7 +60,7 @@ def test_converted_folder(wan_folders):
                                        ("a14b", "t2v"), ("i2v-a14b", "i2v")])
 def test_parity(wan_folders, kind, task):
     """Same text states, noise and image: every step's latents and the frames match diffusers."""
-    report = wan_parity(wan_folders[kind]["mlx"], task)
+    report = pipeline_parity(wan_folders[kind]["mlx"], task)
     assert report.passed, report.as_json()
     assert report.worst_step.metrics["pcc"] >= 0.9999
     assert report.psnr >= 40.0
@@ -73,7 +73,7 @@ def test_a14b_switches_experts_where_diffusers_does(wan_folders, monkeypatch):
     the high-noise expert's, compared in float32 as torch does). Ignoring the switch, or moving it
     by one step, breaks parity exactly from the step that changed experts."""
     folder = wan_folders["a14b"]["mlx"]
-    report = wan_parity(folder, "t2v")
+    report = pipeline_parity(folder, "t2v")
     assert report.passed
     assert [round(s.timestep) for s in report.steps] == [999, 900, 750, 500]
     assert report.settings["experts"] == ["transformer", "transformer", "transformer_2", "transformer_2"]
@@ -81,8 +81,8 @@ def test_a14b_switches_experts_where_diffusers_does(wan_folders, monkeypatch):
     runs = []
     for release in (False, True):  # releasing the high-noise expert at the switch changes nothing
         pipe = WanPipeline.from_folder(folder)
-        pipe.release_experts = release
-        runs.append(pipe.text_to_video("a cat", frames=5, steps=4, height=32, width=48, seed=1, decode=False))
+        runs.append(pipe.text_to_video("a cat", frames=5, steps=4, height=32, width=48, seed=1, decode=False,
+                                       release_weights=release))
         assert ("transformer" in pipe._models) != release and "transformer_2" in pipe._models
     np.testing.assert_array_equal(np.array(runs[0].latents), np.array(runs[1].latents))
 
@@ -92,7 +92,7 @@ def test_a14b_switches_experts_where_diffusers_does(wan_folders, monkeypatch):
             return dataclasses.replace(real(configs, index), boundary_ratio=r)
 
         monkeypatch.setattr(wan_module, "layout_of", moved)
-        broken = wan_parity(folder, "t2v", source=wan_folders["a14b"]["source"])
+        broken = pipeline_parity(folder, "t2v", source=wan_folders["a14b"]["source"])
         assert not broken.passed
         assert [s.passed for s in broken.steps].index(False) == first_bad, ratio
 
@@ -143,9 +143,11 @@ def _refused(pipe: WanPipeline, call, match: str) -> VidportError:
 
 def test_i2v_without_image(wan_folders):
     pipe = WanPipeline.from_folder(wan_folders["i2v"]["mlx"])
-    err = _refused(pipe, lambda: pipe.text_to_video("a cat", frames=5, height=32, width=48), "needs the first frame")
+    err = _refused(pipe, lambda: pipe.text_to_video("a cat", frames=5, height=32, width=48), "runs i2v, not t2v")
     assert "--image" in err.hint
-    _refused(pipe, lambda: pipe.image_to_video(None, "a cat", frames=5, height=32, width=48), "first frame")
+    err = _refused(pipe, lambda: pipe.image_to_video(None, "a cat", frames=5, height=32, width=48),
+                   "i2v needs the first frame")
+    assert "--image" in err.hint
     t2v = WanPipeline.from_folder(wan_folders["t2v"]["mlx"])
     _refused(t2v, lambda: t2v.image_to_video(np.zeros((32, 48, 3), np.uint8), "a cat", frames=5, height=32, width=48),
              "takes no image")
@@ -199,8 +201,10 @@ def test_cli_convert_generate_verify(wan_folders, tmp_path):
     the asked size), `verify --pipeline` per step; seeds reproduce."""
     from typer.testing import CliRunner
 
-    from cli import app
-    from vidport.golden.wan_parity import sample_frame
+    from vidport.cli import app
+    from PIL import Image
+
+    from vidport.golden.pipeline_parity import synthetic_image
     from vidport.runtime.video import read_video
 
     runner = CliRunner()
@@ -209,7 +213,7 @@ def test_cli_convert_generate_verify(wan_folders, tmp_path):
     assert result.exit_code == 0, result.output
     assert "wrote the wan pipeline (transformer, vae, text_encoder" in result.output
 
-    sample_frame(40, 56).save(tmp_path / "first.png")
+    Image.fromarray(synthetic_image(40, 56)).save(tmp_path / "first.png")
     runs = [("t2v", out, [], "a.mp4"), ("t2v", out, [], "b.mp4"),
             ("i2v", wan_folders["i2v"]["mlx"], ["--image", str(tmp_path / "first.png")], "c.gif"),
             ("ti2v", wan_folders["ti2v"]["mlx"], ["--image", str(tmp_path / "first.png"), "--height", "64",
@@ -251,3 +255,48 @@ def test_cli_convert_generate_verify(wan_folders, tmp_path):
     assert "transformer_2" in result.output and "PASSED" in result.output
     report = json.loads((tmp_path / "parity.json").read_text())
     assert report["passed"] and report["tasks"][0]["settings"]["experts"][-1] == "transformer_2"
+
+
+@pytest.mark.parametrize("kind,args,message", [
+    ("t2v", ["t2v", "--frames", "8"], "1 + 4k frames"),
+    ("t2v", ["t2v", "--height", "40"], "multiples of 16"),
+    ("ti2v", ["ti2v", "--image", "IMAGE", "--height", "48"], "multiples of 32"),
+    ("t2v", ["t2v", "--image", "IMAGE"], "t2v on this wan pipeline takes no image"),
+    ("t2v", ["i2v", "--image", "IMAGE"], "runs t2v, not i2v"),
+    ("i2v", ["i2v"], "i2v needs the first frame"),
+    ("ti2v", ["ti2v"], "ti2v needs the first frame"),
+    ("t2v", ["t2v", "--guidance-2", "3"], "two-expert (A14B) model only"),
+    ("t2v", ["t2v", "--strength", "0.5"], "takes no strength (--strength)"),
+    ("t2v", ["t2v", "--decode-slice", "2"], "takes no decode_slice (--decode-slice)"),
+    ("t2v", ["t2v", "--noise", "NOISE"], "noise has shape"),
+    ("t2v", ["t2v", "--scheduler", "DPMSolverMultistepScheduler", "--flow-shift", "5"], "has no flow schedule"),
+    ("t2v", ["t2v", "--scheduler", "DDIMScheduler"], "prediction_type='flow_prediction' is not supported"),
+    ("i2v", ["i2v", "--image", "IMAGE", "--set", "max_sequence_length=256"], "takes exactly 512"),
+])
+def test_requests_are_refused_without_reading_a_weight(wan_folders, tmp_path, kind, args, message):
+    """Every request check runs before a weight is read: with the weights deleted, a bad request
+    still gets its own one-line error with a hint (and a good one fails reading the weights)."""
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from vidport.cli import app
+
+    folder = tmp_path / "no-weights"
+    shutil.copytree(wan_folders[kind]["mlx"], folder)
+    for weights in folder.rglob("*.safetensors"):
+        weights.unlink()
+    Image.fromarray(np.zeros((32, 48, 3), np.uint8)).save(tmp_path / "first.png")
+    np.save(tmp_path / "noise.npy", np.zeros((1, 16, 1, 4, 6), np.float32))
+    args = [{"IMAGE": str(tmp_path / "first.png"), "NOISE": str(tmp_path / "noise.npy")}.get(a, a) for a in args]
+    runner = CliRunner()
+    frames = [] if "--frames" in args else ["--frames", "5"]
+    result = runner.invoke(app, ["generate", *args, *frames, "--model", str(folder), "--prompt", "a cat",
+                                 "--out", str(tmp_path / "never.gif")])
+    assert result.exit_code == 1 and message in result.output and "hint:" in result.output, result.output
+    good = ["generate", kind, "--model", str(folder), "--prompt", "a cat", "--frames", "5", "--height", "32",
+            "--width", "48", "--steps", "1", "--out", str(tmp_path / "never.gif")]
+    if kind != "t2v":
+        good[good.index("--height"):good.index("--steps")] = ["--image", str(tmp_path / "first.png")]
+    result = runner.invoke(app, good)
+    assert result.exit_code == 1 and "model.safetensors" in result.output, result.output
+    assert not (tmp_path / "never.gif").exists()

@@ -1,4 +1,4 @@
-"""A pipeline folder written by `vidport convert animatediff|sd15`: its manifest, each component's
+"""A pipeline folder written by `vidport convert PIPELINE`: its manifest, each component's
 manifest and config, the scheduler config and the tokenizer, read without loading any weights
 (so a request can be refused before heavy work)."""
 from __future__ import annotations
@@ -26,11 +26,11 @@ class PipelineFolder:
         path = Path(path)
         if not (path / MANIFEST).is_file():
             raise VidportError(f"{path}: no {MANIFEST}; not a vidport pipeline folder",
-                               hint="convert one: vidport convert animatediff SD_SOURCE --motion MOTION --out DIR")
+                               hint="convert one: vidport convert PIPELINE SOURCE --out DIR (vidport models lists the pipelines)")
         manifest = read_manifest(path)
         if manifest.get("kind") != "pipeline":
             raise VidportError(f"{path}: a single {manifest.get('family')} conversion, not a pipeline folder",
-                               hint="convert the whole pipeline: vidport convert animatediff SD_SOURCE --motion MOTION --out DIR")
+                               hint="convert the whole pipeline: vidport convert PIPELINE SOURCE --out DIR")
         components = {}
         for name, entry in manifest["components"].items():
             component = path / entry["manifest"]
@@ -59,10 +59,27 @@ class PipelineFolder:
 
     def config(self, component: str) -> dict[str, Any]:
         if component not in self.components:
-            raise VidportError(f"{self.path}: a {self.pipeline} pipeline without {component}/",
-                               hint="generating video needs a motion module: vidport convert animatediff ... --motion MOTION"
-                               if component == "motion_adapter" else None)
+            raise VidportError(f"{self.path}: a {self.pipeline} pipeline without {component}/")
         return self.components[component]["config"]
 
     def configs(self) -> dict[str, dict[str, Any]]:
         return {name: manifest["config"] for name, manifest in self.components.items()}
+
+    def scheduler(self, class_name: str | None = None) -> dict[str, Any]:
+        """The scheduler config (class swapped to `class_name` if given), checked buildable by the runtime."""
+        from vidport.runtime.schedulers import SCHEDULERS, from_config
+
+        config = dict(self.scheduler_config)
+        if not config:
+            raise VidportError(f"{self.path}: no {SCHEDULER_FILE}",
+                               hint="reconvert the pipeline: vidport convert writes the scheduler config")
+        if class_name:
+            config["_class_name"] = class_name
+        try:
+            from_config(config)
+        except ValueError as err:
+            hint = (f"supported: {', '.join(sorted(SCHEDULERS))}; --scheduler NAME swaps the class and keeps the schedule"
+                    if config.get("_class_name") not in SCHEDULERS else
+                    f"{config['_class_name']} cannot run this folder's schedule: drop --scheduler, or name another class")
+            raise VidportError(f"scheduler ({self.scheduler_file}): {err}", hint=hint) from err
+        return config

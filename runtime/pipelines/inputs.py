@@ -1,14 +1,14 @@
 """What a generation request brings from files: the input image of image-to-video and noise saved
-for a parity run (`--noise FILE.npy` / `.npz`)."""
+for a parity run (`--noise FILE.npy` / `.npz`). Which draws a request may name is each pipeline's
+own (`noise_names`); the pipeline's check refuses the others."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from vidport.converter.core.errors import VidportError
-
-NOISE_KEYS = ("noise", "encode_noise")
 
 
 def read_image(path: str | Path) -> np.ndarray:
@@ -22,6 +22,20 @@ def read_image(path: str | Path) -> np.ndarray:
         raise VidportError(f"{path}: not an image this runtime reads ({err})") from err
 
 
+def image_array(image: Any) -> np.ndarray:
+    """A path, a PIL image or an array -> RGB uint8 (height, width, 3), as image-to-video takes it."""
+    if isinstance(image, (str, Path)):
+        if not Path(image).exists():
+            raise VidportError(f"{image}: no such image")
+        return read_image(image)
+    if hasattr(image, "convert"):  # a PIL image
+        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    array = np.asarray(image)
+    if array.ndim != 3 or array.shape[-1] != 3:
+        raise VidportError(f"the image has shape {array.shape}; expected (height, width, 3)")
+    return array
+
+
 def image_to_pixels(image: np.ndarray) -> np.ndarray:
     """uint8 (H, W, 3) -> float32 in [-1, 1], in the order of operations diffusers' image processor
     uses (x / 255, then 2x - 1)."""
@@ -31,9 +45,9 @@ def image_to_pixels(image: np.ndarray) -> np.ndarray:
 
 
 def read_noise(path: str | Path) -> dict[str, np.ndarray]:
-    """`.npy`: the initial noise (text-to-video: the starting latents; image-to-video: the noise
-    added at the first timestep). `.npz`: any of `noise` and `encode_noise` (the standard normal
-    draw of the VAE's latent sample, image-to-video). All in the latent layout (1, C, frames, h, w)."""
+    """`.npy`: the initial noise, {"noise": array} (text-to-video: the starting latents; AnimateDiff
+    image-to-video: the noise added at the first timestep). `.npz`: named draws (AnimateDiff
+    image-to-video also takes `encode_noise`, the draw of the VAE's latent sample)."""
     path = Path(path)
     if not path.exists():
         raise VidportError(f"{path}: no such noise file")
@@ -43,7 +57,4 @@ def read_noise(path: str | Path) -> dict[str, np.ndarray]:
         raise VidportError(f"{path}: not a .npy / .npz file ({err})") from err
     if isinstance(loaded, np.ndarray):
         return {"noise": loaded.astype(np.float32)}
-    unknown = sorted(set(loaded.files) - set(NOISE_KEYS))
-    if unknown:
-        raise VidportError(f"{path}: unknown array(s) {unknown}", hint=f"a noise .npz holds {' and/or '.join(NOISE_KEYS)}")
     return {key: loaded[key].astype(np.float32) for key in loaded.files}

@@ -10,16 +10,16 @@ WanPipeline / WanImageToVideoPipeline run them:
 - TI2V (Wan 2.2 5B, `expand_timesteps`): the first latent frame is replaced by the image's latent
   and its tokens get timestep 0; without an image it is text-to-video with per-token timesteps.
 
-The API is the AnimateDiff pipeline's (`from_folder`, `text_to_video`, `image_to_video`,
-`Generation`, `on_step` / `on_slice`). Everything a request needs is checked from configs before
-any model loads; latents are channels-last inside, diffusers' (1, C, F, h, w) at the edges.
+The pipeline protocol (runtime/pipelines/protocol.py): `from_folder`, `tasks`, `defaults`,
+`check`, `generate`. Everything a request needs is checked from configs before any model loads;
+latents are channels-last inside, diffusers' (1, C, F, h, w) at the edges.
 """
 from __future__ import annotations
 
 import json
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,87 +27,43 @@ import mlx.core as mx
 import numpy as np
 
 from vidport.converter.core.errors import VidportError
-from vidport.runtime.pipelines.animatediff import Generation, SliceCallback, StepCallback
 from vidport.runtime.pipelines.folder import PipelineFolder
+from vidport.runtime.pipelines.protocol import DecodeCallback, Generation, Pipeline, Request, Step, StepCallback
 from vidport.runtime.pipelines.wan_checks import WanLayout, check_components, check_request, layout_of
 from vidport.runtime.pipelines.wan_image import clip_pixels, load_image, read_clip_config, vae_pixels
 from vidport.runtime.pipelines.wan_latents import (LatentStats, decode_frames, first_frame_latent, first_frame_mask,
-                                           i2v_condition, module_dtype, token_timesteps)
+                                                   i2v_condition, module_dtype, token_timesteps)
 
 __all__ = ["WanPipeline", "check_components"]
 DEFAULT_AREA = 480 * 832  # Wan's 480p
 TEXT_LENGTH = 512  # UMT5 tokens: diffusers' and the official code's text_len
 
 
-@dataclass
-class WanRequest:
-    """One generation, sizes resolved (`WanPipeline.request` builds it with the defaults)."""
-
-    prompt: str | None
-    negative_prompt: str
-    image: Any
-    frames: int
-    steps: int
-    guidance: float
-    guidance_2: float | None
-    height: int
-    width: int
-    seed: int | None
-    noise: np.ndarray | None
-    prompt_embeds: tuple[Any, Any] | None
-    max_sequence_length: int
-
-
-class WanPipeline:
+class WanPipeline(Pipeline):
     """A converted Wan pipeline folder (`vidport convert wan`); models load on first use, so an
     A14B run that never crosses the boundary loads one expert."""
 
-    def __init__(self, folder: PipelineFolder, scheduler: dict[str, Any]):
+    name = "wan"
+    decode_unit = "latent frame"
+
+    def __init__(self, folder: PipelineFolder):
         self.folder = folder
         index_file = folder.path / "model_index.json"
         self.model_index = json.loads(index_file.read_text()) if index_file.exists() else {}
         self.layout: WanLayout = layout_of(folder.configs(), self.model_index)
-        self.scheduler_config = scheduler
         self._models: dict[str, Any] = {}
-        # A14B: drop the high-noise expert once the low-noise one takes over (timesteps only fall),
-        # so one 14B expert is resident at a time; the next run reads it again
-        self.release_experts = False
 
     @classmethod
-    def open(cls, path: str | Path, scheduler: str | None = None, flow_shift: float | None = None) -> "WanPipeline":
-        """Everything decidable without weights: the folder, the components fit each other, the
-        scheduler builds (`scheduler` swaps its class and keeps the schedule; `flow_shift` sets the
-        flow schedule's shift: UniPC's flow_shift, flow-match Euler's shift)."""
-        from vidport.runtime.pipelines.animatediff import scheduler_config
-
+    def from_folder(cls, path: str | Path) -> "WanPipeline":
+        """Everything decidable without weights: the folder and that its components fit each other.
+        The scheduler (and a class swap or flow shift) is checked with each request."""
         folder = PipelineFolder.open(path)
         if folder.pipeline != "wan":
             raise VidportError(f"{folder.path}: a {folder.pipeline} pipeline, not a Wan one")
         if folder.target != "mlx":
             raise VidportError(f"{folder.path}: converted for target '{folder.target}'; the runtime runs mlx folders",
                                hint="vidport convert wan SRC --target mlx --out DIR")
-        config = scheduler_config(folder, scheduler)
-        if flow_shift is not None:
-            key = {"UniPCMultistepScheduler": "flow_shift", "FlowMatchEulerDiscreteScheduler": "shift"}.get(
-                config["_class_name"])
-            if key is None:
-                raise VidportError(f"--flow-shift: {config['_class_name']} has no flow schedule",
-                                   hint="Wan runs UniPCMultistepScheduler or FlowMatchEulerDiscreteScheduler")
-            config[key] = float(flow_shift)
-        return cls(folder, config)
-
-    def load(self, skip: tuple[str, ...] = ()) -> "WanPipeline":
-        """Load the components' weights now (strictly), but `skip`; otherwise each loads on first use."""
-        for name in self.folder.components:
-            if name not in skip:
-                self.model(name)
-        return self
-
-    @classmethod
-    def from_folder(cls, path: str | Path, scheduler: str | None = None) -> "WanPipeline":
-        """`open`; the weights load on first use (an A14B run that never crosses the boundary
-        reads one expert), or all at once with `load()`."""
-        return cls.open(path, scheduler)
+        return cls(folder)
 
     @property
     def task(self) -> str:
@@ -120,7 +76,7 @@ class WanPipeline:
         ratio = self.layout.boundary_ratio
         if ratio is None:
             return "transformer"
-        boundary = np.float32(ratio * self.scheduler_config.get("num_train_timesteps", 1000))
+        boundary = np.float32(ratio * self.folder.scheduler_config.get("num_train_timesteps", 1000))
         return "transformer" if np.float32(t) >= boundary else "transformer_2"
 
     def model(self, name: str):
@@ -134,7 +90,87 @@ class WanPipeline:
     def has(self, name: str) -> bool:
         return name in self.folder.components
 
-    # ------------------------------------------------------------------ checks
+    # ------------------------------------------------------------------ the protocol
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        """The DiT's own task; a TI2V model also runs text-to-video."""
+        return ("ti2v", "t2v") if self.task == "ti2v" else (self.task,)
+
+    def settings(self, task: str) -> set[str]:
+        common = {"prompt", "negative_prompt", "frames", "steps", "guidance", "guidance_2", "height", "width", "seed",
+                  "noise", "scheduler", "flow_shift", "fps", "prompt_embeds", "max_sequence_length"}
+        return common | {"image"} if task != "t2v" else common
+
+    def defaults(self, task: str) -> Request:
+        """Wan's: 81 frames, 50 steps, guidance 5, 480 x 832 (an image's aspect ratio at that area),
+        16 fps, the folder's scheduler and flow shift, prompts encoded to 512 tokens."""
+        height, width = self.default_size()
+        return Request(task=task, negative_prompt="", frames=81, steps=50, guidance=5.0, height=height, width=width,
+                       fps=16, scheduler=self.folder.scheduler_config.get("_class_name"),
+                       extra={"max_sequence_length": TEXT_LENGTH})
+
+    def resolve(self, request: Request) -> Request:
+        """The image as an RGB PIL image; without a size, the image's aspect ratio at 480p's area."""
+        if request.image is not None:
+            image = load_image(request.image)
+            height, width = self.default_size(image)
+            request = replace(request, image=image, height=request.height or height, width=request.width or width)
+        return super().resolve(request)
+
+    def scheduler_for(self, request: Request) -> dict[str, Any]:
+        """The folder's scheduler config, its class swapped by `scheduler` and its shift set by
+        `flow_shift` (UniPC's flow_shift, flow-match Euler's shift), checked buildable."""
+        config = self.folder.scheduler(request.scheduler)
+        if request.flow_shift is not None:
+            key = {"UniPCMultistepScheduler": "flow_shift", "FlowMatchEulerDiscreteScheduler": "shift"}.get(
+                config["_class_name"])
+            if key is None:
+                raise VidportError(f"--flow-shift: {config['_class_name']} has no flow schedule",
+                                   hint="Wan runs UniPCMultistepScheduler or FlowMatchEulerDiscreteScheduler")
+            config[key] = float(request.flow_shift)
+        return config
+
+    def validate(self, request: Request) -> None:
+        """Refuse what cannot run, from configs alone."""
+        check_request(self.layout, request.task, num_frames=request.frames, height=request.height,
+                      width=request.width, has_image=request.image is not None,
+                      has_image_encoder=self.has("image_encoder"), guidance_scale_2=request.guidance_2,
+                      steps=request.steps)
+        text_dim, length = self.layout.text_dim, request.extra["max_sequence_length"]
+        for embeds in request.prompt_embeds or ():
+            if embeds is not None and (np.ndim(embeds) != 3 or np.shape(embeds)[::2] != (1, text_dim)):
+                raise VidportError(f"prompt embeddings of shape {list(np.shape(embeds))}: expected (1, tokens, "
+                                   f"{text_dim})", hint="UMT5 states of this pipeline's text encoder, one prompt")
+        if self.layout.image_tokens:  # the DiT splits image tokens off its context by a text length of 512
+            lengths = {np.shape(e)[1] for e in request.prompt_embeds or () if e is not None}
+            if lengths - {TEXT_LENGTH} or length != TEXT_LENGTH:
+                raise VidportError(f"text states of {sorted(lengths) or length} tokens: a Wan 2.1 I2V DiT takes "
+                                   f"exactly {TEXT_LENGTH} (it finds the image tokens by that length)",
+                                   hint=f"encode prompts to {TEXT_LENGTH} tokens")
+        embeds = request.prompt_embeds or (None, None)
+        if embeds[0] is None and request.prompt is None:
+            raise VidportError("no prompt", hint="pass --prompt TEXT")
+        if embeds[0] is None or (request.guidance > 1.0 and embeds[1] is None):
+            if not self.has("text_encoder"):
+                raise VidportError(f"{self.folder.path}: no text_encoder/ to encode the prompt with",
+                                   hint="pass prompt embeddings instead")
+            if not (self.folder.tokenizer / "tokenizer.json").exists():
+                raise VidportError(f"{self.folder.tokenizer}: no tokenizer.json to encode the prompt with",
+                                   hint="copy the UMT5 fast tokenizer (tokenizer.json) there, or pass prompt "
+                                        "embeddings")
+        draws = request.draws()
+        if set(draws) - {"noise"}:
+            raise VidportError(f"noise draws {sorted(draws)}: Wan takes the initial noise alone",
+                               hint="save one array, (1, C, latent frames, h, w), as .npy")
+        expected = self.latent_shape(request.frames, request.height, request.width)
+        if "noise" in draws and tuple(np.shape(draws["noise"])) != expected:
+            raise VidportError(f"noise has shape {tuple(np.shape(draws['noise']))}; this request needs {expected} "
+                               "(1, latent channels, latent frames, height/s, width/s)",
+                               hint="save the noise for the same --frames/--height/--width, or drop --noise")
+        self.scheduler_for(request)
+
+    # ------------------------------------------------------------------ sizes
 
     def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int, int]:
         lay = self.layout
@@ -148,39 +184,6 @@ class WanPipeline:
         aspect = image.height / image.width
         height = round((DEFAULT_AREA * aspect) ** 0.5)
         return max(mult_h, height // mult_h * mult_h), max(mult_w, round(height / aspect) // mult_w * mult_w)
-
-    def check_request(self, request: WanRequest) -> None:
-        """Refuse what cannot run, before any model does."""
-        check_request(self.layout, num_frames=request.frames, height=request.height, width=request.width,
-                      has_image=request.image is not None, has_image_encoder=self.has("image_encoder"),
-                      guidance_scale_2=request.guidance_2, steps=request.steps)
-        text_dim = self.layout.text_dim
-        for embeds in request.prompt_embeds or ():
-            if embeds is not None and (np.ndim(embeds) != 3 or np.shape(embeds)[::2] != (1, text_dim)):
-                raise VidportError(f"prompt embeddings of shape {list(np.shape(embeds))}: expected (1, tokens, "
-                                   f"{text_dim})", hint="UMT5 states of this pipeline's text encoder, one prompt")
-        if self.layout.image_tokens:  # the DiT splits image tokens off its context by a text length of 512
-            lengths = {np.shape(e)[1] for e in request.prompt_embeds or () if e is not None}
-            if lengths - {TEXT_LENGTH} or request.max_sequence_length != TEXT_LENGTH:
-                raise VidportError(f"text states of {sorted(lengths) or request.max_sequence_length} tokens: a Wan 2.1 "
-                                   f"I2V DiT takes exactly {TEXT_LENGTH} (it finds the image tokens by that length)",
-                                   hint=f"encode prompts to {TEXT_LENGTH} tokens")
-        embeds = request.prompt_embeds or (None, None)
-        if embeds[0] is None and request.prompt is None:
-            raise VidportError("no prompt", hint="pass --prompt TEXT")
-        if embeds[0] is None or (request.guidance > 1.0 and embeds[1] is None):
-            if not self.has("text_encoder"):
-                raise VidportError(f"{self.folder.path}: no text_encoder/ to encode the prompt with",
-                                   hint="pass prompt embeddings instead")
-            if not (self.folder.tokenizer / "tokenizer.json").exists():
-                raise VidportError(f"{self.folder.tokenizer}: no tokenizer.json to encode the prompt with",
-                                   hint="copy the UMT5 fast tokenizer (tokenizer.json) there, or pass prompt "
-                                        "embeddings")
-        expected = self.latent_shape(request.frames, request.height, request.width)
-        if request.noise is not None and tuple(np.shape(request.noise)) != expected:
-            raise VidportError(f"noise has shape {tuple(np.shape(request.noise))}; this request needs {expected} "
-                               "(1, latent channels, latent frames, height/s, width/s)",
-                               hint="save the noise for the same --frames/--height/--width, or drop --noise")
 
     # ------------------------------------------------------------------ conditioning
 
@@ -201,57 +204,17 @@ class WanPipeline:
         encoder = self.model("image_encoder")
         return encoder.hidden_states(pixels.astype(module_dtype(encoder)))[-2]
 
-    # ------------------------------------------------------------------ tasks
-
-    def request(self, image: Any = None, prompt: str | None = None, negative_prompt: str = "", frames: int = 81,
-                steps: int = 50, guidance: float = 5.0, guidance_2: float | None = None, height: int | None = None,
-                width: int | None = None, seed: int | None = None, noise: np.ndarray | None = None,
-                prompt_embeds: tuple[Any, Any] | None = None, max_sequence_length: int = TEXT_LENGTH) -> WanRequest:
-        """A request with the defaults filled in (the size: 480p, or the image's aspect at that area)."""
-        loaded = load_image(image) if image is not None else None
-        default_h, default_w = self.default_size(loaded)
-        return WanRequest(prompt, negative_prompt, loaded, frames, steps, guidance, guidance_2, height or default_h,
-                          width or default_w, seed, noise, prompt_embeds, max_sequence_length)
-
-    def text_to_video(self, prompt: str | None, negative_prompt: str = "", frames: int = 81, steps: int = 50,
-                      guidance: float = 5.0, guidance_2: float | None = None, height: int | None = None,
-                      width: int | None = None, seed: int | None = None, noise: np.ndarray | None = None,
-                      prompt_embeds: tuple[Any, Any] | None = None, decode: bool = True,
-                      on_step: StepCallback | None = None, on_slice: SliceCallback | None = None,
-                      max_sequence_length: int = TEXT_LENGTH) -> Generation:
-        """diffusers' WanPipeline (also a TI2V model without an image). `noise`: the initial latents
-        (1, C, F, h, w) instead of drawing them from `seed`; `prompt_embeds`: (prompt, negative) UMT5
-        states instead of encoding the prompts; `guidance_2`: the A14B low-noise expert's scale."""
-        request = self.request(None, prompt, negative_prompt, frames, steps, guidance, guidance_2, height, width,
-                               seed, noise, prompt_embeds, max_sequence_length)
-        return self._generate(request, decode, on_step, on_slice)
-
-    def image_to_video(self, image: Any, prompt: str | None, negative_prompt: str = "", frames: int = 81,
-                       steps: int = 50, guidance: float = 5.0, guidance_2: float | None = None,
-                       height: int | None = None, width: int | None = None, seed: int | None = None,
-                       noise: np.ndarray | None = None, prompt_embeds: tuple[Any, Any] | None = None,
-                       decode: bool = True, on_step: StepCallback | None = None,
-                       on_slice: SliceCallback | None = None, max_sequence_length: int = TEXT_LENGTH) -> Generation:
-        """diffusers' WanImageToVideoPipeline: `image` (a path, PIL image or uint8 (H, W, 3)) is the
-        first frame, resized to the video's size; None is refused with a hint."""
-        if image is None:
-            raise VidportError("image-to-video needs the first frame", hint="pass --image PATH")
-        request = self.request(image, prompt, negative_prompt, frames, steps, guidance, guidance_2, height, width,
-                               seed, noise, prompt_embeds, max_sequence_length)
-        return self._generate(request, decode, on_step, on_slice)
-
-    # ------------------------------------------------------------------ the loop
-
-    def _text_states(self, request: WanRequest, guided: bool) -> tuple[mx.array, mx.array | None]:
+    def _text_states(self, request: Request, guided: bool) -> tuple[mx.array, mx.array | None]:
         """Given embeddings where the request has them, else the prompts encoded."""
         given = [mx.array(np.asarray(e, np.float32)) if e is not None else None
                  for e in request.prompt_embeds or (None, None)]
         if given[0] is None or (guided and given[1] is None):
-            encoded = self.encode_prompt(request.prompt or "", request.negative_prompt, request.max_sequence_length)
+            encoded = self.encode_prompt(request.prompt or "", request.negative_prompt,
+                                         request.extra["max_sequence_length"])
             given = [g if g is not None else e for g, e in zip(given, encoded)]
         return given[0], given[1] if guided else None
 
-    def _image_conditions(self, request: WanRequest, stats: LatentStats, dtype: mx.Dtype
+    def _image_conditions(self, request: Request, stats: LatentStats, dtype: mx.Dtype
                           ) -> tuple[mx.array | None, mx.array | None]:
         """(CLIP image tokens, latent condition): I2V's tokens and [mask, latents of the first frame
         and black frames]; TI2V's first-frame latent; nothing without an image."""
@@ -273,11 +236,17 @@ class WanPipeline:
         x = mx.concatenate([latents, condition], axis=-1) if condition is not None else latents
         return x, mx.full((latents.shape[0],), np.float32(t))
 
-    def _generate(self, request: WanRequest, decode: bool, on_step: StepCallback | None,
-                  on_slice: SliceCallback | None) -> Generation:
+    # ------------------------------------------------------------------ the loop
+
+    def run(self, request: Request, on_step: StepCallback | None = None,
+            on_decode: DecodeCallback | None = None) -> Generation:
+        """diffusers' WanPipeline (t2v, also a TI2V model without an image) or
+        WanImageToVideoPipeline (i2v, ti2v). `release_weights`: the text and image encoders go once
+        encoded, A14B's high-noise expert once the low-noise one takes over (timesteps only fall),
+        so one 14B expert is resident at a time; the next run reads them again."""
         from vidport.runtime.schedulers import from_config
 
-        self.check_request(request)
+        draws = request.draws()
         seed = secrets.randbits(31) if request.seed is None else int(request.seed)
         dtype = module_dtype(self.model("transformer"))
         guided = request.guidance > 1.0
@@ -286,25 +255,30 @@ class WanPipeline:
         vae_config = self.folder.config("vae")
         stats = LatentStats(vae_config["latents_mean"], vae_config["latents_std"])
         image_context, condition = self._image_conditions(request, stats, dtype)
+        if request.release_weights:
+            for name in ("text_encoder", "image_encoder"):
+                self._models.pop(name, None)
 
         shape = self.latent_shape(request.frames, request.height, request.width)
-        start = (mx.array(np.asarray(request.noise, np.float32)) if request.noise is not None
+        start = (mx.array(np.asarray(draws["noise"], np.float32)) if "noise" in draws
                  else mx.random.normal(shape, key=mx.random.key(seed)))
         latents = start.transpose(0, 2, 3, 4, 1)  # channels-last
         mask = None
         if self.task == "ti2v":  # per-token timesteps; 0 on a given first frame
             mask = first_frame_mask(latents.shape) if condition is not None else mx.ones((1, *latents.shape[1:4], 1))
 
-        scheduler = from_config(self.scheduler_config)
+        config = self.scheduler_for(request)
+        scheduler = from_config(config)
         scheduler.set_timesteps(request.steps)
         if self.task != "i2v":
             scheduler.set_begin_index(0)  # as WanPipeline does; the I2V pipeline finds its index by timestep
         guidance_2 = request.guidance_2 if request.guidance_2 is not None else request.guidance
+        two_experts = self.layout.boundary_ratio is not None
         timesteps, seconds = list(scheduler.timesteps), []
         for index, t in enumerate(timesteps):
             began = time.perf_counter()
             expert = self.expert_at(t)
-            if expert == "transformer_2" and self.release_experts:
+            if expert == "transformer_2" and request.release_weights:
                 self._models.pop("transformer", None)
             model, scale = self.model(expert), request.guidance if expert == "transformer" else guidance_2
             x, timestep = self._model_input(latents, condition, mask, t)
@@ -316,14 +290,18 @@ class WanPipeline:
             mx.eval(latents)
             seconds.append(time.perf_counter() - began)
             if on_step:
-                on_step(index, len(timesteps), t, latents.transpose(0, 4, 1, 2, 3))
+                on_step(Step(index, len(timesteps), float(t), latents.transpose(0, 4, 1, 2, 3),
+                             expert if two_experts else None))
         if mask is not None and condition is not None:
             latents = (1 - mask) * condition + mask * latents
 
-        result = Generation(None, latents.transpose(0, 4, 1, 2, 3), None if request.noise is not None else seed,
-                            [float(t) for t in timesteps], seconds)
-        if decode:
+        result = Generation(None, latents.transpose(0, 4, 1, 2, 3), None if "noise" in draws else seed,
+                            [float(t) for t in timesteps], request.fps, config["_class_name"], seconds)
+        if request.decode:
+            if request.release_weights:
+                for name in ("transformer", "transformer_2"):
+                    self._models.pop(name, None)
             began = time.perf_counter()
-            result.frames = decode_frames(self.model("vae"), stats.denormalize(latents), on_slice)[0]
+            result.frames = decode_frames(self.model("vae"), stats.denormalize(latents), on_decode)[0]
             result.decode_seconds = time.perf_counter() - began
         return result

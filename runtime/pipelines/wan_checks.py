@@ -8,9 +8,6 @@ from typing import Any
 
 from vidport.converter.core.errors import VidportError
 
-TASKS = {"t2v": "text-to-video", "i2v": "image-to-video (Wan 2.1 I2V: CLIP image tokens + first-frame latent)",
-         "ti2v": "text/image-to-video (Wan 2.2 TI2V: first-frame latent, per-token timesteps)"}
-
 
 @dataclass(frozen=True)
 class WanLayout:
@@ -90,16 +87,14 @@ def check_components(configs: dict[str, dict[str, Any]]) -> None:
     layout_of(configs)
 
 
-def check_request(layout: WanLayout, *, num_frames: int, height: int, width: int, has_image: bool,
+def check_request(layout: WanLayout, task: str, *, num_frames: int, height: int, width: int, has_image: bool,
                   has_image_encoder: bool = True, guidance_scale_2: float | None = None, steps: int = 1) -> None:
-    """Refuse what the models cannot take, before anything heavy runs."""
-    if layout.task == "i2v" and not has_image:
-        raise VidportError("this is an image-to-video model (Wan 2.1 I2V): it needs the first frame",
-                           hint="pass --image PATH (vidport generate i2v --image first.png ...)")
-    if layout.task == "t2v" and has_image:
-        raise VidportError("this is a text-to-video model: it takes no image",
-                           hint="drop --image, or use an I2V / TI2V model")
-    if layout.task == "i2v" and layout.image_tokens and not has_image_encoder:
+    """Refuse what the models cannot take for `task`, before anything heavy runs."""
+    if task != "t2v" and not has_image:
+        model = " (this is a Wan 2.1 I2V model)" if layout.task == "i2v" else ""
+        raise VidportError(f"{task} needs the first frame{model}",
+                           hint=f"pass --image PATH (vidport generate {task} --image first.png ...)")
+    if task == "i2v" and layout.image_tokens and not has_image_encoder:
         raise VidportError("this I2V DiT conditions on CLIP image tokens but the pipeline has no image_encoder",
                            hint="convert the Diffusers folder with its image_encoder/")
     step = layout.temporal
