@@ -232,6 +232,9 @@ def verify(
     frames: Optional[int] = typer.Option(None, "--frames", help="Frames per probe (default: min(16, positions); --pipeline: the pipeline's parity default)."),
     show_all: bool = typer.Option(False, "--all", help="Show every layer in the table."),
     device: bool = typer.Option(False, "--device", help="TTNN conversions: run on a Tenstorrent card (default: the host emulator)."),
+    strict: bool = typer.Option(False, "--strict", help="A source that is not the file converted (SHA-256) is an error, not a warning."),
+    self_mapped: bool = typer.Option(False, "--self-mapped", help="Build the reference through vidport's own mapping "
+                                                                  "(not an independent check; the report says so)."),
     pipeline: bool = typer.Option(False, "--pipeline", help="A pipeline folder: whole generations against diffusers, step by step."),
     task: Optional[str] = typer.Option(None, "--task", help="--pipeline: one of the folder's tasks, t2v | i2v | ti2v ... (default: each)."),
     image: Optional[Path] = typer.Option(None, "--image", help="--pipeline: the image of the tasks that take one (default: a synthetic one)."),
@@ -254,9 +257,6 @@ def verify(
     from vidport.golden.report import print_report, write_html, write_json
     from vidport.golden.verify import verify as run
     from vidport.converter.core.manifest import read_manifest
-    strict: bool = typer.Option(False, "--strict", help="A source that is not the file converted (SHA-256) is an error, not a warning."),
-    self_mapped: bool = typer.Option(False, "--self-mapped", help="Build the reference through vidport's own mapping "
-                                                                  "(not an independent check; the report says so)."),
 
     try:
         is_pipeline = read_manifest(converted).get("kind") == "pipeline"
@@ -269,6 +269,8 @@ def verify(
             image=image, frames=frames, steps=steps, strength=strength, prompt=prompt, scheduler=scheduler, seed=seed))
     if golden and save_golden:
         fail(VidportError("--golden and --save-golden exclude each other"))
+    if golden and self_mapped:
+        fail(VidportError("--self-mapped builds a reference; --golden reads a saved one"))
     try:
         with progress_bar("comparing") as bar:
             task = bar.add_task("verify", total=None, item="building reference" if not golden else "reading golden")
@@ -291,8 +293,6 @@ def verify(
     if not report.passed:
         raise typer.Exit(2)
 
-    if golden and self_mapped:
-        fail(VidportError("--self-mapped builds a reference; --golden reads a saved one"))
 
 def parse_size(size: Optional[str]) -> tuple[Optional[int], Optional[int]]:
     """WIDTHxHEIGHT -> (height, width)."""
