@@ -4,15 +4,15 @@ tensor is asked for.
 """
 from __future__ import annotations
 
-import json
 import zipfile
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
 import numpy as np
 
 from vidport.converter.core.errors import VidportError
+from vidport.converter.core.jsonfile import read_json_object
 from vidport.converter.safetensors_io import looks_like_safetensors, read_safetensors
 from vidport.converter.torch_pickle import TensorRef, read_torch_legacy, read_torch_zip
 
@@ -62,8 +62,11 @@ def read_checkpoint(path: str | Path) -> Source:
         return _read_folder(path)
     if path.name.endswith(".index.json"):
         return _read_sharded(path)
-    with open(path, "rb") as handle:
-        head = handle.read(8)
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+    except OSError as err:
+        raise VidportError(f"{path}: cannot read ({err.strerror or err})") from err
     if head[:4] == b"PK\x03\x04":
         if not zipfile.is_zipfile(path):
             raise VidportError(f"{path}: zip archive is truncated or corrupted")
@@ -79,25 +82,47 @@ def read_checkpoint(path: str | Path) -> Source:
     )
 
 
+def _shard_path(index: Path, name: object) -> Path:
+    """A shard the index names: a relative path inside the index's folder, never the index or
+    another index (an index naming itself would be read forever). Checked by its text, not by
+    resolving links: a Hugging Face cache keeps every shard as a link into its blob store."""
+    if not isinstance(name, str) or not name:
+        raise VidportError(f"{index}: weight_map names a shard {str(name)[:80]!r}, not a file name")
+    parts = PurePosixPath(name.replace("\\", "/")).parts
+    if PurePosixPath(name).is_absolute() or name.startswith("\\") or ":" in parts[0] or ".." in parts:
+        raise VidportError(f"{index}: shard {name!r} lies outside the index's folder; refused",
+                           hint="an index names shards beside it, such as model-00001-of-00002.safetensors")
+    shard = index.parent.joinpath(*parts)
+    if shard.name.endswith(".index.json"):
+        raise VidportError(f"{index}: shard {name!r} is an index itself; refused")
+    if not shard.is_file():
+        raise VidportError(f"{index}: shard {name} is missing")
+    return shard
+
+
 def _read_sharded(index: Path) -> Source:
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError) as err:
-        raise VidportError(f"{index}: not a valid shard index ({err})") from err
+    weight_map = read_json_object(index).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise VidportError(f"{index}: not a valid shard index (its weight_map is a {type(weight_map).__name__}, "
+                           "not an object of tensor name -> shard file)")
+    wanted: dict[str, list[str]] = {}
+    for name, shard_name in weight_map.items():
+        wanted.setdefault(shard_name if isinstance(shard_name, str) else repr(shard_name), []).append(name)
     refs: dict[str, Any] = {}
-    files = sorted({index.parent / name for name in weight_map.values()})
-    for shard in files:
-        if not shard.exists():
-            raise VidportError(f"{index}: shard {shard.name} is missing")
+    files = []
+    for shard_name, names in sorted(wanted.items()):
+        shard = _shard_path(index, weight_map[names[0]])
+        files.append(shard)
         if looks_like_safetensors(shard):
             shard_refs, _ = read_safetensors(shard)
         else:
             shard_refs = read_checkpoint(shard).tree
-        for name in weight_map:
-            if weight_map[name] == shard.name:
-                if name not in shard_refs:
-                    raise VidportError(f"{shard}: missing tensor {name} listed in {index.name}")
-                refs[name] = shard_refs[name]
+        if not isinstance(shard_refs, dict):
+            raise VidportError(f"{shard}: holds a {type(shard_refs).__name__}, not a dict of tensors")
+        for name in names:
+            if not is_tensor(shard_refs.get(name)):
+                raise VidportError(f"{shard}: missing tensor {name} listed in {index.name}")
+            refs[name] = shard_refs[name]
     return Source(index, "safetensors-sharded", [index, *files], refs)
 
 
@@ -109,19 +134,20 @@ WEIGHT_FILE_PREFERENCE = (
     "diffusion_pytorch_model.bin",
     "pytorch_model.bin",
 )
+MAX_CONFIG_BYTES = 16 * 1024 * 1024
 
 
 def _read_folder(folder: Path) -> Source:
     config_path = folder / "config.json"
-    if not config_path.exists():
+    if not config_path.is_file():
         raise VidportError(
             f"{folder}: a folder without config.json",
             hint="give a Diffusers/transformers model folder, or a checkpoint file",
         )
-    config = json.loads(config_path.read_text())
+    config = read_json_object(config_path, MAX_CONFIG_BYTES)
     kind = "diffusers-folder" if "_diffusers_version" in config else "transformers-folder"
     for name in WEIGHT_FILE_PREFERENCE:
-        if (folder / name).exists():
+        if (folder / name).is_file():
             inner = read_checkpoint(folder / name)
             return Source(folder, kind, [config_path, *inner.files], inner.tree, config)
     raise VidportError(f"{folder}: config.json but no weights file", hint=f"expected one of {WEIGHT_FILE_PREFERENCE}")

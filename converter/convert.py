@@ -19,10 +19,11 @@ from vidport.converter.detect import Detected, choose_ema, detect
 from vidport.converter.dtypes import NAMED_DTYPES, is_floating
 from vidport.converter.core.errors import VidportError
 from vidport.converter.generators import GENERATORS
-from vidport.converter.infer import ConfigNeeded, assume_defaults, finish_expressions, infer_config, match_variant, public
+from vidport.converter.infer import (ConfigNeeded, assume_defaults, check_given_config, check_limits, finish_expressions,
+                                     infer_config, match_variant, public)
 from vidport.converter.layouts import TargetLayout, TensorFormat, resolve_options
 from vidport.converter.output import atomic_folder
-from vidport.converter.plan import Mapping, Recipe, check_expected, map_keys
+from vidport.converter.plan import Mapping, Recipe, check_expected, check_source_dtypes, map_keys
 from vidport.converter.spec import Catalog, RuleSet, TargetSpec, load_catalog
 from vidport.converter.transforms import Shape, run_steps
 from vidport.converter.core.manifest import MANIFEST
@@ -76,9 +77,12 @@ def resolve_config(detected: Detected, source: Source, canonical_shapes: dict[st
     what has none); `expr` values that read a value only those give are evaluated last."""
     spec, family = detected.spec, detected.family
     config: dict[str, Any] = {}
+    source_shapes = {k: tuple(r.shape) for k, r in detected.tensors.refs.items()}
     if spec.config.from_file:
         config.update({k: v for k, v in (source.config or {}).items() if not k.startswith("_")})
-    source_shapes = {k: tuple(r.shape) for k, r in detected.tensors.refs.items()}
+        where = f"{source.path / spec.config.from_file}"
+        check_given_config(spec.config, source_shapes, config, where)
+        check_given_config(family.config, canonical_shapes, config, where)
     infer_config(spec.config, source_shapes, spec.path.name, config)
     infer_config(family.config, canonical_shapes, family.path.name, config)
     variant = match_variant(spec.variants, config)
@@ -89,6 +93,7 @@ def resolve_config(detected: Detected, source: Source, canonical_shapes: dict[st
                                                                       f"{source.path.name} ({spec.name})")
     finish_expressions(spec.config, spec.path.name, config)
     finish_expressions(family.config, family.path.name, config)
+    check_limits({**family.config.limits, **spec.config.limits}, config, f"{source.path.name} ({spec.name})")
     return ResolvedConfig(config, variant.name if variant else None, assumed)
 
 
@@ -130,6 +135,8 @@ def plan_conversion(source_path: str | Path, target: str, family: str | None = N
         detected = choose_ema(detected, source)
     shapes = {k: tuple(r.shape) for k, r in detected.tensors.refs.items()}
     canonical = map_keys(shapes, detected.spec.rules, detected.spec.path.name)
+    check_source_dtypes(canonical, {k: r.dtype for k, r in detected.tensors.refs.items()},
+                        detected.family.role_of, catalog.float_roles, source.path.name)
     config, variant, assumed = resolve_config(detected, source, canonical.shapes, overrides or {})
 
     with _naming_assumptions(assumed):

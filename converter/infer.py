@@ -110,6 +110,45 @@ def finish_expressions(spec: ConfigSpec, where: str, config: dict[str, Any]) -> 
     return config
 
 
+def _same(given: Any, told: Any) -> bool:
+    """Equal, where an int stands for "this value in every block" beside a per-block list."""
+    if isinstance(given, (list, tuple)) and isinstance(told, (list, tuple)):
+        return len(given) == len(told) and all(_same(a, b) for a, b in zip(given, told))
+    if isinstance(given, (list, tuple)) and isinstance(told, int):
+        return all(_same(a, told) for a in given)
+    if isinstance(told, (list, tuple)) and isinstance(given, int):
+        return all(_same(given, b) for b in told)
+    return type(given) in (int, bool, float) and given == told
+
+
+def check_given_config(spec: ConfigSpec, shapes: dict[str, Shape], given: dict[str, Any], where: str) -> None:
+    """A config file's value that the weights' shapes also tell must agree with them. The file is
+    read first and wins over inference, so a value that lies (a block width of millions) would
+    otherwise size the models built from the config before any shape check could object."""
+    for inference in spec.infer:
+        if given.get(inference.name) is None or inference.op not in ("shape", "each", "count", "exists"):
+            continue  # null: the library's default, told by the weights
+        if inference.op != "exists" and not _matches(inference, shapes):
+            continue  # the weights do not tell this one
+        told = infer_value(inference, shapes, where)
+        if not _same(given[inference.name], told):
+            raise VidportError(f"{where}: {inference.name} = {str(given[inference.name])[:80]}, but the weights' "
+                               f"shapes say {told}", hint="this config does not describe these weights")
+
+
+def check_limits(limits: dict[str, int], config: dict[str, Any], where: str) -> None:
+    """Values the shapes cannot tell, each at most the family's declared limit (such a value sizes
+    tables a model computes when it is built: a position table of millions of rows)."""
+    for name, limit in limits.items():
+        if name not in config or config[name] is None:
+            continue
+        values = config[name] if isinstance(config[name], (list, tuple)) else [config[name]]
+        for value in values:
+            if type(value) is not int or not 0 < value <= limit:
+                raise VidportError(f"{where}: {name} = {str(config[name])[:80]}; the family allows integers "
+                                   f"from 1 to {limit}", hint="the config file or --set value is damaged or crafted")
+
+
 def match_variant(variants: list[Variant], config: dict[str, Any]) -> Variant | None:
     for variant in variants:
         if all(config.get(k) == v for k, v in variant.when.items()):

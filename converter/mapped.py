@@ -9,19 +9,27 @@ anonymous buffer costs the kernel more than the copy itself), at the same peak R
 from __future__ import annotations
 
 import mmap
+import os
 from pathlib import Path
 
 from vidport.converter.core.errors import VidportError
 
 
 def map_range(path: Path | str, start: int, count: int, what: str = "tensor data") -> memoryview:
-    """`count` bytes of `path` from byte `start`, read-only; a clear error when the file is shorter."""
+    """`count` bytes of `path` from byte `start`, read-only; a clear error when the range does not
+    lie inside the file (mapping past the end would fault on access instead of failing here)."""
+    if start < 0 or count < 0:
+        raise VidportError(f"{path}: {what}: a read of {count} bytes at {start} lies outside the file")
     if count == 0:
         return memoryview(b"")
     aligned = start - start % mmap.ALLOCATIONGRANULARITY
     with open(path, "rb") as handle:
+        if start + count > os.fstat(handle.fileno()).st_size:
+            raise VidportError(f"{path}: {what} ends early (truncated file?)")
         try:
             mapped = mmap.mmap(handle.fileno(), count + start - aligned, offset=aligned, access=mmap.ACCESS_READ)
-        except ValueError as err:  # the range runs past the end of the file
+        except ValueError as err:  # the file shrank since the size check
             raise VidportError(f"{path}: {what} ends early (truncated file?)") from err
+        except OSError as err:
+            raise VidportError(f"{path}: cannot map {what} ({err.strerror or err})") from err
     return memoryview(mapped)[start - aligned:]

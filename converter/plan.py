@@ -5,9 +5,13 @@ outputs, wrong shapes) fails before a single tensor is read or a file is written
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from vidport.converter.core.errors import VidportError, closest, listing
+from vidport.converter.dtypes import dtype_name, is_floating
 from vidport.converter.spec import Gather, Rule, RuleSet
 from vidport.converter.transforms import Shape, Step, shape_steps
 
@@ -151,3 +155,17 @@ def check_expected(produced: dict[str, Shape], expected: dict[str, Shape], what:
     if wrong:
         raise VidportError(f"{what}: {len(wrong)} shape mismatch(es): {listing(wrong, 4)}",
                            hint="the architecture config does not match the weights, or a transform is wrong")
+
+
+def check_source_dtypes(canonical: Mapping, dtypes: dict[str, np.dtype], role_of: Callable[[str], str],
+                        float_roles: frozenset[str], what: str) -> None:
+    """A source tensor that feeds a role holding floats (mappings/roles.yaml) must be a float:
+    integers there are a damaged or crafted file, which converting would pass on as weights."""
+    for key, recipe in canonical.recipes.items():
+        role = role_of(key)
+        if role.split(".")[0] not in float_roles:
+            continue
+        for name in recipe.inputs:
+            if not is_floating(dtypes[name]):
+                raise VidportError(f"{what}: tensor {name} is {dtype_name(dtypes[name])}, but {key} is a {role} "
+                                   "and holds floats; refused (damaged or crafted file?)")

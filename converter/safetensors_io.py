@@ -9,20 +9,23 @@ header when a shard closes; neither side ever holds more than one tensor.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from vidport.converter.dtypes import SAFETENSORS_CODES, SAFETENSORS_DTYPES
 from vidport.converter.core.errors import VidportError
+from vidport.converter.core.jsonfile import parse_json
 from vidport.converter.mapped import map_range
 
-MAX_HEADER = 100 * 1024 * 1024
+MAX_HEADER = 100_000_000  # the official parser's limit
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,14 @@ def looks_like_safetensors(path: Path) -> bool:
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, SafetensorsRef], dict[str, str]]:
-    """Tensor refs and the string metadata of one safetensors file."""
+    """Tensor refs and the string metadata of one safetensors file.
+
+    The header is checked as the official parser checks it, before any tensor is read: every
+    entry's dtype known, shape a list of non-negative integers, `data_offsets` two integers whose
+    range holds exactly numel x itemsize bytes, the ranges in order without gaps or overlaps and
+    covering the data to the end of the file. A key given twice is refused (the official parser
+    keeps the last).
+    """
     size = path.stat().st_size
     with open(path, "rb") as handle:
         head = handle.read(8)
@@ -64,22 +74,53 @@ def read_safetensors(path: Path) -> tuple[dict[str, SafetensorsRef], dict[str, s
         (length,) = struct.unpack("<Q", head)
         if length > MAX_HEADER or 8 + length > size:
             raise VidportError(f"{path}: corrupted safetensors header (length {length}, file size {size})")
-        try:
-            header = json.loads(handle.read(length))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise VidportError(f"{path}: corrupted safetensors header ({err})") from err
-    metadata = header.pop("__metadata__", None) or {}
-    refs: dict[str, SafetensorsRef] = {}
-    for name, entry in header.items():
-        code = entry.get("dtype")
-        if code not in SAFETENSORS_DTYPES:
-            raise VidportError(f"{path}: tensor {name} has unsupported dtype {code}")
-        begin, end = entry["data_offsets"]
-        start = 8 + length + begin
-        if 8 + length + end > size:
-            raise VidportError(f"{path}: tensor {name} lies past the end of the file (truncated file?)")
-        refs[name] = SafetensorsRef(path, start, SAFETENSORS_DTYPES[code], tuple(entry["shape"]))
+        header = parse_json(handle.read(length), f"{path}: safetensors header")
+    if not isinstance(header, dict):
+        raise VidportError(f"{path}: the safetensors header is a JSON {type(header).__name__}, not an object")
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    elif not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise VidportError(f"{path}: __metadata__ must map names to strings")
+    entries = [(name, *_entry(path, name, entry)) for name, entry in header.items()]
+    data_size = size - 8 - length
+    end = 0
+    for name, dtype, shape, begin, stop in sorted(entries, key=lambda e: (e[3], e[4])):
+        if begin != end:
+            what = "overlaps the tensor before it" if begin < end else f"leaves bytes {end}..{begin} unused"
+            raise VidportError(f"{path}: tensor {name}: data_offsets [{begin}, {stop}] {what}",
+                               hint="safetensors stores tensors back to back; the header is damaged or crafted")
+        end = stop
+    if end != data_size:
+        raise VidportError(f"{path}: the header's tensors cover {end:,} bytes of a {data_size:,}-byte data section "
+                           + ("(truncated file?)" if end > data_size else "(damaged file?)"))
+    refs = {name: SafetensorsRef(path, 8 + length + begin, dtype, shape)
+            for name, dtype, shape, begin, _ in entries}
     return refs, metadata
+
+
+def _entry(path: Path, name: str, entry: Any) -> tuple[np.dtype, tuple[int, ...], int, int]:
+    """(dtype, shape, start, end) of one header entry, each checked."""
+    if not isinstance(entry, dict):
+        raise VidportError(f"{path}: tensor {name}: header entry is a JSON {type(entry).__name__}, not an object")
+    code, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(code, str) or code not in SAFETENSORS_DTYPES:
+        raise VidportError(f"{path}: tensor {name} has unsupported dtype {str(code)[:40]}",
+                           hint=f"known: {', '.join(SAFETENSORS_DTYPES)}")
+    if not isinstance(shape, list) or not all(type(n) is int and n >= 0 for n in shape):
+        raise VidportError(f"{path}: tensor {name}: shape {str(shape)[:80]} is not a list of non-negative integers")
+    if math.prod(n for n in shape if n) >= 2**63:
+        raise VidportError(f"{path}: tensor {name}: shape {str(shape)[:80]} is too large for any array")
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(type(n) is int and n >= 0 for n in offsets) or offsets[1] < offsets[0]):
+        raise VidportError(f"{path}: tensor {name}: data_offsets {str(offsets)[:80]} are not two ordered "
+                           "non-negative integers")
+    dtype = SAFETENSORS_DTYPES[code]
+    nbytes = math.prod(shape) * dtype.itemsize
+    if offsets[1] - offsets[0] != nbytes:
+        raise VidportError(f"{path}: tensor {name}: {code} {shape} needs {nbytes:,} bytes, but data_offsets "
+                           f"{offsets} hold {offsets[1] - offsets[0]:,}")
+    return dtype, tuple(shape), offsets[0], offsets[1]
 
 
 class SafetensorsWriter:

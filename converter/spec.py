@@ -114,7 +114,8 @@ RULE = {
 }
 INFER = {"optional": {"shape": "pattern", "each": "pattern", "dim": ("either", "int", ["list", "int"]), "count": "pattern", "exists": "pattern",
                       "value": "any", "expr": "str", "default": "any"}}
-CONFIG = {"optional": {"from_file": "str", "infer": {"optional": {"*": INFER}}}}
+# `limits`: the largest value a config key may take where shapes cannot tell it (a position count)
+CONFIG = {"optional": {"from_file": "str", "infer": {"optional": {"*": INFER}}, "limits": {"optional": {"*": "int"}}}}
 # `reference`: a loader of the canonical library (from_single_file, from_pretrained), or the format's
 # official code where that library reads no such file: a named function that builds the official
 # model from the file's tensors, and its modules that are canonical modules (compared layer by layer)
@@ -151,6 +152,7 @@ FAMILY_SCHEMA = {
     },
 }
 ROLE = {"required": {"match": "pattern", "role": "str"}, "optional": {"args": {"optional": {"*": "any"}}}}
+ROLES_SCHEMA = {"required": {"float": ["list", "str"]}}  # mappings/roles.yaml
 TARGET_SCHEMA = {
     "required": {"target": "str", "version": "int", "roles": {"optional": {"*": "any"}},
                  "expected": "str", "shapes": "str", "writer": "str"},
@@ -271,6 +273,7 @@ class Inference:
 class ConfigSpec:
     from_file: str | None = None
     infer: list[Inference] = field(default_factory=list)
+    limits: dict[str, int] = field(default_factory=dict)  # largest allowed value per key
 
 
 def _config(data: dict | None) -> ConfigSpec:
@@ -288,7 +291,7 @@ def _config(data: dict | None) -> ConfigSpec:
             raise SpecError(f"config.infer.{name}: {err}") from err
         infer.append(Inference(name, op, pattern, entry.get("dim", 0), value,
                                entry.get("default"), "default" in entry))
-    return ConfigSpec(data.get("from_file"), infer)
+    return ConfigSpec(data.get("from_file"), infer, dict(data.get("limits") or {}))
 
 
 @dataclass
@@ -494,6 +497,7 @@ class Catalog:
 
     families: dict[str, FamilySpec]
     targets: dict[str, TargetSpec]
+    float_roles: frozenset[str] = frozenset()  # roles whose source tensors must be floats (roles.yaml)
 
     def family(self, name: str) -> FamilySpec:
         for family in self.families.values():
@@ -524,4 +528,5 @@ def load_catalog(root: Path | None = None) -> Catalog:
                 family.sources.append(spec)
         families[family.name] = family
     targets = {spec.name: spec for spec in map(load_target_spec, sorted((root / "targets").glob("*.yaml")))}
-    return Catalog(families, targets)
+    roles = _load(root / "roles.yaml", ROLES_SCHEMA)[0] if (root / "roles.yaml").exists() else {}
+    return Catalog(families, targets, frozenset(roles.get("float", [])))

@@ -1,29 +1,48 @@
 """Read PyTorch checkpoints (zip and legacy formats) without torch and without running the pickle.
 
-A torch checkpoint is a pickle that names functions to call while loading it. We never call
-them: a restricted unpickler accepts only the handful of globals a state dict needs and turns
-each tensor into a `TensorRef` (where its bytes lie in the file). Any other global, such as
-`os.system`, is refused before anything runs. Tensor bytes are read one tensor at a time, so
-memory stays bounded by the largest tensor.
+A torch checkpoint is a pickle: a program for a small stack machine that names functions to call
+while loading it. We never call them. `_Machine` is an interpreter of our own that knows only the
+opcodes torch's `weights_only` loader knows, builds plain containers, and turns each tensor into a
+`TensorRef` (where its bytes lie in the file). A global outside the few a state dict needs, such as
+`os.system`, is refused when the pickle names it, before anything is built from it.
+
+Files from strangers are bounded: the pickle's size, its opcodes, the work they cause and the
+nesting and size of the tree they build (a kilobyte of shared references must not expand into
+billions of entries); every tensor view must lie inside its storage, and every storage inside the
+file with exactly the element count the pickle declares. Tensor bytes are read one tensor at a
+time, so memory stays bounded by the largest tensor.
 """
 from __future__ import annotations
 
+import _compat_pickle
 import collections
-import io
-import pickle
+import math
 import struct
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from vidport.converter.dtypes import TORCH_STORAGE_DTYPES
 from vidport.converter.core.errors import UnsafeCheckpointError, VidportError
+from vidport.converter.dtypes import TORCH_STORAGE_DTYPES
 from vidport.converter.mapped import map_range
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+LEGACY_PROTOCOL = 1001
+ZIP_VERSIONS = range(1, 11)  # the format versions torch reads
+
+# Bounds on what one checkpoint's pickles may ask of us. Real ones are far below them: a 14B
+# model's data.pkl is ~100 KB and ~30 000 opcodes, its tree a few thousand entries 3-5 levels deep.
+MAX_PICKLE_BYTES = 64 * 1024 * 1024
+MAX_OPCODES = 5_000_000
+MAX_WORK = 20_000_000  # elements copied by set(), OrderedDict(), encode() on top of the opcodes
+MAX_TREE_ENTRIES = 5_000_000  # entries of the built tree, each shared reference counted every time
+MAX_DEPTH = 64
+MAX_REPEAT_BYTES = 64 * 1024 * 1024  # how far a zero-stride view may expand past its storage's bytes
+_INT64 = 2**63
 
 
 @dataclass(frozen=True)
@@ -33,7 +52,7 @@ class StorageRef:
     key: str
     dtype: np.dtype
     numel: int
-    read: Callable[[int, int], memoryview]  # (byte offset, byte count) -> read-only bytes
+    read: Callable[[int, int], memoryview]  # (byte offset, byte count) -> read-only bytes, inside the storage
 
 
 @dataclass(frozen=True)
@@ -51,134 +70,572 @@ class TensorRef:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    def _span(self) -> int:
+        """Elements from the view's first to its last, inclusive; 0 for an empty tensor."""
+        if 0 in self.shape:
+            return 0
+        return 1 + sum((n - 1) * s for n, s in zip(self.shape, self.stride) if n > 1)
+
+    def view_problem(self) -> str | None:
+        """Why this view does not lie inside its storage, or None when it does."""
+        if self.offset < 0:
+            return f"negative storage offset {self.offset}"
+        if any(s < 0 for n, s in zip(self.shape, self.stride) if n > 1):
+            return f"negative stride {list(self.stride)} (shape {list(self.shape)})"
+        span = self._span()
+        if span and self.offset + span > self.storage.numel:
+            return (f"shape {list(self.shape)}, stride {list(self.stride)} at offset {self.offset} reaches element "
+                    f"{self.offset + span - 1} of a storage of {self.storage.numel}")
+        if self.nbytes > self.storage.numel * self.dtype.itemsize + MAX_REPEAT_BYTES:
+            return (f"shape {list(self.shape)} repeats a storage of {self.storage.numel} elements into "
+                    f"{self.nbytes:,} bytes (zero strides), more than {MAX_REPEAT_BYTES:,} beyond the file's bytes")
+        return None
 
     def load(self) -> np.ndarray:
         """Read this tensor's bytes (and only these) into a contiguous array."""
-        item = self.dtype.itemsize
-        if not self.shape:
-            span = 1
-        elif 0 in self.shape:
+        problem = self.view_problem()
+        if problem is not None:
+            raise VidportError(f"tensor on storage {self.storage.key}: {problem}")
+        span = self._span()
+        if span == 0:
             return np.zeros(self.shape, self.dtype)
-        else:
-            span = 1 + sum((n - 1) * s for n, s in zip(self.shape, self.stride))
+        item = self.dtype.itemsize
         raw = self.storage.read(self.offset * item, span * item)
         flat = np.frombuffer(raw, dtype=self.dtype, count=span)
-        strided = np.lib.stride_tricks.as_strided(
-            flat, shape=self.shape, strides=tuple(s * item for s in self.stride)
-        )
+        strides = tuple(s * item if n > 1 else 0 for n, s in zip(self.shape, self.stride))
+        strided = np.lib.stride_tricks.as_strided(flat, shape=self.shape, strides=strides)
         return np.asarray(strided, order="C")  # keeps 0-d tensors 0-d
 
 
-class _Reduce:
-    """A stand-in for an allowed global that the pickle calls with arguments."""
-
-    def __init__(self, build: Callable[..., Any]):
-        self.build = build
-
-    def __call__(self, *args: Any) -> Any:
-        return self.build(*args)
+# ---------------------------------------------------------------- the interpreter
 
 
-def _rebuild_tensor(storage: StorageRef, offset: int, size: tuple, stride: tuple, *_: Any) -> TensorRef:
-    return TensorRef(storage, int(offset), tuple(int(n) for n in size), tuple(int(s) for s in stride))
+class _Budget:
+    """What one file's pickles have cost so far; shared by a legacy file's five pickles."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.opcodes = 0
+        self.work = 0
+
+    def charge(self, work: int) -> None:
+        self.work += work
+        if self.work > MAX_WORK:
+            raise VidportError(f"{self.path}: the pickle asks for more than {MAX_WORK:,} elements of copying; refused",
+                               hint="a state dict needs far less; the file is damaged or built to exhaust memory")
 
 
-def _rebuild_parameter(data: TensorRef, *_: Any) -> TensorRef:
-    return data
+@dataclass(frozen=True)
+class _Global:
+    """A stand-in for an allowed global. Made afresh for every load and never modified: the
+    interpreter builds only into plain containers, so no pickle can reach into it."""
+
+    name: str
+    call: Callable[..., Any] | None = None  # REDUCE: called with the machine, then the pickle's arguments
+    new: Callable[[], Any] | None = None  # NEWOBJ: an empty container
+    dtype: np.dtype | None = None  # a storage type (`torch.FloatStorage`) in a storage id
 
 
-class _StorageType:
-    def __init__(self, name: str):
-        self.name = name
+def _is_int(value: Any) -> bool:
+    return type(value) is int and -_INT64 <= value < _INT64
 
 
-_ALLOWED: dict[tuple[str, str], Any] = {
-    ("collections", "OrderedDict"): collections.OrderedDict,
-    ("torch._utils", "_rebuild_tensor_v2"): _Reduce(_rebuild_tensor),
-    ("torch._utils", "_rebuild_tensor"): _Reduce(_rebuild_tensor),
-    ("torch._utils", "_rebuild_parameter"): _Reduce(_rebuild_parameter),
-    ("torch._utils", "_rebuild_parameter_with_state"): _Reduce(_rebuild_parameter),
-    ("builtins", "set"): set,
-    ("builtins", "frozenset"): frozenset,
-    ("builtins", "slice"): slice,
+def _int_tuple(value: Any) -> tuple[int, ...] | None:
+    if not isinstance(value, (tuple, list)) or not all(_is_int(v) for v in value):
+        return None
+    return tuple(value)
+
+
+_ATOMS = (str, bytes, int, float, bool, type(None))
+
+
+def _hashable(value: Any) -> bool:
+    """Keys and set members: plain values, or flat tuples of them (hashing stays O(size))."""
+    return isinstance(value, _ATOMS) or (type(value) is tuple and all(isinstance(v, _ATOMS) for v in value))
+
+
+class _Machine:
+    """Runs one pickle from `data[pos:]`: torch's weights_only opcode set, nothing else."""
+
+    def __init__(self, data: bytes, path: Path, allowed: dict[tuple[str, str], _Global], budget: _Budget,
+                 storage_for: Callable[[tuple], StorageRef] | None, cut: bool):
+        self.data = data
+        self.path = path
+        self.allowed = allowed
+        self.budget = budget
+        self.storage_for = storage_for
+        self.cut = cut  # `data` is the first MAX_PICKLE_BYTES of a longer file
+        self.pos = 0
+        self.at = 0  # where the opcode being run starts
+        self.stack: list[Any] = []
+        self.marks: list[list[Any]] = []
+        self.memo: dict[int, Any] = {}
+
+    def fail(self, what: str) -> VidportError:
+        return VidportError(f"{self.path}: corrupted checkpoint pickle at byte {self.at}: {what}")
+
+    def take(self, count: int) -> bytes:
+        end = self.pos + count
+        if end > len(self.data):
+            if self.cut:
+                raise VidportError(f"{self.path}: the checkpoint's pickle is larger than {MAX_PICKLE_BYTES:,} bytes; refused",
+                                   hint="tensor data lies outside the pickle; a state dict's pickle is far smaller")
+            raise VidportError(f"{self.path}: the checkpoint's pickle ends early (truncated file?)")
+        chunk = self.data[self.pos:end]
+        self.pos = end
+        return chunk
+
+    def line(self) -> str:
+        end = self.data.find(b"\n", self.pos)
+        if end < 0:
+            self.take(len(self.data) - self.pos + 1)  # raises: runs past the end
+        raw = self.data[self.pos:end]
+        self.pos = end + 1
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise self.fail("a global's name is not UTF-8") from err
+
+    def pop(self) -> Any:
+        if not self.stack:
+            raise self.fail("stack underflow")
+        return self.stack.pop()
+
+    def top(self) -> Any:
+        if not self.stack:
+            raise self.fail("stack underflow")
+        return self.stack[-1]
+
+    def pop_mark(self) -> list[Any]:
+        if not self.marks:
+            raise self.fail("no MARK to pop to")
+        items = self.stack
+        self.stack = self.marks.pop()
+        return items
+
+    def run(self, start: int) -> tuple[Any, int]:
+        """The pickled object and the position after its STOP."""
+        self.pos = start
+        handlers = _HANDLERS
+        while True:
+            self.at = self.pos
+            opcode = self.take(1)[0]
+            self.budget.opcodes += 1
+            if self.budget.opcodes > MAX_OPCODES:
+                raise VidportError(f"{self.path}: the pickle has more than {MAX_OPCODES:,} opcodes; refused",
+                                   hint="a state dict's pickle is far smaller; the file is damaged or hostile")
+            if opcode == 0x2E:  # STOP
+                return self.pop(), self.pos
+            handler = handlers.get(opcode)
+            if handler is None:
+                raise self.fail(f"opcode {bytes([opcode])!r} is not one a torch state dict uses")
+            handler(self)
+
+    # -- globals, calls and persistent ids
+
+    def op_global(self) -> None:
+        module, name = self.line(), self.line()
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        elif module in _compat_pickle.IMPORT_MAPPING:
+            module = _compat_pickle.IMPORT_MAPPING[module]
+        found = self.allowed.get((module, name))
+        if found is None:
+            raise UnsafeCheckpointError(
+                f"{self.path}: refused to load: the pickle asks for `{module}.{name}`, which could run code",
+                hint="vidport never executes pickled code; re-save the weights as safetensors from a trusted environment",
+            )
+        self.stack.append(found)
+
+    def op_reduce(self) -> None:
+        args = self.pop()
+        func = self.top()
+        if not isinstance(func, _Global) or func.call is None:
+            raise self.fail(f"calls {type(func).__name__}, which is not an allowed function")
+        if not isinstance(args, (tuple, list)):
+            raise self.fail(f"arguments of {func.name} are a {type(args).__name__}, not a tuple")
+        try:
+            self.stack[-1] = func.call(self, *args)
+        except TypeError as err:  # a wrong number of arguments: the functions check their types themselves
+            raise self.fail(f"{func.name} called with {len(args)} arguments") from err
+
+    def op_newobj(self) -> None:
+        args = self.pop()
+        cls = self.pop()
+        if not isinstance(cls, _Global) or cls.new is None or not isinstance(args, tuple):
+            raise self.fail(f"creates {getattr(cls, 'name', type(cls).__name__)}, which is not an allowed class")
+        self.stack.append(cls.new())
+
+    def op_build(self) -> None:
+        state = self.pop()
+        inst = self.top()
+        if type(inst) is not collections.OrderedDict:  # a state dict's `_metadata`; nothing else is built
+            raise self.fail(f"sets the state of a {type(inst).__name__}, which a state dict never does")
+        if not isinstance(state, dict):
+            raise self.fail(f"the state of an OrderedDict is a {type(state).__name__}, not a dict")
+
+    def op_binpersid(self) -> None:
+        pid = self.pop()
+        if self.storage_for is None or not isinstance(pid, tuple) or not pid or _ascii(pid[0]) != "storage":
+            raise self.fail(f"unexpected persistent id {_short(pid)}")
+        self.stack.append(self.storage_for(pid))
+
+    # -- containers
+
+    def op_mark(self) -> None:
+        self.marks.append(self.stack)
+        self.stack = []
+
+    def op_append(self) -> None:
+        item = self.pop()
+        target = self.top()
+        if type(target) is not list:
+            raise self.fail(f"appends to a {type(target).__name__}")
+        target.append(item)
+
+    def op_appends(self) -> None:
+        items = self.pop_mark()
+        target = self.top()
+        if type(target) is not list:
+            raise self.fail(f"appends to a {type(target).__name__}")
+        target.extend(items)
+
+    def set_items(self, target: Any, items: list[Any]) -> None:
+        if not isinstance(target, dict):
+            raise self.fail(f"sets items of a {type(target).__name__}")
+        for key, value in zip(items[0::2], items[1::2]):
+            if not _hashable(key):
+                raise self.fail(f"a dict key is a {type(key).__name__}")
+            target[key] = value
+
+    def op_setitem(self) -> None:
+        value, key = self.pop(), self.pop()
+        self.set_items(self.top(), [key, value])
+
+    def op_setitems(self) -> None:
+        items = self.pop_mark()
+        if len(items) % 2:
+            raise self.fail("SETITEMS with an odd number of items")
+        self.set_items(self.top(), items)
+
+    def op_tuple(self) -> None:
+        items = tuple(self.pop_mark())  # before `self.stack` is read: pop_mark replaces it
+        self.stack.append(items)
+
+    def op_tuple_n(self, count: int) -> None:
+        if len(self.stack) < count:
+            raise self.fail("stack underflow")
+        items = tuple(self.stack[len(self.stack) - count:])
+        del self.stack[len(self.stack) - count:]
+        self.stack.append(items)
+
+    # -- memo
+
+    def op_get(self, index: int) -> None:
+        if index not in self.memo:
+            raise self.fail(f"memo entry {index} was never stored")
+        self.stack.append(self.memo[index])
+
+    def op_put(self, index: int) -> None:
+        self.memo[index] = self.top()
+
+    # -- values
+
+    def op_binunicode(self) -> None:
+        (length,) = struct.unpack("<I", self.take(4))
+        raw = self.take(length)
+        try:
+            self.stack.append(str(raw, "utf-8", "surrogatepass"))
+        except UnicodeDecodeError as err:
+            raise self.fail("a string is not UTF-8") from err
+
+    def op_short_binstring(self) -> None:
+        raw = self.take(self.take(1)[0])
+        try:
+            self.stack.append(raw.decode("utf-8"))
+        except UnicodeDecodeError as err:
+            raise self.fail("a string is not UTF-8") from err
+
+    def op_proto(self) -> None:
+        self.take(1)
+
+
+def _unpack(fmt: str, size: int) -> Callable[[_Machine], Any]:
+    return lambda m: struct.unpack(fmt, m.take(size))[0]
+
+
+_HANDLERS: dict[int, Callable[[_Machine], None]] = {
+    0x80: _Machine.op_proto,
+    ord("c"): _Machine.op_global,
+    ord("R"): _Machine.op_reduce,
+    0x81: _Machine.op_newobj,
+    ord("b"): _Machine.op_build,
+    ord("Q"): _Machine.op_binpersid,
+    ord("("): _Machine.op_mark,
+    ord("a"): _Machine.op_append,
+    ord("e"): _Machine.op_appends,
+    ord("s"): _Machine.op_setitem,
+    ord("u"): _Machine.op_setitems,
+    ord("t"): _Machine.op_tuple,
+    0x85: lambda m: m.op_tuple_n(1),
+    0x86: lambda m: m.op_tuple_n(2),
+    0x87: lambda m: m.op_tuple_n(3),
+    ord("N"): lambda m: m.stack.append(None),
+    0x88: lambda m: m.stack.append(True),
+    0x89: lambda m: m.stack.append(False),
+    ord(")"): lambda m: m.stack.append(()),
+    ord("]"): lambda m: m.stack.append([]),
+    ord("}"): lambda m: m.stack.append({}),
+    0x8F: lambda m: m.stack.append(set()),
+    ord("J"): lambda m: m.stack.append(_unpack("<i", 4)(m)),
+    ord("K"): lambda m: m.stack.append(m.take(1)[0]),
+    ord("M"): lambda m: m.stack.append(_unpack("<H", 2)(m)),
+    ord("G"): lambda m: m.stack.append(_unpack(">d", 8)(m)),
+    ord("X"): _Machine.op_binunicode,
+    ord("U"): _Machine.op_short_binstring,
+    0x8A: lambda m: m.stack.append(int.from_bytes(m.take(m.take(1)[0]), "little", signed=True)),
+    ord("h"): lambda m: m.op_get(m.take(1)[0]),
+    ord("j"): lambda m: m.op_get(_unpack("<I", 4)(m)),
+    ord("q"): lambda m: m.op_put(m.take(1)[0]),
+    ord("r"): lambda m: m.op_put(_unpack("<I", 4)(m)),
 }
 
 
-class _SafeUnpickler(pickle.Unpickler):
-    """Unpickles state dicts; refuses every global outside a small allow-list."""
-
-    def __init__(self, source: Any, path: Path, storage_for: Callable[[tuple], StorageRef]):
-        super().__init__(io.BytesIO(source) if isinstance(source, bytes) else source)
-        self.path = path
-        self.storage_for = storage_for
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _ALLOWED:
-            return _ALLOWED[(module, name)]
-        if module == "torch" and name in TORCH_STORAGE_DTYPES:
-            return _StorageType(name)
-        if (module, name) == ("_codecs", "encode"):
-            return _Reduce(lambda text, encoding="latin1": text.encode(encoding))
-        raise UnsafeCheckpointError(
-            f"{self.path}: refused to load: the pickle asks for `{module}.{name}`, which could run code",
-            hint="vidport never executes pickled code; re-save the weights as safetensors from a trusted environment",
-        )
-
-    def persistent_load(self, pid: Any) -> StorageRef:
-        if not isinstance(pid, tuple) or not pid or pid[0] != "storage":
-            raise UnsafeCheckpointError(f"{self.path}: unexpected persistent id {pid!r} in the pickle")
-        return self.storage_for(pid)
+def _ascii(value: Any) -> Any:
+    return value.decode("ascii", "replace") if isinstance(value, bytes) else value
 
 
-def _storage_dtype(kind: Any, path: Path) -> np.dtype:
-    if not isinstance(kind, _StorageType):
-        raise VidportError(f"{path}: storage of unsupported type {kind!r}")
-    return TORCH_STORAGE_DTYPES[kind.name]
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+# ---------------------------------------------------------------- the allowed globals
+
+
+def _rebuild_tensor(m: _Machine, storage: Any, offset: Any, size: Any, stride: Any) -> TensorRef:
+    shape, strides = _int_tuple(size), _int_tuple(stride)
+    if not isinstance(storage, StorageRef):
+        raise m.fail(f"a tensor is rebuilt from a {type(storage).__name__}, not a storage")
+    if not _is_int(offset) or shape is None or strides is None or len(shape) != len(strides):
+        raise m.fail(f"a tensor has offset {_short(offset)}, size {_short(size)}, stride {_short(stride)}")
+    if any(n < 0 for n in shape):
+        raise m.fail(f"a tensor has a negative size {list(shape)}")
+    return TensorRef(storage, offset, shape, strides)
+
+
+def _rebuild_tensor_v2(m: _Machine, storage: Any, offset: Any, size: Any, stride: Any, _requires_grad: Any,
+                       _hooks: Any, _metadata: Any = None) -> TensorRef:
+    return _rebuild_tensor(m, storage, offset, size, stride)
+
+
+def _rebuild_parameter(m: _Machine, data: Any, _requires_grad: Any, _hooks: Any) -> TensorRef:
+    if not isinstance(data, TensorRef):
+        raise m.fail(f"a parameter wraps a {type(data).__name__}, not a tensor")
+    return data
+
+
+def _rebuild_parameter_with_state(m: _Machine, data: Any, requires_grad: Any, hooks: Any, _state: Any) -> TensorRef:
+    return _rebuild_parameter(m, data, requires_grad, hooks)
+
+
+def _ordered_dict(m: _Machine, items: Any = ()) -> collections.OrderedDict:
+    pairs = list(items.items()) if isinstance(items, dict) else items
+    if not isinstance(pairs, (list, tuple)):
+        raise m.fail(f"OrderedDict of a {type(items).__name__}")
+    m.budget.charge(len(pairs))
+    made: collections.OrderedDict = collections.OrderedDict()
+    for pair in pairs:
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise m.fail("OrderedDict items are not (key, value) pairs")
+        if not _hashable(pair[0]):
+            raise m.fail(f"a dict key is a {type(pair[0]).__name__}")
+        made[pair[0]] = pair[1]
+    return made
+
+
+def _set(m: _Machine, items: Any = ()) -> set:
+    if not isinstance(items, (list, tuple, set)) or not all(_hashable(v) for v in items):
+        raise m.fail("a set of values that are not plain keys")
+    m.budget.charge(len(items))
+    return set(items)
+
+
+def _encode(m: _Machine, text: Any, encoding: Any = "utf-8") -> bytes:
+    """How protocol 2 pickles bytes: `_codecs.encode(text, 'latin1')`; text codecs only."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1", "utf-8", "utf8", "ascii"):
+        raise m.fail(f"_codecs.encode of a {type(text).__name__} with codec {_short(encoding)}")
+    m.budget.charge(len(text))
+    try:
+        return text.encode(encoding)
+    except UnicodeEncodeError as err:
+        raise m.fail(f"bytes that do not fit {encoding}") from err
+
+
+def _allowed_globals() -> dict[tuple[str, str], _Global]:
+    """A fresh table per load (see `_Global`)."""
+    return {
+        ("collections", "OrderedDict"): _Global("collections.OrderedDict", _ordered_dict, collections.OrderedDict),
+        ("builtins", "set"): _Global("builtins.set", _set, set),
+        ("_codecs", "encode"): _Global("_codecs.encode", _encode),
+        ("torch._utils", "_rebuild_tensor_v2"): _Global("_rebuild_tensor_v2", _rebuild_tensor_v2),
+        ("torch._utils", "_rebuild_tensor"): _Global("_rebuild_tensor", _rebuild_tensor),
+        ("torch._utils", "_rebuild_parameter"): _Global("_rebuild_parameter", _rebuild_parameter),
+        ("torch._utils", "_rebuild_parameter_with_state"): _Global("_rebuild_parameter_with_state",
+                                                                   _rebuild_parameter_with_state),
+        **{("torch", name): _Global(f"torch.{name}", dtype=dtype) for name, dtype in TORCH_STORAGE_DTYPES.items()},
+    }
+
+
+def _storage_pid(pid: tuple, path: Path, length: int) -> tuple[np.dtype, str, int]:
+    """(dtype, key, element count) of a storage's persistent id, checked."""
+    if len(pid) != length:
+        raise VidportError(f"{path}: a storage id has {len(pid)} fields, expected {length}: {_short(pid)}")
+    kind, key, numel = pid[1], pid[2], pid[4]
+    if not isinstance(kind, _Global) or kind.dtype is None:
+        raise VidportError(f"{path}: storage of unsupported type {_short(kind)}")
+    if not isinstance(key, str) or not _is_int(numel) or numel < 0:
+        raise VidportError(f"{path}: a storage id names key {_short(key)} with {_short(numel)} elements")
+    return kind.dtype, key, numel
+
+
+def _run(data: bytes, start: int, path: Path, budget: _Budget, cut: bool,
+         storage_for: Callable[[tuple], StorageRef] | None = None) -> tuple[Any, int]:
+    allowed = _allowed_globals() if storage_for is not None else {}
+    return _Machine(data, path, allowed, budget, storage_for, cut).run(start)
+
+
+def _check_tree(tree: Any, path: Path) -> None:
+    """Bound the built tree (entries counted each time they are reached, so shared references
+    and cycles are caught) and check every tensor view against its storage, by name."""
+    pending: list[tuple[Any, int, Any]] = [(tree, 0, None)]
+    entries = 0
+    while pending:
+        node, depth, name = pending.pop()
+        entries += 1
+        if entries > MAX_TREE_ENTRIES:
+            raise VidportError(f"{path}: the pickle's objects expand to more than {MAX_TREE_ENTRIES:,} entries "
+                               "(shared references?); refused")
+        if depth > MAX_DEPTH:
+            raise VidportError(f"{path}: the pickle nests containers more than {MAX_DEPTH} deep "
+                               "(or a container holds itself); refused")
+        if isinstance(node, TensorRef):
+            problem = node.view_problem()
+            if problem is not None:
+                raise VidportError(f"{path}: tensor {_name(name)} does not lie inside its storage: {problem}")
+        elif isinstance(node, dict):
+            pending.extend((value, depth + 1, (name, key)) for key, value in node.items())
+        elif isinstance(node, (list, tuple, set)):
+            pending.extend((value, depth + 1, (name, index)) for index, value in enumerate(node))
+
+
+def _name(chain: Any) -> str:
+    parts = []
+    while chain is not None:
+        chain, key = chain
+        parts.append(str(key))
+    return ".".join(reversed(parts)) or "<root>"
+
+
+# ---------------------------------------------------------------- zip format
+
+_ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError, OSError, NotImplementedError,
+               ValueError, struct.error)
 
 
 def read_torch_zip(path: Path) -> Any:
     """The object tree of a zip-format torch checkpoint, tensors as TensorRefs."""
     try:
         archive = zipfile.ZipFile(path)
-        names = archive.namelist()
-    except (zipfile.BadZipFile, OSError) as err:
+    except _ZIP_ERRORS as err:
         raise VidportError(f"{path}: not a readable torch zip checkpoint ({err})") from err
-    pickles = [n for n in names if n.endswith("data.pkl")]
-    if not pickles:
-        raise VidportError(f"{path}: zip file without data.pkl; not a torch checkpoint")
-    root = pickles[0][: -len("data.pkl")]
-    byteorder = archive.read(root + "byteorder").decode() if root + "byteorder" in names else "little"
-    if byteorder != "little":
-        raise VidportError(f"{path}: big-endian checkpoints are not supported")
-    cache: dict[str, StorageRef] = {}
+    with archive:
+        infos = {info.filename: info for info in archive.infolist()}
+        if len(infos) != len(archive.infolist()):
+            raise VidportError(f"{path}: a zip member name appears twice (damaged or crafted file)")
+        first = next(iter(infos), "")
+        if "/" not in first:
+            raise VidportError(f"{path}: zip file without a checkpoint folder; not a torch checkpoint")
+        root = first.split("/", 1)[0] + "/"
+        if root + "data.pkl" not in infos:
+            raise VidportError(f"{path}: zip file without {root}data.pkl; not a torch checkpoint")
+        version = _small_member(archive, path, infos.get(root + ".data/version") or infos.get(root + "version"))
+        if version is None or not version.strip().isdigit() or int(version) not in ZIP_VERSIONS:
+            raise VidportError(f"{path}: not a torch checkpoint of a known format version ({_short(version)})")
+        byteorder = _small_member(archive, path, infos.get(root + "byteorder"))
+        if byteorder not in (None, b"little"):
+            raise VidportError(f"{path}: byte order {_short(byteorder)} is not supported (little-endian only)")
+        data = _pickle_member(archive, path, infos[root + "data.pkl"])
+
+    storages: dict[str, StorageRef] = {}
+    size = path.stat().st_size
 
     def storage_for(pid: tuple) -> StorageRef:
-        _, kind, key, _location, numel = pid[:5]
-        if key not in cache:
-            member = f"{root}data/{key}"
-            if member not in names:
-                raise VidportError(f"{path}: storage {key} is missing from the archive (truncated file?)")
-            info = archive.getinfo(member)
-            if info.compress_type != zipfile.ZIP_STORED:
-                raise VidportError(f"{path}: compressed storage {key} is not supported")
+        dtype, key, numel = _storage_pid(pid, path, 5)
+        if key not in storages:  # torch keeps the first declaration of a key, so do we
+            storages[key] = _zip_storage(path, infos.get(f"{root}data/{key}"), key, dtype, numel, size)
+        return storages[key]
 
-            data_start = _member_data_start(path, info)
+    tree, _ = _run(data, 0, path, _Budget(path), False, storage_for)
+    _check_tree(tree, path)
+    return tree
 
-            def read(offset: int, count: int, member: str = member, data_start: int = data_start,
-                     size: int = info.file_size) -> memoryview:
-                if offset + count > size:
-                    raise VidportError(f"{path}: storage {member} ends early (truncated file?)")
-                return map_range(path, data_start + offset, count, f"storage {member}")
 
-            cache[key] = StorageRef(str(key), _storage_dtype(kind, path), int(numel), read)
-        return cache[key]
+def _small_member(archive: zipfile.ZipFile, path: Path, info: zipfile.ZipInfo | None) -> bytes | None:
+    if info is None:
+        return None
+    if info.file_size > 64:
+        raise VidportError(f"{path}: zip member {info.filename} is {info.file_size:,} bytes; expected a few")
+    return _read_member(archive, path, info, 64)
 
+
+def _pickle_member(archive: zipfile.ZipFile, path: Path, info: zipfile.ZipInfo) -> bytes:
+    if info.file_size > MAX_PICKLE_BYTES:
+        raise VidportError(f"{path}: {info.filename} inflates to {info.file_size:,} bytes, over the "
+                           f"{MAX_PICKLE_BYTES:,}-byte limit; refused",
+                           hint="tensor data lies outside the pickle; a state dict's pickle is far smaller")
+    return _read_member(archive, path, info, MAX_PICKLE_BYTES)
+
+
+def _read_member(archive: zipfile.ZipFile, path: Path, info: zipfile.ZipInfo, limit: int) -> bytes:
+    """A member's bytes, CRC checked, never more than `limit` (the directory's size may lie)."""
     try:
-        data = archive.read(pickles[0])
-    except (zipfile.BadZipFile, OSError, EOFError) as err:
-        raise VidportError(f"{path}: corrupted checkpoint ({err})") from err
-    return _unpickle(data, path, storage_for)
+        with archive.open(info) as member:
+            data = member.read(limit + 1)
+    except RuntimeError as err:  # zipfile: an encrypted member
+        raise VidportError(f"{path}: zip member {info.filename} cannot be read ({err})") from err
+    except _ZIP_ERRORS as err:
+        raise VidportError(f"{path}: corrupted zip member {info.filename} ({err})") from err
+    if len(data) > limit:
+        raise VidportError(f"{path}: zip member {info.filename} inflates past {limit:,} bytes; refused")
+    return data
+
+
+def _zip_storage(path: Path, info: zipfile.ZipInfo | None, key: str, dtype: np.dtype, numel: int,
+                 file_size: int) -> StorageRef:
+    if info is None:
+        raise VidportError(f"{path}: storage {key} is missing from the archive (truncated file?)")
+    if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 1:
+        raise VidportError(f"{path}: storage {key} is compressed or encrypted; torch writes storages uncompressed")
+    nbytes = numel * dtype.itemsize
+    if info.file_size != nbytes or info.compress_size != nbytes:
+        raise VidportError(f"{path}: storage {key} holds {info.file_size:,} bytes, but the pickle declares "
+                           f"{numel:,} x {dtype.itemsize} bytes (damaged file?)")
+    start = _member_data_start(path, info)
+    if start + nbytes > file_size:
+        raise VidportError(f"{path}: storage {key} ends past the end of the file (truncated file?)")
+    return StorageRef(key, dtype, numel, _reader(path, start, nbytes, f"storage {key}"))
+
+
+def _reader(path: Path, start: int, nbytes: int, what: str) -> Callable[[int, int], memoryview]:
+    """Reads inside [start, start + nbytes) of the file and nowhere else."""
+    def read(offset: int, count: int) -> memoryview:
+        if offset < 0 or count < 0 or offset + count > nbytes:
+            raise VidportError(f"{path}: a read of {count} bytes at {offset} falls outside {what} ({nbytes} bytes)")
+        return map_range(path, start + offset, count, what)
+    return read
 
 
 def _member_data_start(path: Path, info: zipfile.ZipInfo) -> int:
@@ -193,85 +650,85 @@ def _member_data_start(path: Path, info: zipfile.ZipInfo) -> int:
     return info.header_offset + 30 + name_length + extra_length
 
 
-def _unpickle(source: Any, path: Path, storage_for: Callable[[tuple], StorageRef]) -> Any:
-    try:
-        return _SafeUnpickler(source, path, storage_for).load()
-    except (UnsafeCheckpointError, VidportError):
-        raise
-    except Exception as err:  # any malformed pickle
-        raise VidportError(f"{path}: corrupted checkpoint pickle ({type(err).__name__}: {err})") from err
+# ---------------------------------------------------------------- legacy format
 
 
 def read_torch_legacy(path: Path) -> Any:
     """The object tree of a legacy (pre-1.6, non-zip) torch checkpoint, tensors as TensorRefs.
 
     Layout: magic pickle, protocol pickle, sys-info pickle, the main pickle, a pickled list of
-    storage keys, then each storage as an 8-byte element count and its raw bytes.
+    storage keys, then each storage as an 8-byte element count and its raw bytes, to the end of
+    the file. Each count must be the one the pickle declares and the last storage must end
+    exactly at the end of the file: a block of zeros or a cut inside shifts every later storage.
     """
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(min(size, MAX_PICKLE_BYTES))
+    cut, budget = len(head) < size, _Budget(path)
+    magic, pos = _run(head, 0, path, budget, cut)
+    if type(magic) is not int or magic != LEGACY_MAGIC:
+        raise VidportError(f"{path}: a pickle file, but not a torch checkpoint")
+    protocol, pos = _run(head, pos, path, budget, cut)
+    if protocol != LEGACY_PROTOCOL:
+        raise VidportError(f"{path}: legacy torch protocol {_short(protocol)} is not supported")
+    sys_info, pos = _run(head, pos, path, budget, cut)
+    if isinstance(sys_info, dict) and sys_info.get("little_endian") is False:
+        raise VidportError(f"{path}: big-endian checkpoints are not supported")
+
+    declared: dict[str, tuple[np.dtype, int]] = {}
     offsets: dict[str, int] = {}
-    handle = open(path, "rb")
+    storages: dict[str, StorageRef] = {}
 
     def storage_for(pid: tuple) -> StorageRef:
-        _, kind, key, _location, numel = pid[:5]
-        if len(pid) > 5 and pid[5] is not None:
+        dtype, key, numel = _storage_pid(pid, path, 6)
+        if pid[5] is not None:
             raise VidportError(f"{path}: legacy storage views are not supported")
+        if key not in storages:  # torch keeps the first declaration of a key, so do we
+            declared[key] = (dtype, numel)
 
-        def read(offset: int, count: int) -> memoryview:
-            return map_range(path, offsets[key] + offset, count, f"storage {key}")
+            def read(offset: int, count: int, key: str = key) -> memoryview:
+                return _reader(path, offsets[key], numel * dtype.itemsize, f"storage {key}")(offset, count)
 
-        return StorageRef(str(key), _storage_dtype(kind, path), int(numel), read)
+            storages[key] = StorageRef(key, dtype, numel, read)
+        return storages[key]
 
-    with handle:
-        try:
-            if _RefusingUnpickler(handle, path).load() != LEGACY_MAGIC:
-                raise VidportError(f"{path}: a pickle file, but not a torch checkpoint")
-            _RefusingUnpickler(handle, path).load()  # protocol version
-            _RefusingUnpickler(handle, path).load()  # sys info
-            tree = _unpickle(handle, path, storage_for)
-            keys = _RefusingUnpickler(handle, path).load()
-        except (UnsafeCheckpointError, VidportError):
-            raise
-        except Exception as err:
-            raise VidportError(f"{path}: corrupted legacy torch checkpoint ({type(err).__name__}: {err})") from err
-        dtypes = _legacy_itemsizes(tree)
-        for key in keys:
-            header = handle.read(8)
-            if len(header) != 8:
-                raise VidportError(f"{path}: storage {key} is missing (truncated file?)")
-            (numel,) = struct.unpack("<q", header)
-            offsets[key] = handle.tell()
-            handle.seek(numel * dtypes.get(key, 1), io.SEEK_CUR)
-        if handle.tell() > path.stat().st_size:
-            raise VidportError(f"{path}: file ends early (truncated file?)")
+    tree, pos = _run(head, pos, path, budget, cut, storage_for)
+    keys, pos = _run(head, pos, path, budget, cut)
+    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+        raise VidportError(f"{path}: the list of storage keys is a {type(keys).__name__} (damaged file?)")
+    offsets.update(_legacy_storages(path, pos, size, keys, declared))
+    _check_tree(tree, path)
     return tree
 
 
-def _legacy_itemsizes(tree: Any) -> dict[str, int]:
-    """Storage key -> item size, found by walking the tree for TensorRefs."""
-    sizes: dict[str, int] = {}
-    for ref in iter_refs(tree):
-        sizes[ref.storage.key] = ref.dtype.itemsize
-    return sizes
+def _legacy_storages(path: Path, pos: int, size: int, keys: list[str],
+                     declared: dict[str, tuple[np.dtype, int]]) -> dict[str, int]:
+    """Where each storage's bytes start, after checking counts and that they fill the file."""
+    offsets: dict[str, int] = {}
+    with open(path, "rb") as handle:
+        for key in keys:
+            if key not in declared:
+                raise VidportError(f"{path}: the file stores storage {key}, which the pickle never uses (damaged file?)")
+            if key in offsets:
+                raise VidportError(f"{path}: storage {key} is stored twice (damaged file?)")
+            dtype, numel = declared[key]
+            handle.seek(pos)
+            header = handle.read(8)
+            if len(header) != 8:
+                raise VidportError(f"{path}: storage {key} is missing (truncated file?)")
+            (count,) = struct.unpack("<q", header)
+            if count != numel:
+                raise VidportError(f"{path}: storage {key} records {count:,} elements where the pickle declares "
+                                   f"{numel:,} (damaged file?)")
+            offsets[key] = pos + 8
+            pos += 8 + numel * dtype.itemsize
+            if pos > size:
+                raise VidportError(f"{path}: storage {key} ends past the end of the file (truncated file?)")
+    missing = sorted(set(declared) - set(offsets))
+    if missing:
+        raise VidportError(f"{path}: storage(s) {', '.join(missing[:4])} used by the pickle are not in the file "
+                           "(truncated file?)")
+    if pos != size:
+        raise VidportError(f"{path}: {size - pos:,} unexpected bytes after the last storage (damaged file?)")
+    return offsets
 
-
-def iter_refs(tree: Any):
-    """Every TensorRef in a nested object tree."""
-    if isinstance(tree, TensorRef):
-        yield tree
-    elif isinstance(tree, dict):
-        for value in tree.values():
-            yield from iter_refs(value)
-    elif isinstance(tree, (list, tuple)):
-        for value in tree:
-            yield from iter_refs(value)
-
-
-class _RefusingUnpickler(pickle.Unpickler):
-    """For the small header pickles: plain values only, no globals at all."""
-
-    def __init__(self, handle: Any, path: Path):
-        super().__init__(handle)
-        self.path = path
-
-    def find_class(self, module: str, name: str) -> Any:
-        raise UnsafeCheckpointError(f"{self.path}: refused to load: the pickle asks for `{module}.{name}`")
