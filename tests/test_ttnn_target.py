@@ -12,7 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cli import app
+from vidport.cli import app
 from vidport.converter.convert import convert, plan_conversion
 from vidport.converter.ttnn_support import group_norm as packing
 from vidport.converter.core.tensorbin import read_tensorbin, to_bfloat8_b, to_bfloat16

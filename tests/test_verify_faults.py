@@ -13,7 +13,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cli import app
+from vidport.cli import app
 from vidport.converter.convert import convert, plan_conversion
 from vidport.converter.safetensors_io import SafetensorsWriter, read_safetensors
 from vidport.converter.core.manifest import MANIFEST
@@ -107,7 +107,7 @@ class Block(importlib.abc.MetaPathFinder):
             raise ImportError("torch is not installed here")
 sys.meta_path.insert(0, Block())
 sys.argv = ["vidport"] + sys.argv[1:]
-from cli import app
+from vidport.cli import app
 try:
     app()
 finally:
