@@ -98,9 +98,15 @@ def resolve_config(detected: Detected, source: Source, canonical_shapes: dict[st
 
 
 def expected_shapes(plan_family, target: TargetSpec, config: dict[str, Any]) -> dict[str, Shape]:
-    """The parameter shapes the output must have: the MLX runtime model's or the canonical model's."""
+    """The parameter shapes the output must have: the MLX runtime model's or the canonical model's.
+    The config may come from a file: one the model cannot be built from (no heads, a per-block
+    list of the wrong length, heads wider than the width) is one error line, not a traceback."""
     model = plan_family.runtime if target.expected == "runtime" else plan_family.canonical
-    return named_object(target.shapes)(model, config)
+    try:
+        return named_object(target.shapes)(model, config)
+    except (TypeError, ValueError, ArithmeticError, IndexError, KeyError) as err:
+        raise VidportError(f"config does not fit {model} ({type(err).__name__}: {err})",
+                           hint="check the config file's values or --set") from err
 
 
 @contextmanager

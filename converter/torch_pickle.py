@@ -27,7 +27,7 @@ from typing import Any, Callable
 import numpy as np
 
 from vidport.converter.core.errors import UnsafeCheckpointError, VidportError
-from vidport.converter.dtypes import TORCH_STORAGE_DTYPES
+from vidport.converter.dtypes import TORCH_STORAGE_DTYPES, dtype_name, is_floating
 from vidport.converter.mapped import map_range
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
@@ -79,10 +79,12 @@ class TensorRef:
         return 1 + sum((n - 1) * s for n, s in zip(self.shape, self.stride) if n > 1)
 
     def view_problem(self) -> str | None:
-        """Why this view does not lie inside its storage, or None when it does."""
+        """Why this view does not lie inside its storage, or None when it does. Like torch: an
+        empty tensor may have any strides, and a dimension of size 1 any stride."""
         if self.offset < 0:
             return f"negative storage offset {self.offset}"
-        if any(s < 0 for n, s in zip(self.shape, self.stride) if n > 1):
+        if min(self.stride, default=0) < -2**62 or (
+                0 not in self.shape and any(s < 0 for n, s in zip(self.shape, self.stride) if n > 1)):
             return f"negative stride {list(self.stride)} (shape {list(self.shape)})"
         span = self._span()
         if span and self.offset + span > self.storage.numel:
@@ -254,7 +256,7 @@ class _Machine:
         func = self.top()
         if not isinstance(func, _Global) or func.call is None:
             raise self.fail(f"calls {type(func).__name__}, which is not an allowed function")
-        if not isinstance(args, (tuple, list)):
+        if not isinstance(args, (tuple, list, set, dict)):  # what `func(*args)` takes, bar strings
             raise self.fail(f"arguments of {func.name} are a {type(args).__name__}, not a tuple")
         try:
             self.stack[-1] = func.call(self, *args)
@@ -416,7 +418,10 @@ def _short(value: Any) -> str:
 
 
 def _rebuild_tensor(m: _Machine, storage: Any, offset: Any, size: Any, stride: Any) -> TensorRef:
-    shape, strides = _int_tuple(size), _int_tuple(stride)
+    shape = _int_tuple(size)
+    if stride is None and shape is not None:  # torch's set_ takes None as the contiguous strides
+        stride = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
+    strides = _int_tuple(stride)
     if not isinstance(storage, StorageRef):
         raise m.fail(f"a tensor is rebuilt from a {type(storage).__name__}, not a storage")
     if not _is_int(offset) or shape is None or strides is None or len(shape) != len(strides):
@@ -426,14 +431,26 @@ def _rebuild_tensor(m: _Machine, storage: Any, offset: Any, size: Any, stride: A
     return TensorRef(storage, offset, shape, strides)
 
 
-def _rebuild_tensor_v2(m: _Machine, storage: Any, offset: Any, size: Any, stride: Any, _requires_grad: Any,
-                       _hooks: Any, _metadata: Any = None) -> TensorRef:
-    return _rebuild_tensor(m, storage, offset, size, stride)
+def _rebuild_tensor_v2(m: _Machine, storage: Any, offset: Any, size: Any, stride: Any, requires_grad: Any,
+                       _hooks: Any, metadata: Any = None) -> TensorRef:
+    tensor = _rebuild_tensor(m, storage, offset, size, stride)
+    _check_requires_grad(m, tensor, requires_grad)
+    if metadata:  # torch.save writes it for a tensor with a lazy negation or conjugation: other values
+        raise m.fail(f"tensor metadata {_short(metadata)} is not supported")
+    return tensor
 
 
-def _rebuild_parameter(m: _Machine, data: Any, _requires_grad: Any, _hooks: Any) -> TensorRef:
+def _check_requires_grad(m: _Machine, tensor: TensorRef, requires_grad: Any) -> None:
+    if type(requires_grad) is not bool:
+        raise m.fail(f"requires_grad is {_short(requires_grad)}, not a bool")
+    if requires_grad and not is_floating(tensor.dtype):
+        raise m.fail(f"a {dtype_name(tensor.dtype)} tensor cannot require gradients")
+
+
+def _rebuild_parameter(m: _Machine, data: Any, requires_grad: Any, _hooks: Any) -> TensorRef:
     if not isinstance(data, TensorRef):
         raise m.fail(f"a parameter wraps a {type(data).__name__}, not a tensor")
+    _check_requires_grad(m, data, requires_grad)
     return data
 
 
@@ -521,6 +538,9 @@ def _check_tree(tree: Any, path: Path) -> None:
         if depth > MAX_DEPTH:
             raise VidportError(f"{path}: the pickle nests containers more than {MAX_DEPTH} deep "
                                "(or a container holds itself); refused")
+        if isinstance(node, (StorageRef, _Global)):
+            what = "a bare storage" if isinstance(node, StorageRef) else f"the global {node.name} itself"
+            raise VidportError(f"{path}: {_name(name)} is {what}, not data a state dict holds")
         if isinstance(node, TensorRef):
             problem = node.view_problem()
             if problem is not None:
@@ -550,27 +570,28 @@ def read_torch_zip(path: Path) -> Any:
     try:
         archive = zipfile.ZipFile(path)
     except _ZIP_ERRORS as err:
-        raise VidportError(f"{path}: not a readable torch zip checkpoint ({err})") from err
+        raise VidportError(f"{path}: zip archive is truncated or corrupted ({err})") from err
+    size = path.stat().st_size
     with archive:
-        infos = {info.filename: info for info in archive.infolist()}
-        if len(infos) != len(archive.infolist()):
-            raise VidportError(f"{path}: a zip member name appears twice (damaged or crafted file)")
-        first = next(iter(infos), "")
-        if "/" not in first:
-            raise VidportError(f"{path}: zip file without a checkpoint folder; not a torch checkpoint")
-        root = first.split("/", 1)[0] + "/"
-        if root + "data.pkl" not in infos:
-            raise VidportError(f"{path}: zip file without {root}data.pkl; not a torch checkpoint")
+        infos, root = _zip_directory(archive, path, size)
         version = _small_member(archive, path, infos.get(root + ".data/version") or infos.get(root + "version"))
         if version is None or not version.strip().isdigit() or int(version) not in ZIP_VERSIONS:
             raise VidportError(f"{path}: not a torch checkpoint of a known format version ({_short(version)})")
         byteorder = _small_member(archive, path, infos.get(root + "byteorder"))
         if byteorder not in (None, b"little"):
             raise VidportError(f"{path}: byte order {_short(byteorder)} is not supported (little-endian only)")
+        _small_member(archive, path, infos.get(root + ".format_version"))
+        serial = _small_member(archive, path, infos.get(root + ".data/serialization_id")) or b""
+        try:
+            serial.decode("utf-8")  # as torch's reader decodes it
+        except UnicodeDecodeError as err:
+            raise VidportError(f"{path}: .data/serialization_id is not UTF-8 (damaged file?)") from err
+        alignment = _small_member(archive, path, infos.get(root + ".storage_alignment"))
+        if alignment is not None and not alignment.strip().isdigit():
+            raise VidportError(f"{path}: .storage_alignment is {_short(alignment)}, not a number")
         data = _pickle_member(archive, path, infos[root + "data.pkl"])
 
     storages: dict[str, StorageRef] = {}
-    size = path.stat().st_size
 
     def storage_for(pid: tuple) -> StorageRef:
         dtype, key, numel = _storage_pid(pid, path, 5)
@@ -581,6 +602,79 @@ def read_torch_zip(path: Path) -> Any:
     tree, _ = _run(data, 0, path, _Budget(path), False, storage_for)
     _check_tree(tree, path)
     return tree
+
+
+def _zip_directory(archive: zipfile.ZipFile, path: Path, size: int) -> tuple[dict[str, zipfile.ZipInfo], str]:
+    """The members by name, and the folder they all lie in, checked as torch's zip reader checks
+    the directory before it reads anything."""
+    listed = archive.infolist()
+    infos = {info.filename: info for info in listed}
+    if len(infos) != len(listed):
+        raise VidportError(f"{path}: a zip member name appears twice (damaged or crafted file)")
+    for info in listed:
+        raw_name = info.filename.encode("utf-8" if info.flag_bits & 0x800 else "cp437")
+        try:
+            raw_name.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise VidportError(f"{path}: zip member name {raw_name[:60]!r} is not UTF-8") from err
+        if info.external_attr & 0x10 or info.filename.endswith("/"):  # torch's reader takes these as folders
+            raise VidportError(f"{path}: zip member {info.filename} is marked as a folder (damaged file?)")
+        if (info.header_offset + 30 + info.compress_size > size or (info.file_size and not info.compress_size)
+                or (info.compress_type == zipfile.ZIP_STORED and info.file_size != info.compress_size)
+                or info.volume not in (0, 1) or info.flag_bits & 0x2061):  # encrypted, masked or patched
+            raise VidportError(f"{path}: zip directory entry {info.filename} does not fit the file, "
+                               "or is encrypted, patched or on another disk (damaged or truncated file?)")
+    if not _directory_agrees(path, size, len(listed)):
+        raise VidportError(f"{path}: the zip directory's member count or size does not match its entries "
+                           "(damaged file?)")
+    first = listed[0].filename if listed else ""
+    root = first.split("/", 1)[0] + "/"
+    if "/" not in first or any(not name.startswith(root) for name in infos):
+        raise VidportError(f"{path}: zip members not all in one folder; not a torch checkpoint")
+    if root + "data.pkl" not in infos:
+        raise VidportError(f"{path}: zip file without {root}data.pkl; not a torch checkpoint")
+    return infos, root
+
+
+def _directory_agrees(path: Path, size: int, members: int) -> bool:
+    """Whether the zip's end records (and zip64 record, when there is one) state one disk,
+    `members` members and a directory that those members' entries fill exactly, where it lies.
+    torch's reader trusts these numbers; Python's reads entries until the directory runs out."""
+    with open(path, "rb") as handle:
+        handle.seek(max(0, size - 22 - 0xFFFF - 20))
+        start = handle.tell()
+        tail = handle.read()
+        at = tail.rfind(b"PK\x05\x06")
+        if at < 0 or len(tail) - at < 22:
+            return False
+        disks = [struct.unpack("<HH", tail[at + 4:at + 8])]
+        this_disk, total, cd_size, cd_offset = struct.unpack("<HHII", tail[at + 8:at + 20])
+        end = start + at
+        if at >= 20 and tail[at - 20:at - 16] == b"PK\x06\x07":
+            (end,) = struct.unpack("<Q", tail[at - 12:at - 4])
+            if end > size - 56:
+                return False
+            handle.seek(end)
+            zip64 = handle.read(56)
+            if len(zip64) < 56 or zip64[:4] != b"PK\x06\x06":
+                return False
+            disks.append(struct.unpack("<II", zip64[16:24]))
+            counts = struct.unpack("<QQ", zip64[24:40])
+            if any(n != members for n in counts) or any(n not in (members, 0xFFFF) for n in (this_disk, total)):
+                return False
+            cd_size, cd_offset = struct.unpack("<QQ", zip64[40:56])
+        elif this_disk != members or total != members:
+            return False
+        if cd_offset + cd_size != end or end > size or any(pair not in ((0, 0), (1, 1)) for pair in disks):
+            return False
+        handle.seek(cd_offset)
+        directory = handle.read(cd_size)
+    pos = 0
+    for _ in range(members):
+        if directory[pos:pos + 4] != b"PK\x01\x02" or pos + 46 > len(directory):
+            return False
+        pos += 46 + sum(struct.unpack("<HHH", directory[pos + 28:pos + 34]))
+    return pos == cd_size
 
 
 def _small_member(archive: zipfile.ZipFile, path: Path, info: zipfile.ZipInfo | None) -> bytes | None:
@@ -641,12 +735,17 @@ def _reader(path: Path, start: int, nbytes: int, what: str) -> Callable[[int, in
 def _member_data_start(path: Path, info: zipfile.ZipInfo) -> int:
     """Where a stored zip member's bytes begin: after its local header, whose name and extra
     field lengths may differ from the central directory's."""
+    name = info.filename.encode("utf-8" if info.flag_bits & 0x800 else "cp437")
     with open(path, "rb") as handle:
         handle.seek(info.header_offset)
-        local = handle.read(30)
-    if len(local) != 30 or local[:4] != b"PK\x03\x04":
-        raise VidportError(f"{path}: corrupted zip entry {info.filename} (truncated file?)")
+        local = handle.read(30 + len(name))
+    if len(local) != 30 + len(name) or local[:4] != b"PK\x03\x04":
+        raise VidportError(f"{path}: corrupted zip member {info.filename}: no local header where the directory "
+                           "says (truncated file?)")
     name_length, extra_length = struct.unpack("<HH", local[26:30])
+    if local[30:] != name or name_length != len(name):  # as Python's zipfile checks every member it opens
+        raise VidportError(f"{path}: corrupted zip member {info.filename}: its local header names another "
+                           f"({local[30:30 + name_length][:60]!r})")
     return info.header_offset + 30 + name_length + extra_length
 
 

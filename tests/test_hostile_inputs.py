@@ -16,8 +16,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fixtures.hostile import (Storage, View, deflated_zeros, state_pickle, stored, write_legacy, write_legacy_tree,
-                              write_safetensors_header, write_zip, write_zip_members, write_zip_tree)
+from fixtures.hostile import (Storage, View, deflated_zeros, state_pickle, stored, write_legacy, write_safetensors_header,
+                              write_zip, write_zip_members, write_zip_tree)
 from vidport.converter.checkpoint import read_checkpoint
 from vidport.converter.core.errors import VidportError
 from vidport.converter.convert import plan_conversion
@@ -85,8 +85,8 @@ def test_legacy_block_of_zeros_is_refused(tmp_path):
     path = tmp_path / "zeros.pth"
     torch.save({"a": torch.randn(256), "b": torch.randn(256)}, path, _use_new_zipfile_serialization=False)
     data = path.read_bytes()
-    first_storage_end = data.index(torch.load(path, weights_only=True)["a"].numpy().tobytes()) + 1024
-    path.write_bytes(data[:first_storage_end] + bytes(4096) + data[first_storage_end:])  # later storages shift
+    first_storage_end = min(data.index(t.numpy().tobytes()) for t in torch.load(path, weights_only=True).values()) + 1024
+    path.write_bytes(data[:first_storage_end] + bytes(4096) + data[first_storage_end:])  # the next storage shifts
     torch_refuses(path)
     refused(path, "records 0 elements where the pickle declares 256")
 
