@@ -34,8 +34,8 @@ LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
 ZIP_VERSIONS = range(1, 11)  # the format versions torch reads
 
-# Bounds on what one checkpoint's pickles may ask of us. Real ones are far below them: a 14B
-# model's data.pkl is ~100 KB and ~30 000 opcodes, its tree a few thousand entries 3-5 levels deep.
+# Bounds on what one checkpoint's pickles may ask of us. Real ones are far below them: torch.save
+# spends about 30 opcodes and 100 bytes on a tensor, and a state dict nests 1-5 levels deep.
 MAX_PICKLE_BYTES = 64 * 1024 * 1024
 MAX_OPCODES = 5_000_000
 MAX_WORK = 20_000_000  # elements copied by set(), OrderedDict(), encode() on top of the opcodes
@@ -182,7 +182,8 @@ class _Machine:
         end = self.pos + count
         if end > len(self.data):
             if self.cut:
-                raise VidportError(f"{self.path}: the checkpoint's pickle is larger than {MAX_PICKLE_BYTES:,} bytes; refused",
+                raise VidportError(f"{self.path}: the checkpoint's pickle is larger than {MAX_PICKLE_BYTES:,} "
+                                   "bytes; refused",
                                    hint="tensor data lies outside the pickle; a state dict's pickle is far smaller")
             raise VidportError(f"{self.path}: the checkpoint's pickle ends early (truncated file?)")
         chunk = self.data[self.pos:end]
@@ -807,7 +808,8 @@ def _legacy_storages(path: Path, pos: int, size: int, keys: list[str],
     with open(path, "rb") as handle:
         for key in keys:
             if key not in declared:
-                raise VidportError(f"{path}: the file stores storage {key}, which the pickle never uses (damaged file?)")
+                raise VidportError(f"{path}: the file stores storage {key}, which the pickle never uses "
+                                   "(damaged file?)")
             if key in offsets:
                 raise VidportError(f"{path}: storage {key} is stored twice (damaged file?)")
             dtype, numel = declared[key]
