@@ -29,6 +29,9 @@ def describe(path: str | Path) -> dict[str, Any]:
                 "parameters": f"{manifest['parameters']:,}", "config": manifest["config"],
                 "files": ", ".join(manifest["files"])}
     source = read_checkpoint(path)
+    if not isinstance(source.tree, dict):  # a pickle may hold anything; a model's weights are a dict
+        raise VidportError(f"{path}: holds a {type(source.tree).__name__}, not a dict of tensors",
+                           hint="vidport reads checkpoints of model weights")
     rows: dict[str, Any] = {"format": source.format}
     try:
         found = detect(source, load_catalog())

@@ -343,3 +343,11 @@ def test_zip_member_with_a_bad_crc_is_one_line(tmp_path):
     data[at] ^= 0x20  # inside the stored data.pkl: its CRC no longer matches
     path.write_bytes(bytes(data))
     refused(path, "corrupted zip member .*data.pkl .*CRC")
+
+
+def test_inspect_of_a_checkpoint_that_is_not_a_dict_names_the_file(tmp_path):
+    from vidport.converter.inspect import describe
+
+    torch.save([torch.ones(2)], tmp_path / "list.pt")
+    with pytest.raises(VidportError, match=r"list.pt: holds a list, not a dict of tensors"):
+        describe(tmp_path / "list.pt")
