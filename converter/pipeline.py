@@ -19,6 +19,7 @@ from typing import Any, Callable
 from vidport.converter.core.named import named_object
 from vidport.converter.convert import MANIFEST, ConversionPlan, Progress, plan_conversion, tool_version
 from vidport.converter.core.errors import VidportError
+from vidport.converter.core.jsonfile import read_json_object
 from vidport.converter.hashing import hash_in_background
 from vidport.converter.infer import ConfigNeeded, public
 from vidport.converter.output import Notice, atomic_folder, copy_files, source_files
@@ -116,10 +117,7 @@ def _scheduler(spec: PipelineSpec, sources: dict[str, Path], layouts: dict[str, 
         return {}, "default"
     found = _part(spec, sources, layouts, "scheduler")
     if found is not None and found.exists():
-        try:
-            config = {**json.loads(found.read_text()), **spec.scheduler_set}
-        except json.JSONDecodeError as err:
-            raise VidportError(f"{found}: not valid JSON ({err})") from err
+        config = {**read_json_object(found), **spec.scheduler_set}
         origin = str(found.absolute())
     else:
         config, origin = dict(spec.scheduler_default), "default"
@@ -188,10 +186,7 @@ def _index_values(spec: PipelineSpec, sources: dict[str, Path], layouts: dict[st
     found = _part(spec, sources, layouts, "model_index")
     index: dict[str, Any] = {}
     if found is not None and found.exists():
-        try:
-            index = json.loads(found.read_text())
-        except json.JSONDecodeError as err:
-            raise VidportError(f"{found}: not valid JSON ({err})") from err
+        index = read_json_object(found)
     return {key: index.get(key, default) for key, default in spec.model_index_from_source.items()}
 
 
