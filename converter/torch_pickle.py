@@ -292,14 +292,12 @@ class _Machine:
         self.stack = []
 
     def op_append(self) -> None:
-        item = self.pop()
-        target = self.top()
-        if type(target) is not list:
-            raise self.fail(f"appends to a {type(target).__name__}")
-        target.append(item)
+        self.extend_list([self.pop()])
 
     def op_appends(self) -> None:
-        items = self.pop_mark()
+        self.extend_list(self.pop_mark())
+
+    def extend_list(self, items: list[Any]) -> None:
         target = self.top()
         if type(target) is not list:
             raise self.fail(f"appends to a {type(target).__name__}")
