@@ -209,6 +209,9 @@ def convert_pipeline_command(spec, source: Path, inputs: dict[str, Path], tokeni
         console.print(f"[bold]{name}[/]: {component.detected.spec.name} ({component.source.format}"
                       + (f", {component.variant}" if component.variant else "") + f") -> [bold]{target}[/]")
         print_assumed(component.assumed)
+    for name, why in plan.absent.items():
+        console.print(f"[bold]{name}[/]: [yellow]absent[/] from the sources, left out" + (f" ({why})" if why else ""),
+                      highlight=False, soft_wrap=True)
     console.print(f"[bold]tokenizer[/]: {plan.tokenizer or '-'}; [bold]scheduler[/]: "
                   f"{plan.scheduler.get('_class_name', '-')} ({plan.scheduler_from})")
     with progress_bar("converting") as bar:

@@ -46,11 +46,42 @@ def detect(source: Source, catalog: Catalog, family: str | None = None) -> Detec
         names = ", ".join(d.spec.name for d in found)
         raise VidportError(f"{source.path}: ambiguous: fits {names}", hint="name the family on the command line")
     tried = ", ".join(s.name for f in families for s in f.sources)
-    sample = ", ".join(list(unwrap(source.tree, COMMON_WRAPPERS, ["module."]).refs)[:3]) if isinstance(source.tree, dict) else ""
+    sample = ", ".join(_keys(source)[:3])
+    if family:
+        _refuse_other_model(source, catalog, families[0])
     raise VidportError(
         f"{source.path}: not a known {family or 'model'} checkpoint ({source.format}; first keys: {sample})",
         hint=f"source formats tried: {tried}; `vidport models` lists what is supported",
     )
+
+
+def holds_part(source: Source, family: FamilySpec) -> bool:
+    """Whether a file that holds several models (an LTX-2 single file) holds any of `family`'s:
+    a key under one of the prefixes its source specs select. A family no spec selects a prefix
+    for, or one that also reads a file holding it alone (""), is taken to be there."""
+    prefixes = [p for spec in family.sources for p in spec.select_prefixes]
+    if not prefixes or "" in prefixes:
+        return True
+    return any(key.startswith(prefix) for key in _keys(source) for prefix in prefixes)
+
+
+def _keys(source: Source) -> list[str]:
+    return list(unwrap(source.tree, COMMON_WRAPPERS, ["module."]).refs) if isinstance(source.tree, dict) else []
+
+
+def _refuse_other_model(source: Source, catalog: Catalog, family: FamilySpec) -> None:
+    """A file asked for as `family` that is another family's checkpoint, or a model vidport knows
+    but does not convert (mappings/unconverted.yaml), is refused with a line saying what it is."""
+    others = [s for f in catalog.families.values() if f.name != family.name for s in f.sources if _fits(s, source) is not None]
+    if others:
+        names = ", ".join(sorted({s.family for s in others}))
+        raise VidportError(f"{source.path}: this is a {names} checkpoint ({others[0].name}), not {family.name}",
+                           hint=f"convert it as `vidport convert {others[0].family} ...`")
+    keys = _keys(source)
+    for model in catalog.unconverted:
+        if model.fits(keys):
+            raise VidportError(f"{source.path}: this is {model.name}: {' '.join(model.about.split())}",
+                               hint="`vidport models` lists the families vidport converts")
 
 
 def choose_ema(detected: Detected, source: Source) -> Detected:

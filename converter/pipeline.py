@@ -16,14 +16,17 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
+from vidport.converter.checkpoint import read_checkpoint
 from vidport.converter.core.named import named_object
 from vidport.converter.convert import MANIFEST, ConversionPlan, Progress, plan_conversion, tool_version
+from vidport.converter.detect import holds_part
+from vidport.converter.spec import load_catalog
 from vidport.converter.core.errors import VidportError
 from vidport.converter.core.jsonfile import read_json_object
 from vidport.converter.hashing import hash_in_background
 from vidport.converter.infer import ConfigNeeded, public
 from vidport.converter.output import Notice, atomic_folder, copy_files, source_files
-from vidport.converter.pipeline_spec import Layout, PipelineSpec, pipeline_spec
+from vidport.converter.pipeline_spec import Component, Layout, PipelineSpec, pipeline_spec
 
 SCHEDULER_FILE = "scheduler/scheduler_config.json"
 TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"))  # a fast tokenizer, or BPE files
@@ -44,6 +47,7 @@ class PipelinePlan:
     copies: dict[str, Path] = field(default_factory=dict)  # part -> the file or folder copied as it is
     index_values: dict[str, Any] = field(default_factory=dict)  # the spec's model_index_from_source, read
     files: dict[str, list[tuple[Path, Path]]] = field(default_factory=dict)  # copied part -> its files, checked
+    absent: dict[str, str] = field(default_factory=dict)  # optional component the sources lack -> why
 
     @property
     def total_tensors(self) -> int:
@@ -74,30 +78,48 @@ def _layout(spec: PipelineSpec, input_name: str, source: Path) -> Layout:
     raise VidportError(f"{source}: not a source the {spec.name} pipeline reads as {input_name}", hint=f"expected {tried}")
 
 
-def _holder(spec: PipelineSpec, part: str) -> str:
-    """The input whose layouts name `part` (the first input where none does)."""
+def _holder(spec: PipelineSpec, part: str, layouts: dict[str, Layout] | None = None) -> str:
+    """The input that holds `part`: the first given input whose layout names it (an LTX-2 Diffusers
+    folder holds latent_upsampler/, an original file leaves it to --input upsampler=FILE), else the
+    first input whose layouts can name it, else the first input."""
+    if layouts:
+        given = next((name for name, layout in layouts.items() if part in layout.parts), None)
+        if given is not None:
+            return given
     return next((name for name, entry in spec.inputs.items() if any(part in layout.parts for layout in entry.layouts)),
                 next(iter(spec.inputs)))
 
 
 def _part(spec: PipelineSpec, sources: dict[str, Path], layouts: dict[str, Layout], part: str) -> Path | None:
-    """Where `part` lies in its input's source, or None where the source's layout has no such part."""
-    holder = _holder(spec, part)
+    """Where `part` lies in its input's source, or None where no given source's layout has such a part."""
+    holder = _holder(spec, part, layouts)
+    if holder not in layouts:
+        return None
     relative = layouts[holder].parts.get(part)
     if relative is None:
         return None
     return sources[holder] / relative if relative else sources[holder]
 
 
+def _absent(spec: PipelineSpec, component: Component, path: Path | None) -> bool:
+    """An optional component the sources lack: no such part, or a single file that holds the other
+    models but none of this one's keys (an LTX-2 file without its audio VAE and vocoder)."""
+    if path is None or not path.exists():
+        return True
+    return path.is_file() and not holds_part(read_checkpoint(path), load_catalog().family(component.family))
+
+
 def _tokenizer(spec: PipelineSpec, sources: dict[str, Path], layouts: dict[str, Layout],
-               given: Path | None) -> Path | None:
+               given: Path | None, components: dict[str, ConversionPlan]) -> Path | None:
     if spec.tokenizer_class is None:
         return None
+    if spec.tokenizer_follows is not None and spec.tokenizer_follows not in components:
+        return None  # no text encoder converted: nothing would use a tokenizer
     option = spec.tokenizer_option or "--tokenizer"
     if given is None:
         found = _part(spec, sources, layouts, "tokenizer")
         if found is None or not found.exists():
-            holder = _holder(spec, "tokenizer")
+            holder = _holder(spec, "tokenizer", layouts)
             layout = layouts[holder].name
             raise VidportError(f"{found or sources[holder]}: a{'n' if layout[0] in 'aeiou' else ''} {layout} source "
                                "carries no tokenizer",
@@ -135,25 +157,31 @@ def plan_pipeline(pipeline: str | PipelineSpec, sources: dict[str, str | Path], 
     """`sources` by the spec's input names (sd, motion); `overrides` as COMPONENT.KEY."""
     spec = pipeline_spec(pipeline) if isinstance(pipeline, str) else pipeline
     for name, entry in spec.inputs.items():
-        if sources.get(name) is None:
+        if sources.get(name) is None and not entry.optional:
             raise VidportError(f"the {spec.name} pipeline needs {entry.help or name}",
                                hint=f"pass it with {entry.option or '--input ' + name + '=PATH'}")
     unknown = sorted(set(sources) - set(spec.inputs))
     if unknown:
         raise VidportError(f"the {spec.name} pipeline takes no {', '.join(unknown)}")
-    paths = {name: Path(path) for name, path in sources.items()}
+    paths = {name: Path(path) for name, path in sources.items() if path is not None}
     for name, path in paths.items():
         if not path.exists():
             raise VidportError(f"{path}: no such file or folder")
     layouts = {name: _layout(spec, name, path) for name, path in paths.items()}
     per_component = split_overrides(spec, overrides or {})
     components: dict[str, ConversionPlan] = {}
+    absent: dict[str, str] = {}
     for component in spec.components:
         path = _part(spec, paths, layouts, component.name)
-        if component.optional and (path is None or not path.exists()):
-            continue  # e.g. a Wan 2.1 folder has no transformer_2, a T2V folder no image_encoder
+        if component.optional and _absent(spec, component, path):
+            absent[component.name] = component.why  # e.g. a Wan 2.1 folder has no transformer_2
+            continue
         if path is None or not path.exists():
-            input_name = _holder(spec, component.name)
+            input_name = _holder(spec, component.name, layouts)
+            if input_name not in paths:
+                entry = spec.inputs[input_name]
+                raise VidportError(f"the {spec.name} pipeline needs {entry.help or input_name} for the {component.name}",
+                                   hint=f"pass it with {entry.option or '--input ' + input_name + '=PATH'}")
             raise VidportError(f"{paths[input_name]}: its {layouts[input_name].name} layout has no "
                                f"{layouts[input_name].parts.get(component.name) or component.name} for the {component.name}")
         try:
@@ -169,13 +197,13 @@ def plan_pipeline(pipeline: str | PipelineSpec, sources: dict[str, str | Path], 
     scheduler, origin = _scheduler(spec, paths, layouts, target)
     copies = {part: found for part in spec.copy
               if (found := _part(spec, paths, layouts, part)) is not None and found.exists()}
-    tokenizer_folder = _tokenizer(spec, paths, layouts, tokenizer)
-    files = {part: source_files(found, paths[_holder(spec, part)]) for part, found in copies.items()}
+    tokenizer_folder = _tokenizer(spec, paths, layouts, tokenizer, components)
+    files = {part: source_files(found, paths[_holder(spec, part, layouts)]) for part, found in copies.items()}
     if tokenizer_folder is not None:  # --tokenizer is followed where it points; inside a source, regular files only
         named = Path(os.path.realpath(tokenizer_folder)) if tokenizer is not None else None
-        files["tokenizer"] = source_files(named or tokenizer_folder, named or paths[_holder(spec, "tokenizer")])
+        files["tokenizer"] = source_files(named or tokenizer_folder, named or paths[_holder(spec, "tokenizer", layouts)])
     return PipelinePlan(spec, target, paths, layouts, components, tokenizer_folder, scheduler, origin, copies,
-                        _index_values(spec, paths, layouts), files)
+                        _index_values(spec, paths, layouts), files, absent)
 
 
 def _index_values(spec: PipelineSpec, sources: dict[str, Path], layouts: dict[str, Layout]) -> dict[str, Any]:
@@ -265,6 +293,7 @@ def write_pipeline_manifest(folder: Path, plan: PipelinePlan, manifests: dict[st
         "scheduler": ({"file": SCHEDULER_FILE, "from": plan.scheduler_from, "class": plan.scheduler["_class_name"]}
                       if plan.scheduler else None),
         "copied": {part: str(found.absolute()) for part, found in plan.copies.items()},
+        "absent": plan.absent,
         "tensors": sum(m["tensors"] for m in manifests.values()),
         "parameters": sum(m["parameters"] for m in manifests.values()),
     }

@@ -23,13 +23,14 @@ LAYOUT = {"required": {"name": "str", "parts": {"optional": {"*": "str"}}},
 PIPELINE_SCHEMA = {
     "required": {"pipeline": "str", "version": "int", "diffusers_class": "str",
                  "inputs": {"optional": {"*": {"required": {"layouts": ["list", LAYOUT]},
-                                               "optional": {"help": "str", "option": "str"}}}},
+                                               "optional": {"help": "str", "option": "str", "optional": "bool",
+                                                            "why": "str"}}}},
                  "components": ["list", {"required": {"name": "str", "family": "str", "class": LIBRARY_CLASS},
                                          "optional": {"optional": "bool", "why": "str"}}]},
     "optional": {
         "description": "str",
         "aliases": ["list", "str"],
-        "tokenizer": {"required": {"class": LIBRARY_CLASS}, "optional": {"option": "str"}},
+        "tokenizer": {"required": {"class": LIBRARY_CLASS}, "optional": {"option": "str", "follows": "str"}},
         "scheduler": {"required": {"default": {"optional": {"*": "any"}}},
                       "optional": {"set": {"optional": {"*": "any"}}, "why": "str", "check": "str"}},
         "checks": ["list", "str"],
@@ -67,6 +68,8 @@ class Input:
     help: str
     option: str | None
     layouts: tuple[Layout, ...]
+    optional: bool = False  # the pipeline converts without it (its parts are then absent)
+    why: str = ""
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,7 @@ class Component:
     family: str
     library_class: tuple[str, str]
     optional: bool = False  # a source may lack it (Wan's transformer_2, image_encoder): left out, not an error
+    why: str = ""  # why it may be absent, as the manifest and the command line say
 
 
 @dataclass
@@ -89,6 +93,7 @@ class PipelineSpec:
     path: Path
     tokenizer_class: tuple[str, str] | None = None
     tokenizer_option: str | None = None
+    tokenizer_follows: str | None = None  # the component (text_encoder) without which no tokenizer is needed
     scheduler_default: dict[str, Any] = field(default_factory=dict)
     scheduler_set: dict[str, Any] = field(default_factory=dict)
     checks: list[str] = field(default_factory=list)  # "module:function", called with {component: config}
@@ -109,17 +114,20 @@ def load_pipeline_spec(path: Path) -> PipelineSpec:
     for name, entry in data["inputs"].items():
         layouts = tuple(Layout(item["name"], dict(item["parts"]), (item.get("detect") or {}).get("has"),
                                (item.get("detect") or {}).get("file")) for item in entry["layouts"])
-        inputs[name] = Input(name, entry.get("help", ""), entry.get("option"), layouts)
+        inputs[name] = Input(name, entry.get("help", ""), entry.get("option"), layouts, entry.get("optional", False),
+                             " ".join(entry.get("why", "").split()))
     components = []
     for item, item_node in zip(data["components"], _child(node, "components").value):
         if len(item["class"]) != 2:
             raise _fail(path, item_node, "class must be [library, ClassName]")
-        components.append(Component(item["name"], item["family"], tuple(item["class"]), item.get("optional", False)))
+        components.append(Component(item["name"], item["family"], tuple(item["class"]), item.get("optional", False),
+                                    " ".join(item.get("why", "").split())))
     spec = PipelineSpec(data["pipeline"], data["version"], data.get("description", ""), data.get("aliases", []),
                         data["diffusers_class"], inputs, components, path)
     if "tokenizer" in data:
         spec.tokenizer_class = tuple(data["tokenizer"]["class"])
         spec.tokenizer_option = data["tokenizer"].get("option")
+        spec.tokenizer_follows = data["tokenizer"].get("follows")
     if "scheduler" in data:
         spec.scheduler_default = dict(data["scheduler"]["default"])
         spec.scheduler_set = dict(data["scheduler"].get("set") or {})

@@ -115,18 +115,21 @@ RULE = {
 INFER = {"optional": {"shape": "pattern", "each": "pattern", "dim": ("either", "int", ["list", "int"]), "count": "pattern", "exists": "pattern",
                       "value": "any", "expr": "str", "default": "any"}}
 # `limits`: the largest value a config key may take where shapes cannot tell it (a position count)
-CONFIG = {"optional": {"from_file": "str", "infer": {"optional": {"*": INFER}}, "limits": {"optional": {"*": "int"}}}}
+CONFIG = {"optional": {"from_file": "str", "section": "str", "infer": {"optional": {"*": INFER}}, "limits": {"optional": {"*": "int"}}}}
 # `reference`: a loader of the canonical library (from_single_file, from_pretrained), or the format's
 # official code where that library reads no such file: a named function that builds the official
 # model from the file's tensors, and its modules that are canonical modules (compared layer by layer)
 OFFICIAL_REFERENCE = {"required": {"official": "str"},
                       "optional": {"layers": ["list", {"required": {"official": "pattern", "canonical": "template"}}]}}
+# or a loader of the canonical library on the class the source holds, the canonical model being one of
+# its modules (a transformers Gemma3ForConditionalGeneration folder, whose text tower is canonical)
+LIBRARY_REFERENCE = {"required": {"loader": "str", "class": "str", "module": "str"}}
 SOURCE_SCHEMA = {
     "required": {"spec": "str", "version": "int", "family": "str", "source": "str", "rules": ["list", RULE]},
     "optional": {
         "description": "str",
         "formats": ["list", "str"],
-        "reference": ("either", "str", OFFICIAL_REFERENCE),
+        "reference": ("either", "str", OFFICIAL_REFERENCE, LIBRARY_REFERENCE),
         "unwrap": {"optional": {"descend": ["list", "str"], "strip_prefix": ["list", "str"],
                                 "select_prefix": ("either", "str", ["list", "str"]),
                                 "ema": {"required": {"prefix": "str"},
@@ -153,6 +156,9 @@ FAMILY_SCHEMA = {
 }
 ROLE = {"required": {"match": "pattern", "role": "str"}, "optional": {"args": {"optional": {"*": "any"}}}}
 ROLES_SCHEMA = {"required": {"float": ["list", "str"]}}  # mappings/roles.yaml
+UNCONVERTED_SCHEMA = {"required": {"models": ["list", {  # mappings/unconverted.yaml
+    "required": {"name": "str", "about": "str",
+                 "detect": {"required": {"any": ["list", "pattern"]}, "optional": {"none": ["list", "pattern"]}}}}]}}
 TARGET_SCHEMA = {
     "required": {"target": "str", "version": "int", "roles": {"optional": {"*": "any"}},
                  "expected": "str", "shapes": "str", "writer": "str"},
@@ -272,6 +278,7 @@ class Inference:
 @dataclass
 class ConfigSpec:
     from_file: str | None = None
+    section: str | None = None  # the entry of the file's config that is the canonical config (text_config)
     infer: list[Inference] = field(default_factory=list)
     limits: dict[str, int] = field(default_factory=dict)  # largest allowed value per key
 
@@ -291,7 +298,7 @@ def _config(data: dict | None) -> ConfigSpec:
             raise SpecError(f"config.infer.{name}: {err}") from err
         infer.append(Inference(name, op, pattern, entry.get("dim", 0), value,
                                entry.get("default"), "default" in entry))
-    return ConfigSpec(data.get("from_file"), infer, dict(data.get("limits") or {}))
+    return ConfigSpec(data.get("from_file"), data.get("section"), infer, dict(data.get("limits") or {}))
 
 
 @dataclass
@@ -322,6 +329,8 @@ class SourceSpec:
     ema: EmaCopies | None = None  # where the file keeps EMA copies (chosen with --ema)
     ema_reference: dict[str, Any] = field(default_factory=dict)  # the reference loader's arguments for them
     official: OfficialReference | None = None  # reference: official (the format's own code)
+    reference_class: str | None = None  # the library class the source holds, where the canonical is inside it
+    reference_module: str | None = None  # the canonical model's path in that class ("model.language_model")
 
 
 @dataclass(frozen=True)
@@ -335,7 +344,7 @@ class OfficialReference:
 
 
 def _official_reference(path: Path, node: yaml.Node, data: Any) -> OfficialReference | None:
-    if not isinstance(data, dict):
+    if not isinstance(data, dict) or "official" not in data:
         return None
     layers = []
     for item, item_node in zip(data.get("layers") or [], _child(node, "layers").value if "layers" in data else []):
@@ -421,6 +430,13 @@ class TargetSpec:
         return []
 
 
+def _reference_loader(data: Any) -> str | None:
+    """The `reference` loader's name: the string itself, "official", or a library entry's `loader`."""
+    if isinstance(data, dict):
+        return "official" if "official" in data else data["loader"]
+    return data
+
+
 def load_source_spec(path: Path) -> SourceSpec:
     data, node = _load(path, SOURCE_SCHEMA)
     unwrap = data.get("unwrap") or {}
@@ -436,8 +452,10 @@ def load_source_spec(path: Path) -> SourceSpec:
         folder_class=detect.get("folder_class"),
         rules=_rules(path, _child(node, "rules"), data["rules"]),
         config=_config(data.get("config")), variants=variants,
-        reference="official" if isinstance(data.get("reference"), dict) else data.get("reference"),
+        reference=_reference_loader(data.get("reference")),
         official=_official_reference(path, _child(node, "reference"), data.get("reference")),
+        reference_class=(data.get("reference") or {}).get("class") if isinstance(data.get("reference"), dict) else None,
+        reference_module=(data.get("reference") or {}).get("module") if isinstance(data.get("reference"), dict) else None,
         ema=EmaCopies(unwrap["ema"]["prefix"], unwrap["ema"].get("dotless", False)) if "ema" in unwrap else None,
         ema_reference=(unwrap.get("ema") or {}).get("reference") or {},
     )
@@ -498,6 +516,7 @@ class Catalog:
     families: dict[str, FamilySpec]
     targets: dict[str, TargetSpec]
     float_roles: frozenset[str] = frozenset()  # roles whose source tensors must be floats (roles.yaml)
+    unconverted: tuple[Unconverted, ...] = ()  # models recognised but not converted (unconverted.yaml)
 
     def family(self, name: str) -> FamilySpec:
         for family in self.families.values():
@@ -512,6 +531,28 @@ class Catalog:
         if name not in self.targets:
             raise VidportError(f"unknown target '{name}'", hint=f"known: {', '.join(sorted(self.targets))}")
         return self.targets[name]
+
+
+@dataclass(frozen=True)
+class Unconverted:
+    """A model vidport recognises by its keys but does not convert (mappings/unconverted.yaml)."""
+
+    name: str
+    about: str
+    detect_any: tuple[Pattern, ...]
+    detect_none: tuple[Pattern, ...]
+
+    def fits(self, keys: list[str]) -> bool:
+        return (any(p.match(k) is not None for p in self.detect_any for k in keys)
+                and not any(p.match(k) is not None for p in self.detect_none for k in keys))
+
+
+def _load_unconverted(path: Path) -> tuple[Unconverted, ...]:
+    if not path.exists():
+        return ()
+    models = _load(path, UNCONVERTED_SCHEMA)[0]["models"]
+    return tuple(Unconverted(m["name"], m["about"], tuple(map(compile_pattern, m["detect"]["any"])),
+                             tuple(map(compile_pattern, m["detect"].get("none", [])))) for m in models)
 
 
 def load_catalog(root: Path | None = None) -> Catalog:
@@ -529,4 +570,4 @@ def load_catalog(root: Path | None = None) -> Catalog:
         families[family.name] = family
     targets = {spec.name: spec for spec in map(load_target_spec, sorted((root / "targets").glob("*.yaml")))}
     roles = _load(root / "roles.yaml", ROLES_SCHEMA)[0] if (root / "roles.yaml").exists() else {}
-    return Catalog(families, targets, frozenset(roles.get("float", [])))
+    return Catalog(families, targets, frozenset(roles.get("float", [])), _load_unconverted(root / "unconverted.yaml"))
