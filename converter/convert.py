@@ -69,6 +69,16 @@ class ResolvedConfig(NamedTuple):
     assumed: dict[str, Any]  # the family's defaults taken for what no variant or override gave
 
 
+def _config_section(given: dict[str, Any], section: str | None, where: str) -> dict[str, Any]:
+    """The file's config, or its `section` entry where the canonical model is one part of the
+    file's (the text_config of a Gemma3ForConditionalGeneration folder)."""
+    if section is None:
+        return given
+    if not isinstance(given.get(section), dict):
+        raise VidportError(f"{where}: no '{section}' object, which holds this model's config")
+    return given[section]
+
+
 def resolve_config(detected: Detected, source: Source, canonical_shapes: dict[str, Shape],
                    overrides: dict[str, Any]) -> ResolvedConfig:
     """Config from (in priority order) overrides, the folder's config file, inference from source
@@ -79,8 +89,9 @@ def resolve_config(detected: Detected, source: Source, canonical_shapes: dict[st
     config: dict[str, Any] = {}
     source_shapes = {k: tuple(r.shape) for k, r in detected.tensors.refs.items()}
     if spec.config.from_file:
-        config.update({k: v for k, v in (source.config or {}).items() if not k.startswith("_")})
         where = f"{source.path / spec.config.from_file}"
+        config.update({k: v for k, v in _config_section(source.config or {}, spec.config.section, where).items()
+                       if not k.startswith("_")})
         check_given_config(spec.config, source_shapes, config, where)
         check_given_config(family.config, canonical_shapes, config, where)
     infer_config(spec.config, source_shapes, spec.path.name, config)

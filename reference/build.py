@@ -58,6 +58,11 @@ def build_reference(spec: "SourceSpec", canonical: str, source: Path, config_fil
         return Reference(official.model.eval(), official.name, official.run, spec.official.layers)
     if not spec.reference:
         raise VidportError(f"{spec.path.name}: no reference loader for this source format")
+    if spec.reference_class is not None:  # the source holds a larger model; the canonical one is inside it
+        model = load_reference(spec.reference_class, spec.reference, source, config_file,
+                               unwrap=(spec.descend, spec.strip_prefixes), **options)
+        return Reference(model.get_submodule(spec.reference_module).eval(),
+                         f"{reference_name(spec.reference_class, spec.reference)}, its {spec.reference_module}")
     model = load_reference(canonical, spec.reference, source, config_file,
                            unwrap=(spec.descend, spec.strip_prefixes), **options)
     return Reference(model, reference_name(canonical, spec.reference))
