@@ -98,6 +98,16 @@ def _unsqueeze_shape(shape: Shape, axis: int) -> Shape:
     return tuple(shape[:axis]) + (1,) + tuple(shape[axis:])
 
 
+def _moveaxis_shape(shape: Shape, axes: list[int]) -> Shape:
+    """One axis moved, whatever the rank (a convolution's input channels last, 2-D or 3-D alike)."""
+    source, destination = (a if a >= 0 else len(shape) + a for a in axes)
+    if not (0 <= source < len(shape) and 0 <= destination < len(shape)):
+        raise ValueError(f"moveaxis {axes} does not fit a {len(shape)}-d tensor of shape {list(shape)}")
+    order = [i for i in range(len(shape)) if i != source]
+    order.insert(destination, source)
+    return tuple(shape[i] for i in order)
+
+
 def _cast(array: np.ndarray, dtype: str) -> np.ndarray:
     return array.astype(NAMED_DTYPES[dtype])
 
@@ -130,6 +140,14 @@ register(
     lambda s, axis: _unsqueeze_shape(s, axis),
     lambda p: None if isinstance(p, int) else "unsqueeze takes one axis",
     param="axis",
+)
+register(
+    "moveaxis",
+    lambda a, axes: np.ascontiguousarray(np.moveaxis(a, axes[0], axes[1])),
+    lambda s, axes: _moveaxis_shape(s, axes),
+    lambda p: None if isinstance(p, list) and len(p) == 2 and all(isinstance(i, int) for i in p)
+    else "moveaxis takes [source, destination]",
+    param="axes",
 )
 register(
     "split",
