@@ -64,7 +64,7 @@ def build_reference(spec: "SourceSpec", canonical: str, source: Path, config_fil
         return Reference(model.get_submodule(spec.reference_module).eval(),
                          f"{reference_name(spec.reference_class, spec.reference)}, its {spec.reference_module}")
     model = load_reference(canonical, spec.reference, source, config_file,
-                           unwrap=(spec.descend, spec.strip_prefixes), **options)
+                           unwrap=(spec.descend, spec.strip_prefixes), select=spec.select_prefixes, **options)
     return Reference(model, reference_name(canonical, spec.reference))
 
 
@@ -72,16 +72,23 @@ def reference_name(canonical: str, loader: str) -> str:
     """What a report calls the canonical library's loader: "diffusers:AutoencoderKLWan.from_single_file"."""
     if loader == "from_single_file" and not canonical.startswith("diffusers:"):
         return f"{canonical} via diffusers' single-file loader"
+    if loader == "single_file_mapping":
+        return f"{canonical} via diffusers' {_mapping_function(canonical).__name__}"
     return f"{canonical}.{loader}"
 
 
 def load_reference(canonical: str, loader: str, source: Path, config_file: dict[str, Any],
-                   unwrap: tuple[list[str], list[str]] = (["state_dict"], []), **options: Any) -> Any:
+                   unwrap: tuple[list[str], list[str]] = (["state_dict"], []), select: list[str] = (),
+                   **options: Any) -> Any:
     """`loader` is the source spec's `reference`: from_single_file (with a local config folder,
     so nothing is downloaded; given the file's tensors, wrappers taken off by `unwrap` = (descend,
     strip_prefix), by default the `state_dict` entries diffusers' own file loader steps into) or
-    from_pretrained; `options` go to the loader (`extract_ema`). `from_mapping` is the self-mapped
-    model (see `build_reference`)."""
+    from_pretrained; `options` go to the loader (`extract_ema`). `single_file_mapping`: a class
+    diffusers registers a single-file conversion function for but gives no from_single_file
+    (AutoencoderKLLTX2Audio): that function renames the sub-tree under the first of the `select`
+    prefixes some key carries (the spec's `select_prefix`, kept on the keys as diffusers' functions
+    expect), and the model built from the config takes the result with a strict load_state_dict.
+    `from_mapping` is the self-mapped model (see `build_reference`)."""
     import torch
     from diffusers.utils import logging as diffusers_logging
 
@@ -93,6 +100,9 @@ def load_reference(canonical: str, loader: str, source: Path, config_file: dict[
         with tempfile.TemporaryDirectory() as config_dir:
             (Path(config_dir) / "config.json").write_text(json.dumps(config_file))
             model = _from_single_file(cls, canonical, read_state(Path(source), *unwrap), config_dir, **options)
+    elif loader == "single_file_mapping":
+        model = _through_mapping_function(canonical, _selected(read_state(Path(source), *unwrap), select),
+                                          config_file)
     elif loader == "from_mapping":
         model = _from_mapping(canonical, source, config_file)
     else:
@@ -162,6 +172,37 @@ def _from_mapping(canonical: str, source: Path, config_file: dict[str, Any]) -> 
         raise VidportError(f"{source}: mapped weights do not fit {canonical}: missing "
                            f"{sorted(set(missing) - tied_aliases(model))[:5]}, unexpected {sorted(unexpected)[:5]}")
     return model.to(torch.float32)
+
+
+def _mapping_function(canonical: str) -> Callable[..., dict[str, Any]]:
+    from diffusers.loaders.single_file_model import SINGLE_FILE_LOADABLE_CLASSES
+
+    entry = SINGLE_FILE_LOADABLE_CLASSES.get(canonical.split(":")[-1])
+    if entry is None:
+        raise VidportError(f"diffusers registers no single-file conversion function for {canonical}")
+    return entry["checkpoint_mapping_fn"]
+
+
+def _selected(state: dict[str, Any], prefixes: list[str]) -> dict[str, Any]:
+    """The keys under the first prefix some key carries (all keys when none is given)."""
+    for prefix in prefixes:
+        chosen = {k: v for k, v in state.items() if k.startswith(prefix)}
+        if chosen:
+            return chosen
+    return state
+
+
+def _through_mapping_function(canonical: str, state: dict[str, Any], config_file: dict[str, Any]) -> Any:
+    """The canonical model built from the config, loaded strictly with the tensors diffusers' own
+    conversion function makes of the file's (no key missing, none left over)."""
+    model = build_canonical(canonical, {k: v for k, v in config_file.items() if not k.startswith("_")})
+    converted = _mapping_function(canonical)(checkpoint=dict(state), config=config_file)
+    try:
+        model.load_state_dict(converted, strict=True)
+    except RuntimeError as err:
+        raise VidportError(f"{canonical}: diffusers' {_mapping_function(canonical).__name__} does not make this "
+                           f"file's tensors fit the model ({str(err).splitlines()[-1].strip()})") from err
+    return model
 
 
 def _from_single_file(cls: type, canonical: str, state: dict[str, Any], config_dir: str, **options: Any) -> Any:
