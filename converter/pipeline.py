@@ -201,7 +201,9 @@ def plan_pipeline(pipeline: str | PipelineSpec, sources: dict[str, str | Path], 
     files = {part: source_files(found, paths[_holder(spec, part, layouts)]) for part, found in copies.items()}
     if tokenizer_folder is not None:  # --tokenizer is followed where it points; inside a source, regular files only
         named = Path(os.path.realpath(tokenizer_folder)) if tokenizer is not None else None
-        files["tokenizer"] = source_files(named or tokenizer_folder, named or paths[_holder(spec, "tokenizer", layouts)])
+        files["tokenizer"] = [(relative, found) for relative, found in
+                              source_files(named or tokenizer_folder, named or paths[_holder(spec, "tokenizer", layouts)])
+                              if not spec.tokenizer_files or any(relative.match(g) for g in spec.tokenizer_files)]
     return PipelinePlan(spec, target, paths, layouts, components, tokenizer_folder, scheduler, origin, copies,
                         _index_values(spec, paths, layouts), files, absent)
 

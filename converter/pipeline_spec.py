@@ -30,7 +30,8 @@ PIPELINE_SCHEMA = {
     "optional": {
         "description": "str",
         "aliases": ["list", "str"],
-        "tokenizer": {"required": {"class": LIBRARY_CLASS}, "optional": {"option": "str", "follows": "str"}},
+        "tokenizer": {"required": {"class": LIBRARY_CLASS}, "optional": {"option": "str", "follows": "str",
+                                                                            "files": ["list", "str"]}},
         "scheduler": {"required": {"default": {"optional": {"*": "any"}}},
                       "optional": {"set": {"optional": {"*": "any"}}, "why": "str", "check": "str"}},
         "checks": ["list", "str"],
@@ -94,6 +95,7 @@ class PipelineSpec:
     tokenizer_class: tuple[str, str] | None = None
     tokenizer_option: str | None = None
     tokenizer_follows: str | None = None  # the component (text_encoder) without which no tokenizer is needed
+    tokenizer_files: list[str] = field(default_factory=list)  # globs: copy only these (a folder shared with weights)
     scheduler_default: dict[str, Any] = field(default_factory=dict)
     scheduler_set: dict[str, Any] = field(default_factory=dict)
     checks: list[str] = field(default_factory=list)  # "module:function", called with {component: config}
@@ -128,6 +130,7 @@ def load_pipeline_spec(path: Path) -> PipelineSpec:
         spec.tokenizer_class = tuple(data["tokenizer"]["class"])
         spec.tokenizer_option = data["tokenizer"].get("option")
         spec.tokenizer_follows = data["tokenizer"].get("follows")
+        spec.tokenizer_files = list(data["tokenizer"].get("files", []))
     if "scheduler" in data:
         spec.scheduler_default = dict(data["scheduler"]["default"])
         spec.scheduler_set = dict(data["scheduler"].get("set") or {})
