@@ -129,7 +129,7 @@ def explain_key(source_path: str | Path, key: str, target: str = "mlx", family: 
     target_spec = catalog.target(target)
     found = Explanation(source.path, key, tuple(ref.shape), dtype_name(ref.dtype), fam.name, spec.name,
                         target_spec.name, f"{target_spec.path.parent.name}/{target_spec.path.name}")
-    match = spec.rules.match(key)
+    match = spec.rules.over(detected.tensors.refs).match(key)
     if match is None:
         near = max(spec.rules.rules, key=lambda r: difflib.SequenceMatcher(None, key, r.source.text).ratio(), default=None)
         found.closest = _rule_ref(near, spec.path.parent.name) if near else None

@@ -1,7 +1,8 @@
 """Infer an architecture config from tensor keys and shapes, as a spec's `config.infer` says.
 
 Ops: `shape` (one key's size along `dim`), `each` (that size for every value of the one
-placeholder, in numeric order), `count` (how many distinct placeholder values), `exists`,
+placeholder, in numeric order; `reverse: true` descending), `count` (how many distinct placeholder
+values; with `per: n`, a list: that many for each value of {n}), `exists`,
 `value` (a constant), `expr` (integer arithmetic, and isqrt, on config values named before it:
 `d_kv: {expr: "_inner // num_heads"}`; one that reads a value not known yet, such as a head count
 from the variant table or `--set`, is evaluated by `finish_expressions` once it is). `dim` may be a
@@ -42,16 +43,21 @@ def infer_value(inference: Inference, shapes: dict[str, Shape], where: str) -> A
         if inference.has_default:
             return inference.default
         raise VidportError(f"{where}: cannot infer config '{inference.name}': no key matches '{inference.pattern.text}'")
-    if inference.op == "count":
+    if inference.op == "count" and inference.per is None:
         return len({tuple(sorted(v.items())) for v, _ in found})
     if inference.op == "shape":
         return _size(found[0][1], inference.dim)
-    # each: one value per placeholder value, in numeric order
     by_index: dict[str, Any] = {}
-    for values, shape in found:
-        (index,) = values.values()
-        by_index[index] = _size(shape, inference.dim)
-    return [by_index[i] for i in sorted(by_index, key=_sort_key)]
+    if inference.op == "count":  # per: how many distinct values the other placeholders take, per value of one
+        groups: dict[str, set] = {}
+        for values, _ in found:
+            groups.setdefault(values[inference.per], set()).add(tuple(sorted(values.items())))
+        by_index = {index: len(members) for index, members in groups.items()}
+    else:  # each: one value per placeholder value, in numeric order
+        for values, shape in found:
+            (index,) = values.values()
+            by_index[index] = _size(shape, inference.dim)
+    return [by_index[i] for i in sorted(by_index, key=_sort_key, reverse=inference.reverse)]
 
 
 def _size(shape: Shape, dim: int | list[int]) -> int | list[int]:

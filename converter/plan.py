@@ -52,6 +52,7 @@ def map_keys(
     dropped: list[tuple[str, str]] = []
     unmatched: list[str] = []
     groups: dict[tuple[str, str], dict[str, str]] = {}  # (target, rule) -> {gather value: input key}
+    rules = rules.over(shapes)  # `max_n` in a rule: the largest {n} among these keys
 
     for key in shapes:
         found = rules.match(key)

@@ -113,7 +113,7 @@ RULE = {
     },
 }
 INFER = {"optional": {"shape": "pattern", "each": "pattern", "dim": ("either", "int", ["list", "int"]), "count": "pattern", "exists": "pattern",
-                      "value": "any", "expr": "str", "default": "any"}}
+                      "value": "any", "expr": "str", "default": "any", "per": "str", "reverse": "bool"}}
 # `limits`: the largest value a config key may take where shapes cannot tell it (a position count)
 CONFIG = {"optional": {"from_file": "str", "section": "str", "infer": {"optional": {"*": INFER}}, "limits": {"optional": {"*": "int"}}}}
 # `reference`: a loader of the canonical library (from_single_file, from_pretrained), or the format's
@@ -218,15 +218,47 @@ class Rule:
         return not self.targets
 
 
+# In a rule's `when` / `to`, `max_n` is the largest value its placeholder {n} takes among all the
+# source's keys that the rule's pattern matches (its `when` aside): a flat list whose last entry
+# is another module (the LTX-2 VAE encoder's mid block) says "the last one" without a count.
+MAXIMUM = "max_"
+
+
+def _maxima_named(names: set[str], captured: tuple[str, ...]) -> set[str]:
+    return {n for n in names if n.startswith(MAXIMUM) and n[len(MAXIMUM):] in captured}
+
+
 @dataclass
 class RuleSet:
     rules: list[Rule]
+    maxima: dict[str, dict[str, str]] = field(default_factory=dict)  # rule (file:line) -> {max_n: value}
+
+    def over(self, keys) -> RuleSet:
+        """These rules bound to one source's keys, so that `max_n` has its value."""
+        keys = list(keys)
+        maxima: dict[str, dict[str, str]] = {}
+        for rule in self.rules:
+            names = _maxima_named((rule.when.names() if rule.when else set())
+                                  | {n for t in rule.targets for n in t.names()}, rule.source.names)
+            found: dict[str, int] = {}
+            for key in keys if names else ():
+                values = rule.source.match(key)
+                for name in names if values is not None else ():
+                    value = values[name[len(MAXIMUM):]]
+                    if value.isdigit():
+                        found[name] = max(found.get(name, 0), int(value))
+            if names:
+                maxima[rule.where] = {name: str(value) for name, value in found.items()}
+        return RuleSet(self.rules, maxima)
 
     def match(self, key: str) -> tuple[Rule, dict[str, str]] | None:
-        """First rule whose pattern matches the whole key."""
+        """First rule whose pattern matches the whole key (and whose `when` holds)."""
         for rule in self.rules:
             values = rule.source.match(key)
-            if values is not None and (rule.when is None or rule.when.holds(values)):
+            if values is None:
+                continue
+            values = {**values, **self.maxima.get(rule.where, {})}
+            if rule.when is None or rule.when.holds(values):
                 return rule, values
         return None
 
@@ -247,16 +279,16 @@ def _rules(path: Path, node: yaml.Node | None, data: list[dict] | None) -> RuleS
         targets = item.get("to", [])
         targets = tuple(compile_template(t) for t in ([targets] if isinstance(targets, str) else targets))
         for template in targets:
-            unknown = template.names() - set(source.names)
+            unknown = template.names() - set(source.names) - _maxima_named(template.names(), source.names)
             if unknown:
                 raise _fail(path, item_node, f"'to' uses placeholder(s) {sorted(unknown)} that 'from' does not capture")
         gather = Gather(item["gather"]["over"], tuple(item["gather"]["order"]), item["gather"].get("axis", 0)) if "gather" in item else None
         if gather and gather.over not in source.names:
             raise _fail(path, item_node, f"gather over '{gather.over}', which 'from' does not capture")
         when = compile_condition(str(item["when"])) if "when" in item else None
-        if when and when.names() - set(source.names):
-            raise _fail(path, item_node, f"'when' uses placeholder(s) {sorted(when.names() - set(source.names))} "
-                                         "that 'from' does not capture")
+        unknown = when.names() - set(source.names) - _maxima_named(when.names(), source.names) if when else set()
+        if unknown:
+            raise _fail(path, item_node, f"'when' uses placeholder(s) {sorted(unknown)} that 'from' does not capture")
         steps = tuple(parse_step(s) for s in item.get("transforms", []))
         rules.append(Rule(source, targets, steps, item.get("why"), gather, where, when))
     return RuleSet(rules)
@@ -273,6 +305,8 @@ class Inference:
     value: Any
     default: Any
     has_default: bool
+    per: str | None = None  # count: one count per value of this placeholder, in numeric order
+    reverse: bool = False  # each / count per: the list in descending order of the placeholder
 
 
 @dataclass
@@ -296,8 +330,12 @@ def _config(data: dict | None) -> ConfigSpec:
             value = compile_expression(entry["expr"]) if op == "expr" else entry.get("value")
         except PatternError as err:
             raise SpecError(f"config.infer.{name}: {err}") from err
+        if "per" in entry and (op != "count" or entry["per"] not in pattern.names):
+            raise SpecError(f"config.infer.{name}: 'per' names a placeholder of a 'count' pattern")
+        if entry.get("reverse") and op not in ("each", "count"):
+            raise SpecError(f"config.infer.{name}: 'reverse' orders the list of an 'each' or a 'count' with 'per'")
         infer.append(Inference(name, op, pattern, entry.get("dim", 0), value,
-                               entry.get("default"), "default" in entry))
+                               entry.get("default"), "default" in entry, entry.get("per"), bool(entry.get("reverse"))))
     return ConfigSpec(data.get("from_file"), data.get("section"), infer, dict(data.get("limits") or {}))
 
 
