@@ -60,7 +60,10 @@ class ConversionPlan:
 
     @property
     def library(self) -> str:
-        return self.detected.family.canonical.split(":")[0]
+        """diffusers / transformers: the package a canonical class comes from, also when it is named
+        by a sub-module (diffusers.pipelines.ltx2:LTX2LatentUpsamplerModel, which diffusers does not
+        export at its top level)."""
+        return self.detected.family.canonical.split(":")[0].split(".")[0]
 
 
 class ResolvedConfig(NamedTuple):
@@ -312,9 +315,9 @@ def write_manifest(folder: Path, plan: ConversionPlan, files: list[Path], dtypes
 
 def canonical_config_file(plan: ConversionPlan) -> dict[str, Any]:
     """config.json as the canonical library writes it, so its own loaders read the folder."""
-    library, class_name = plan.detected.family.canonical.split(":")
+    class_name = plan.detected.family.canonical.split(":")[1]
     header: dict[str, Any] = {"_class_name": class_name}
-    if library == "diffusers":
+    if plan.library == "diffusers":
         try:
             header["_diffusers_version"] = metadata.version("diffusers")
         except metadata.PackageNotFoundError:
