@@ -239,6 +239,8 @@ def verify(
     self_mapped: bool = typer.Option(False, "--self-mapped", help="Build the reference through vidport's own mapping "
                                                                   "(not an independent check; the report says so)."),
     pipeline: bool = typer.Option(False, "--pipeline", help="A pipeline folder: whole generations against diffusers, step by step."),
+    components: bool = typer.Option(False, "--components", help="A pipeline folder: verify each component layer by layer "
+                                                                "(the default for a pipeline with no step parity yet)."),
     task: Optional[str] = typer.Option(None, "--task", help="--pipeline: one of the folder's tasks, t2v | i2v | ti2v ... (default: each)."),
     image: Optional[Path] = typer.Option(None, "--image", help="--pipeline: the image of the tasks that take one (default: a synthetic one)."),
     steps: Optional[int] = typer.Option(None, "--steps", help="--pipeline: scheduler steps (default: the pipeline's parity default, a few)."),
@@ -265,9 +267,12 @@ def verify(
         is_pipeline = read_manifest(converted).get("kind") == "pipeline"
     except (VidportError, OSError) as err:
         fail(err)
-    if pipeline or is_pipeline:
-        if not is_pipeline:
-            fail(VidportError(f"{converted}: not a pipeline folder", hint="leave out --pipeline to verify a model layer by layer"))
+    if (pipeline or components) and not is_pipeline:
+        fail(VidportError(f"{converted}: not a pipeline folder",
+                          hint="leave out --pipeline / --components to verify a model layer by layer"))
+    if is_pipeline and (components or (not pipeline and not has_step_parity(converted))):
+        return verify_components_command(converted, seed, frames, show_all, json_out, strict)
+    if is_pipeline:
         return verify_pipeline_command(converted, task, source, size, json_out, dict(
             image=image, frames=frames, steps=steps, strength=strength, prompt=prompt, scheduler=scheduler, seed=seed))
     if golden and save_golden:
@@ -294,6 +299,42 @@ def verify(
     if save_golden:
         console.print(f"golden saved: {save_golden} (+ {save_golden.with_suffix('.json').name})")
     if not report.passed:
+        raise typer.Exit(2)
+
+
+def has_step_parity(folder: Path) -> bool:
+    from vidport.converter.core.manifest import read_manifest
+    from vidport.converter.pipeline_spec import pipeline_spec
+
+    return pipeline_spec(read_manifest(folder)["pipeline"]).parity is not None
+
+
+def verify_components_command(folder: Path, seed: int, frames: Optional[int], show_all: bool,
+                              json_out: Optional[Path], strict: bool) -> None:
+    """Each component of a pipeline folder against its reference, layer by layer, from the source
+    its own manifest names; exit 2 if any fails."""
+    from vidport.converter.core.manifest import read_manifest
+    from vidport.golden.report import print_report
+    from vidport.golden.verify import verify as run
+
+    reports = {}
+    try:
+        for name, entry in read_manifest(folder)["components"].items():
+            with progress_bar(f"{name}") as bar:
+                job = bar.add_task(name, total=None, item="building reference")
+                reports[name] = run(folder / entry["folder"], None, None, None, seed, frames,
+                                    lambda done, total, item: bar.update(job, completed=done, total=total, item=item[-60:]),
+                                    strict=strict)
+            console.print(f"[bold]{name}[/] ({entry['family']})")
+            print_report(reports[name], console, None if show_all else 10)
+    except (VidportError, OSError) as err:
+        fail(err)
+    if json_out:
+        json_out.write_text(json.dumps({name: report.as_json() for name, report in reports.items()}, indent=2))
+        console.print(f"JSON report: {json_out}")
+    failed = [name for name, report in reports.items() if not report.passed]
+    console.print(f"components: {len(reports) - len(failed)} passed" + (f", failed: {', '.join(failed)}" if failed else ""))
+    if failed:
         raise typer.Exit(2)
 
 
