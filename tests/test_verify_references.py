@@ -75,7 +75,8 @@ def test_every_source_spec_names_a_reference_that_reads_its_files():
 
     specs = {s.name: s for family in load_catalog().families.values() for s in family.sources}
     assert set(specs) == set(REFERENCES)
-    assert all(s.reference in ("from_single_file", "from_pretrained", "official") for s in specs.values())
+    assert all(s.reference in ("from_single_file", "from_pretrained", "single_file_mapping", "official")
+               for s in specs.values())
     official = {name for name, s in specs.items() if s.official is not None}
     assert official == {name for name, ref in REFERENCES.items() if ref.startswith("official:")}
     for name in official:
