@@ -446,6 +446,49 @@ def measure_route(out: Path, work: Callable[[], tuple[float | None, int]]) -> di
             "tensors": tensors, "written_bytes": written}
 
 
+def write_random_shards(folder: Path, shapes: dict[str, tuple[int, ...]], shards: int, stem: str,
+                        config: dict[str, Any]) -> dict:
+    """A release-style sharded safetensors checkpoint of random bfloat16 weights with these names
+    and shapes (`<stem>-0000i-of-0000n.safetensors` + `<stem>.safetensors.index.json`), written
+    shard by shard into a partial folder renamed at the end: nothing checkpoint-sized is ever
+    resident. Returns (and writes as bench-info.json) its description."""
+    import torch
+    from safetensors.torch import save_file
+
+    keys = sorted(shapes)
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    generator = torch.Generator().manual_seed(0)
+    weight_map, total = {}, 0
+    for index in range(shards):
+        name = f"{stem}-{index + 1:05d}-of-{shards:05d}.safetensors"
+        state = {}
+        for key in keys[index::shards]:
+            shape = shapes[key]
+            if len(shape) == 1:
+                value = 1.0 + 0.1 * torch.randn(shape, generator=generator)
+            else:
+                value = torch.randn(shape, generator=generator) / max(1, int(torch.tensor(shape[1:]).prod())) ** 0.5
+            state[key] = value.to(torch.bfloat16)
+            total += state[key].numel() * 2
+            weight_map[key] = name
+        save_file(state, str(partial / name), metadata={"format": "pt"})
+        del state
+    (partial / f"{stem}.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(partial, folder)
+    elements = {key: int(torch.tensor(shape).prod()) for key, shape in shapes.items()}
+    largest = max(elements, key=elements.get)
+    info = {"config": config, "tensors": len(shapes), "parameters": sum(elements.values()),
+            "bytes": sum(f.stat().st_size for f in folder.iterdir()), "shards": shards, "largest_key": largest,
+            "largest_shape": list(shapes[largest]), "largest_bytes": elements[largest] * 2,
+            "largest_bytes_float32": elements[largest] * 4}
+    (folder / "bench-info.json").write_text(json.dumps(info, indent=2))
+    return info
+
+
 def run_child(script: str | Path, args: list[str], timeout: float = 900) -> dict:
     """Run `script args` in a fresh interpreter; its last stdout line is JSON."""
     proc = subprocess.run([sys.executable, str(script), *args], cwd=ROOT, capture_output=True, text=True,
@@ -543,9 +586,10 @@ def worker_main(argv: list[str] | None, doc: str, quick_help: str, sizes: dict, 
 
 def conversion_main(argv: list[str] | None, doc: str, routes: dict[str, str], sizes: dict, quick_help: str,
                     build_child: Callable[[Path, str], dict], child: Callable[..., dict],
-                    run: Callable[[bool, int, list[str] | None, bool], dict]) -> dict:
-    """The command line both conversion benchmarks share: the parent's options, and the two child
-    modes (`--build` the cached checkpoint, `--route` one run) that print one JSON line."""
+                    run: Callable[..., dict], options: dict[str, dict] | None = None) -> dict:
+    """The command line the conversion benchmarks share: the parent's options (plus a benchmark's
+    own `options`, flag -> argparse arguments, passed to `run` by name), and the two child modes
+    (`--build` the cached checkpoint, `--route` one run) that print one JSON line."""
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help=quick_help)
     parser.add_argument("--repeat", type=int, default=3, help="runs per route (the median wall time is reported)")
@@ -556,6 +600,8 @@ def conversion_main(argv: list[str] | None, doc: str, routes: dict[str, str], si
     parser.add_argument("--build", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--size", choices=list(sizes), default="full", help=argparse.SUPPRESS)
     parser.add_argument("paths", nargs="*", type=Path, help=argparse.SUPPRESS)
+    for flag, arguments in (options or {}).items():
+        parser.add_argument(flag, **arguments)
     args = parser.parse_args(argv)
     if args.build:
         print(json.dumps(build_child(args.build, args.size)))
@@ -563,6 +609,7 @@ def conversion_main(argv: list[str] | None, doc: str, routes: dict[str, str], si
     if args.route:
         print(json.dumps(child(args.route, *args.paths)))
         return {}
-    report = run(args.quick, args.repeat, args.routes, args.rebuild)
+    extra = {flag.lstrip("-").replace("-", "_"): None for flag in options or {}}
+    report = run(args.quick, args.repeat, args.routes, args.rebuild, **{k: getattr(args, k) for k in extra})
     write_json(args.json, report)
     return report

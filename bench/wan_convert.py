@@ -45,13 +45,11 @@ ROUTES = {
 
 
 def _build_child(folder: Path, size: str) -> dict:
-    """Write the shards tensor group by tensor group: diffusers' model on the meta device gives the
-    names and shapes, the official names come from fixtures.wan_dit.to_native_key, and
-    each tensor is drawn in bfloat16 at unit-ish scale (so nothing 1.3 B-sized is ever resident)."""
+    """diffusers' model on the meta device gives the names and shapes, the official names come
+    from fixtures.wan_dit.to_native_key; the shards are written by common.write_random_shards."""
     sys.path.insert(0, str(ROOT))
     import torch
     from diffusers import WanTransformer3DModel
-    from safetensors.torch import save_file
 
     from fixtures.wan_dit import to_native_key
 
@@ -59,41 +57,7 @@ def _build_child(folder: Path, size: str) -> dict:
     with torch.device("meta"):
         model = WanTransformer3DModel(**config)
     shapes = {to_native_key(k): tuple(v.shape) for k, v in model.state_dict().items()}
-    del model
-    shards = SIZES[size]["shards"]
-    keys = sorted(shapes)
-    partial = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    generator = torch.Generator().manual_seed(0)
-    weight_map, total = {}, 0
-    for index in range(shards):
-        name = f"diffusion_pytorch_model-{index + 1:05d}-of-{shards:05d}.safetensors"
-        part = keys[index::shards]
-        state = {}
-        for key in part:
-            shape = shapes[key]
-            if len(shape) == 1:
-                value = 1.0 + 0.1 * torch.randn(shape, generator=generator)
-            else:
-                value = torch.randn(shape, generator=generator) / max(1, int(torch.tensor(shape[1:]).prod())) ** 0.5
-            state[key] = value.to(torch.bfloat16)
-            total += state[key].numel() * 2
-        save_file(state, str(partial / name), metadata={"format": "pt"})
-        weight_map.update({k: name for k in part})
-        del state
-    (partial / "diffusion_pytorch_model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(partial, folder)
-    largest = max(shapes, key=lambda k: int(torch.tensor(shapes[k]).prod()))
-    largest_elements = int(torch.tensor(shapes[largest]).prod())
-    info = {"config": config, "tensors": len(shapes), "parameters": sum(int(torch.tensor(s).prod()) for s in shapes.values()),
-            "bytes": sum(f.stat().st_size for f in folder.iterdir()), "shards": shards, "largest_key": largest,
-            "largest_shape": list(shapes[largest]), "largest_bytes": largest_elements * 2,
-            "largest_bytes_float32": largest_elements * 4}
-    (folder / "bench-info.json").write_text(json.dumps(info, indent=2))
-    return info
+    return common.write_random_shards(folder, shapes, SIZES[size]["shards"], "diffusion_pytorch_model", config)
 
 
 def checkpoint(size: str, rebuild: bool = False) -> tuple[Path, dict]:
