@@ -79,7 +79,11 @@ def port_inputs(module: nn.Module, args: list[Any], kwargs: dict[str, Any], dtyp
 
     `channels_last = True`: every tensor input (and the output) has the channel axis last.
     `channels_last = ("hidden_states", ...)`: only the named inputs do (and the output); the
-    others, such as token sequences beside a feature map, keep the reference's layout."""
+    others, such as token sequences beside a feature map, keep the reference's layout.
+    `float32_inputs = True`: the float inputs stay float32 whatever the weights' dtype (positions
+    and timesteps, which a model computes in float32: 731.0 would read 732 in bfloat16)."""
+    if getattr(module, "float32_inputs", False):
+        dtype = mx.float32
     declared = getattr(module, "channels_last", False)
     if isinstance(declared, bool):
         return to_port(args, declared, dtype), {k: to_port(v, declared, dtype) for k, v in kwargs.items()}
