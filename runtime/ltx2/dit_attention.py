@@ -11,9 +11,17 @@ import mlx.nn as nn
 
 from vidport.runtime.layers import attention, gelu_tanh, sigmoid
 from vidport.runtime.ltx2.rope import apply_interleaved_rotary, apply_split_rotary
-from vidport.runtime.sd15_unet import TimestepEmbedding, Timesteps
+from vidport.runtime.sd15_unet import TimestepEmbedding
+from vidport.runtime.sd15_unet import Timesteps as _Timesteps
 
 F32 = mx.float32
+
+
+class Timesteps(_Timesteps):
+    """diffusers' sinusoidal timestep features; the timesteps stay float32 (as in diffusers) when
+    verify feeds this layer alone."""
+
+    float32_inputs = True
 
 
 class RMSNorm(nn.Module):
@@ -60,6 +68,8 @@ class FeedForward(nn.Module):
 class PixArtAlphaCombinedTimestepSizeEmbeddings(nn.Module):
     """The sinusoidal timestep features (256) through a two-layer MLP; LTX-2 uses no size conditions."""
 
+    float32_inputs = True
+
     def __init__(self, embedding_dim: int):
         super().__init__()
         self.time_proj = Timesteps(256, flip_sin_to_cos=True, shift=0)
@@ -74,6 +84,8 @@ class PixArtAlphaCombinedTimestepSizeEmbeddings(nn.Module):
 
 class LTX2AdaLayerNormSingle(nn.Module):
     """A timestep -> `num_mod_params` modulation rows per channel, and the embedded timestep."""
+
+    float32_inputs = True
 
     def __init__(self, embedding_dim: int, num_mod_params: int = 6):
         super().__init__()

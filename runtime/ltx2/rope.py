@@ -89,7 +89,10 @@ def rope_tables(coords: np.ndarray, max_positions: Sequence[float], dim: int, he
 
 
 class LTX2AudioVideoRotaryPosEmbed(nn.Module):
-    """diffusers' module of the same name: coordinates in, (cos, sin) out; holds no parameters."""
+    """diffusers' module of the same name: coordinates in, (cos, sin) out; holds no parameters.
+    Coordinates stay float32 whatever the weights' dtype (verify feeds them so)."""
+
+    float32_inputs = True
 
     def __init__(self, dim: int, patch_size: int = 1, patch_size_t: int = 1, base_num_frames: int = 20,
                  base_height: int = 2048, base_width: int = 2048, sampling_rate: int = 16000, hop_length: int = 160,
