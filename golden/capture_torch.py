@@ -16,6 +16,8 @@ def _to_numpy(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         value = value.detach().cpu()
         return (value.float() if value.is_floating_point() else value).numpy()  # token ids stay integers
+    if isinstance(value, torch.device):  # a module told where to build a table (diffusers' RoPE): a plain name
+        return str(value)
     if isinstance(value, (list, tuple)):
         return type(value)(_to_numpy(v) for v in value)
     return value
