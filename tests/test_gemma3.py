@@ -261,3 +261,57 @@ def test_detection_tells_the_layouts_apart(sources):
         assert plan_conversion(sources[name], "mlx").detected.spec.name == f"{FAMILY}/{name}"
     with pytest.raises(VidportError):
         plan_conversion(sources["transformers"], "mlx", "umt5")
+
+
+def _sparse_safetensors(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
+    """A bfloat16 safetensors file with these shapes whose data is a hole: planning reads headers only."""
+    import os
+    import struct
+
+    header, offset = {}, 0
+    for key, shape in shapes.items():
+        size = int(np.prod(shape)) * 2
+        header[key] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header).encode()
+    with open(path, "wb") as handle:
+        handle.write(struct.pack("<Q", len(raw)) + raw)
+    os.truncate(path, 8 + len(raw) + offset)
+
+
+def test_ltx2_gemma_release_plans_to_its_config(tmp_path):
+    """gemma-3-12b-it as LTX-2 uses it: Lightricks' own copy of its config (ltx_core's
+    GEMMA3_CONFIG_FOR_LTX, transformers 4.50 keys) beside release-shaped weights in Google's layout
+    (never read). The plan reads heads and widths off the shapes in agreement with the file, and the
+    MLX tower builds the layers and RoPE tables transformers derives from the same config: every
+    6th layer global with the linearly scaled 1e6 base, the rest sliding (1024) with the 1e4 base."""
+    from ltx_core.text_encoders.gemma.config import GEMMA3_CONFIG_FOR_LTX
+    from transformers import Gemma3Config, Gemma3TextConfig
+
+    from vidport.converter.infer import public
+    from vidport.reference.canonical import canonical_shapes
+    from vidport.runtime import gemma3
+
+    config = GEMMA3_CONFIG_FOR_LTX.to_dict()
+    text = Gemma3Config(**config).text_config
+    shapes = canonical_shapes("transformers:Gemma3TextModel", text.to_dict())
+    folder = tmp_path / "gemma-3-12b-it"
+    folder.mkdir()
+    _sparse_safetensors(folder / "model.safetensors",
+                        {**{f"language_model.model.{k}": s for k, s in shapes.items()},
+                         "vision_tower.vision_model.post_layernorm.weight": (1152,)})
+    (folder / "config.json").write_text(json.dumps(config))
+    plan = plan_conversion(folder, "mlx", FAMILY, "bfloat16")
+    planned = public(plan.config)
+    assert {k: planned[k] for k in ("num_attention_heads", "num_key_value_heads", "head_dim", "hidden_size",
+                                    "num_hidden_layers", "vocab_size")} == {
+        "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 256, "hidden_size": 3840,
+        "num_hidden_layers": 48, "vocab_size": 262208}
+    reference = Gemma3TextConfig(**planned)
+    assert gemma3.layer_types(planned) == reference.layer_types and reference.layer_types.count("full_attention") == 8
+    ours = gemma3.rope_parameters(planned)
+    for kind, params in reference.rope_parameters.items():
+        assert {k: ours[kind].get(k) for k in params} == params, kind
+    model = gemma3.Gemma3TextModel.from_config(planned)
+    assert model.sliding_window == reference.sliding_window == 1024
+    assert plan.final.shapes["layers.47.self_attn.k_norm.weight"] == (256,)
