@@ -315,3 +315,18 @@ def test_ltx2_gemma_release_plans_to_its_config(tmp_path):
     model = gemma3.Gemma3TextModel.from_config(planned)
     assert model.sliding_window == reference.sliding_window == 1024
     assert plan.final.shapes["layers.47.self_attn.k_norm.weight"] == (256,)
+
+
+def test_canonical_folder_loads_in_transformers(sources, tmp_path):
+    """--target diffusers writes the canonical Gemma3TextModel folder: transformers loads every key
+    of it and computes what the source's own text tower does (from Google's 4.50 config too)."""
+    from transformers import Gemma3TextModel
+
+    convert(plan_conversion(sources["original"], "diffusers", FAMILY), tmp_path / "text_model")
+    model, info = Gemma3TextModel.from_pretrained(tmp_path / "text_model", dtype=torch.float32,
+                                                  output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    source, _info = _multimodal(sources["original"])
+    ids = torch.from_numpy(np.arange(1, 15, dtype=np.int64)[None])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).last_hidden_state, source.model.language_model(ids).last_hidden_state)
