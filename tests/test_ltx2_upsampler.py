@@ -261,6 +261,16 @@ def test_output_shape_and_values(sources, variant, size, tmp_path):
     np.testing.assert_allclose(ours, expected, atol=1e-4)
 
 
+def test_banded_convolutions_equal_whole(converted, monkeypatch):
+    """The Conv3d layers run in bands of rows past the unfold budget: same output."""
+    import vidport.runtime.wan_vae_conv as conv
+
+    latents = _latents(4, seed=4)
+    whole = _mlx_run(converted, latents)
+    monkeypatch.setattr(conv, "UNFOLD_BUDGET_BYTES", 1)
+    np.testing.assert_allclose(_mlx_run(converted, latents), whole, atol=1e-5)
+
+
 # ---------------------------------------------------------------- bad input, and the command line
 
 

@@ -14,6 +14,7 @@ import mlx.nn as nn
 
 from vidport.converter.core.errors import VidportError
 from vidport.runtime.layers import Conv2d, GroupNorm, SiLU
+from vidport.runtime.wan_vae_conv import _conv3d_banded as conv3d_banded
 from vidport.runtime.wan_vae_layers import Sequential
 
 # diffusers' RATIONAL_RESAMPLER_SCALE_MAPPING: scale -> (up by num with a pixel shuffle, down by den)
@@ -22,9 +23,16 @@ GROUPS = 32
 
 
 class Conv3d(nn.Conv3d):
-    """MLX Conv3d on channels-last (B, T, H, W, C), weights [out, kt, kh, kw, in]."""
+    """MLX Conv3d on channels-last (B, T, H, W, C), weights [out, kt, kh, kw, in]; run in bands of
+    rows when its unfolded input is large (the real model's 1024 channels over a stage-2 clip would
+    unfold to gigabytes), as the Wan VAE's convolutions are."""
 
     channels_last = True
+
+    def __call__(self, x: mx.array) -> mx.array:
+        pad_t, pad_h, pad_w = self.padding
+        x = mx.pad(x, [(0, 0), (pad_t, pad_t), (pad_h, pad_h), (pad_w, pad_w), (0, 0)])
+        return conv3d_banded(x, self.weight, self.stride) + self.bias
 
 
 def _conv(dims: int, in_channels: int, out_channels: int) -> nn.Module:
