@@ -330,3 +330,28 @@ def test_canonical_folder_loads_in_transformers(sources, tmp_path):
     ids = torch.from_numpy(np.arange(1, 15, dtype=np.int64)[None])
     with torch.no_grad():
         torch.testing.assert_close(model(ids).last_hidden_state, source.model.language_model(ids).last_hidden_state)
+
+
+def test_wrong_rule_fails_against_transformers(sources, tmp_path, monkeypatch):
+    """The reference never goes through vidport's mapping: with q_norm and k_norm exchanged by a
+    planted rule (equal shapes, so the plan cannot see it) the conversion still plans and verify
+    fails at the first of them; the self-mapped reference, sharing the mistake, passes and says so."""
+    import shutil
+
+    mappings = tmp_path / "mappings"
+    shutil.copytree(Path(__file__).resolve().parent.parent / "mappings", mappings)
+    spec = mappings / FAMILY / "original.yaml"
+    text = spec.read_text()
+    assert text.count("rules:\n") == 1
+    spec.write_text(text.replace("rules:\n", "rules:\n"
+                                 '  - from: "language_model.model.layers.{i}.self_attn.q_norm.weight"\n'
+                                 '    to: "layers.{i}.self_attn.k_norm.weight"\n'
+                                 '  - from: "language_model.model.layers.{i}.self_attn.k_norm.weight"\n'
+                                 '    to: "layers.{i}.self_attn.q_norm.weight"\n'))
+    monkeypatch.setenv("VIDPORT_MAPPINGS", str(mappings))
+    convert(plan_conversion(sources["original"], "mlx", FAMILY), tmp_path / "bad")
+    report = verify(tmp_path / "bad")
+    assert not report.passed and report.first_failure == "layers.0.self_attn.q_norm"
+    assert report.info["reference"].startswith("transformers:Gemma3ForConditionalGeneration")
+    self_mapped = verify(tmp_path / "bad", self_mapped=True)
+    assert self_mapped.passed and self_mapped.as_json()["reference"] == "self-mapped"
