@@ -20,7 +20,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from vidport.runtime.layers import attention, gelu_tanh
+from vidport.runtime.layers import attention
+from vidport.runtime.umt5 import GELUTanh
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 
@@ -127,14 +128,15 @@ def _apply_rotary(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
 
 
 class Gemma3Attention(nn.Module):
-    def __init__(self, config: dict[str, Any], layer_type: str):
+    """The same for both layer kinds: the kind decides only the mask and RoPE table it is handed."""
+
+    def __init__(self, config: dict[str, Any]):
         super().__init__()
         hidden, self.head_dim = config["hidden_size"], config["head_dim"]
         self.heads, self.kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
         if self.heads % self.kv_heads:
             raise ValueError(f"{self.heads} query heads do not share {self.kv_heads} key/value heads evenly")
         bias = bool(config["attention_bias"])
-        self.layer_type = layer_type
         self.scaling = float(config["query_pre_attn_scalar"]) ** -0.5
         self.q_proj = nn.Linear(hidden, self.heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(hidden, self.kv_heads * self.head_dim, bias=bias)
@@ -172,13 +174,6 @@ class Gemma3Attention(nn.Module):
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(batch, length, -1))
 
 
-class GELUTanh(nn.Module):
-    """transformers' `gelu_pytorch_tanh`: the tanh approximation of GELU."""
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return gelu_tanh(x)
-
-
 class Gemma3MLP(nn.Module):
     """down(act(gate x) * up x)."""
 
@@ -187,18 +182,17 @@ class Gemma3MLP(nn.Module):
         self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
         self.up_proj = nn.Linear(hidden, intermediate, bias=False)
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
-        self.act_fn = GELUTanh()
+        self.act_fn = GELUTanh()  # transformers' gelu_pytorch_tanh
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Gemma3DecoderLayer(nn.Module):
-    def __init__(self, config: dict[str, Any], layer_type: str):
+    def __init__(self, config: dict[str, Any]):
         super().__init__()
         hidden, eps = config["hidden_size"], config["rms_norm_eps"]
-        self.attention_type = layer_type
-        self.self_attn = Gemma3Attention(config, layer_type)
+        self.self_attn = Gemma3Attention(config)
         self.mlp = Gemma3MLP(hidden, config["intermediate_size"])
         self.input_layernorm = Gemma3RMSNorm(hidden, eps)
         self.post_attention_layernorm = Gemma3RMSNorm(hidden, eps)
@@ -232,7 +226,7 @@ class Gemma3TextModel(nn.Module):
         self.layer_types = layer_types(config)
         self.sliding_window = int(config["sliding_window"])
         self.embed_tokens = Gemma3TextScaledWordEmbedding(config["vocab_size"], config["hidden_size"])
-        self.layers = [Gemma3DecoderLayer(config, kind) for kind in self.layer_types]
+        self.layers = [Gemma3DecoderLayer(config) for _ in self.layer_types]
         self.norm = Gemma3RMSNorm(config["hidden_size"], config["rms_norm_eps"])
         self.rotary_emb = Gemma3RotaryEmbedding(config["head_dim"], rope_parameters(config))
 
