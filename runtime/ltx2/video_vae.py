@@ -18,6 +18,7 @@ from vidport.runtime.layers import SiLU
 from vidport.runtime.ltx2.video_vae_blocks import (LTX2VideoCausalConv3d, LTX2VideoDownBlock3D, LTX2VideoMidBlock3d,
                                                    LTX2VideoUpBlock3d, PerChannelRMSNorm,
                                                    PixArtAlphaCombinedTimestepSizeEmbeddings)
+from vidport.runtime.ltx2.video_vae_tiling import Tiling, decode_tiled
 
 
 def _per_block(value: Any, count: int) -> list:
@@ -171,6 +172,7 @@ class AutoencoderKLLTX2Video(nn.Module):
                                           decoder_spatial_padding_mode)
         self.latents_mean = mx.zeros((latent_channels,))
         self.latents_std = mx.ones((latent_channels,))
+        self.tiling: Tiling | None = None
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "AutoencoderKLLTX2Video":
@@ -200,12 +202,22 @@ class AutoencoderKLLTX2Video(nn.Module):
         """The posterior's mode (its mean): the latents of a video."""
         return self.encode(x)[..., : self.latent_channels]
 
+    def enable_tiling(self, tiling: Tiling | None = None) -> None:
+        """Decode in overlapping spatial tiles (and, with `Tiling(temporal=True)`, runs of frames)
+        as diffusers' `enable_tiling` / `use_framewise_decoding` do; `disable_tiling` turns it off."""
+        self.tiling = tiling or Tiling()
+
+    def disable_tiling(self) -> None:
+        self.tiling = None
+
     def decode(self, z: mx.array, temb: mx.array | None = None, causal: bool | None = None) -> mx.array:
         """(B, T, h, w, latent_channels) -> video (B, 1 + 8(T-1), 32h, 32w, 3); `temb` the decode
-        timestep where the decoder is timestep-conditioned."""
+        timestep where the decoder is timestep-conditioned; tiled when tiling is on."""
         if z.ndim != 5 or z.shape[-1] != self.latent_channels:
             raise VidportError(f"latents of shape {list(z.shape)}: expected (batch, frames, height, width, "
                                f"{self.latent_channels}), channels last")
         if "time_embedder" in self.decoder and temb is None:
             raise VidportError("this decoder is timestep-conditioned: give the decode timestep (temb)")
+        if self.tiling is not None:
+            return decode_tiled(self, z, temb, causal, self.tiling)
         return self.decoder(z, temb, causal=causal)

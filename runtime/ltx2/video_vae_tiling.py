@@ -1,0 +1,97 @@
+"""Tiled LTX-2 video decoding, as diffusers' `AutoencoderKLLTX2Video` does it: spatial tiles of
+latents decoded one at a time and blended linearly where they overlap (`tiled_decode`), and, with
+framewise decoding, overlapping runs of latent frames blended in time (`_temporal_tiled_decode`,
+each run spatially tiled in turn when it is large). Peak memory follows the tile, not the clip;
+the result equals diffusers' tiled decode (not its untiled one: the blend is an approximation by
+design). Channels-last: latents (B, T, h, w, C), video (B, F, H, W, 3)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import mlx.core as mx
+
+from vidport.runtime.wan_vae_tiling import _blend
+
+if TYPE_CHECKING:
+    from vidport.runtime.ltx2.video_vae import AutoencoderKLLTX2Video
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """diffusers' settings, in output pixels and frames (its defaults): tiles of 512 pixels every
+    448, and, when `temporal`, runs of 16 frames every 8; `spatial` is diffusers' `use_tiling`,
+    `temporal` its `use_framewise_decoding`."""
+
+    min_height: int = 512
+    min_width: int = 512
+    min_num_frames: int = 16
+    stride_height: int = 448
+    stride_width: int = 448
+    stride_num_frames: int = 8
+    spatial: bool = True
+    temporal: bool = False
+
+
+def decode_tiled(model: "AutoencoderKLLTX2Video", z: mx.array, temb: mx.array | None, causal: bool | None,
+                 tiling: Tiling) -> mx.array:
+    """diffusers' `_decode` with tiling on: temporal runs where the clip is longer than one, else
+    spatial tiles where the latents are larger than one, else the plain decoder."""
+    frames, height, width = z.shape[1:4]
+    if tiling.temporal and frames > tiling.min_num_frames // model.temporal_compression_ratio:
+        return _temporal(model, z, temb, causal, tiling)
+    if tiling.spatial and _too_large(model, height, width, tiling):
+        return _spatial(model, z, temb, causal, tiling)
+    return model.decoder(z, temb, causal=causal)
+
+
+def _too_large(model: "AutoencoderKLLTX2Video", height: int, width: int, tiling: Tiling) -> bool:
+    ratio = model.spatial_compression_ratio
+    return width > tiling.min_width // ratio or height > tiling.min_height // ratio
+
+
+def _spatial(model: "AutoencoderKLLTX2Video", z: mx.array, temb: mx.array | None, causal: bool | None,
+             tiling: Tiling) -> mx.array:
+    height, width = z.shape[2:4]
+    ratio = model.spatial_compression_ratio
+    tile_h, tile_w = tiling.min_height // ratio, tiling.min_width // ratio
+    step_h, step_w = tiling.stride_height // ratio, tiling.stride_width // ratio
+    rows: list[list[mx.array]] = []
+    for top in range(0, height, step_h):
+        row = []
+        for left in range(0, width, step_w):
+            row.append(model.decoder(z[:, :, top:top + tile_h, left:left + tile_w], temb, causal=causal))
+            mx.eval(row[-1])
+        rows.append(row)
+    blend_h, blend_w = tiling.min_height - tiling.stride_height, tiling.min_width - tiling.stride_width
+    for i, row in enumerate(rows):  # each blend reads its neighbours as already blended, as diffusers' in-place one
+        for j in range(len(row)):
+            if i > 0:
+                row[j] = _blend(rows[i - 1][j], row[j], blend_h, axis=2)
+            if j > 0:
+                row[j] = _blend(row[j - 1], row[j], blend_w, axis=3)
+    bands = [mx.concatenate([t[:, :, :tiling.stride_height, :tiling.stride_width] for t in row], axis=3) for row in rows]
+    return mx.concatenate(bands, axis=2)[:, :, : height * ratio, : width * ratio]
+
+
+def _temporal(model: "AutoencoderKLLTX2Video", z: mx.array, temb: mx.array | None, causal: bool | None,
+              tiling: Tiling) -> mx.array:
+    frames, height, width = z.shape[1:4]
+    ratio_t = model.temporal_compression_ratio
+    run, step = tiling.min_num_frames // ratio_t, tiling.stride_num_frames // ratio_t
+    runs: list[mx.array] = []
+    for start in range(0, frames, step):
+        tile = z[:, start:start + run + 1]
+        if tiling.spatial and _too_large(model, tile.shape[2], tile.shape[3], tiling):
+            decoded = _spatial(model, tile, temb, causal, tiling)
+        else:
+            decoded = model.decoder(tile, temb, causal=causal)
+        runs.append(decoded[:, :-1] if start > 0 else decoded)  # diffusers drops a later run's last frame
+        mx.eval(runs[-1])
+    blend = tiling.min_num_frames - tiling.stride_num_frames
+    kept = []
+    for i in range(len(runs)):
+        if i > 0:
+            runs[i] = _blend(runs[i - 1], runs[i], blend, axis=1)
+        kept.append(runs[i][:, : tiling.stride_num_frames + (1 if i == 0 else 0)])
+    return mx.concatenate(kept, axis=1)[:, : (frames - 1) * ratio_t + 1]
