@@ -223,6 +223,31 @@ def test_other_block_counts_map_as_ltx_core_builds_them(tmp_path):
         torch.testing.assert_close(ours.decode(latents * std + mean).sample, decoder(latents), atol=1e-5, rtol=1e-4)
 
 
+def test_timestep_conditioned_original_maps_as_ltx_core_builds_it(tmp_path):
+    """A decoder with timestep conditioning (per-block time embedders and scale-shift tables, the
+    last modulation as `last_time_embedder` / `last_scale_shift_table`): diffusers' single-file
+    table has no rule for it; ours maps it, and the converted model decodes as ltx_core's decoder
+    (its decode noise set to zero) at the same timestep."""
+    from diffusers import AutoencoderKLLTX2Video
+
+    config = video_vae_config(timestep_conditioning=True)
+    path = tmp_path / "ltx-t.safetensors"
+    write_original(path, seed=6, config=config)
+    plan = plan_conversion(path, "diffusers")
+    assert plan.config["timestep_conditioning"] is True and plan.variant == "LTX-2 video VAE"
+    convert(plan, tmp_path / "vae")
+    ours = AutoencoderKLLTX2Video.from_pretrained(tmp_path / "vae").eval()
+    _, (decoder, _) = _official(path)
+    decoder.decode_noise_scale = 0.0
+    mean, std = ours.latents_mean.view(1, -1, 1, 1, 1), ours.latents_std.view(1, -1, 1, 1, 1)
+    latents = torch.randn((1, config["latent_channels"], 2, 2, 3), generator=torch.Generator().manual_seed(1))
+    timestep = torch.tensor([0.05])
+    with torch.no_grad():
+        expected = decoder(latents, timestep)
+        torch.testing.assert_close(ours.decode(latents * std + mean, timestep).sample, expected, atol=1e-5, rtol=1e-4)
+        assert (ours.decode(latents * std + mean, timestep * 4).sample - expected).abs().max() > 1e-3
+
+
 def test_non_alternating_list_is_refused(tmp_path):
     """Two samplers in a row (a list the parity rule does not describe) leave keys no rule takes."""
     write_original(tmp_path / "a.safetensors")
