@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 from vidport.cli import app
 from vidport.converter.convert import convert, plan_conversion
+from vidport.converter.core.errors import VidportError
 from vidport.converter.safetensors_io import SafetensorsWriter, read_safetensors
 from vidport.converter.spec import load_catalog
 from vidport.golden.verify import verify
@@ -43,6 +44,15 @@ def mlx_models(sources, tmp_path_factory) -> dict[str, Path]:
     for name, path in sources.items():
         convert(plan_conversion(path, "mlx"), root / name)
     return {name: root / name for name in sources}
+
+
+@pytest.fixture(scope="module")
+def goldens(mlx_models, tmp_path_factory) -> dict[str, tuple]:
+    """Each float32 conversion verified against its live reference, the run saved as a golden
+    (the bfloat16 conversions and the planted faults are compared with it)."""
+    root = tmp_path_factory.mktemp("ltx2_audio_vae_goldens")
+    return {name: (verify(folder, save_to=root / f"{name}.golden.safetensors"), root / f"{name}.golden.safetensors")
+            for name, folder in mlx_models.items()}
 
 
 def _reference(path: Path):
@@ -169,16 +179,16 @@ def test_reference_equals_official_code(sources):
 
 
 @pytest.mark.parametrize("source", ["original", "diffusers"])
-def test_convert_and_verify(sources, source, tmp_path):
+def test_convert_and_verify(sources, mlx_models, goldens, source, tmp_path):
     """float32 against the live reference (saved as a golden), then bfloat16 against that golden:
     every layer, local and global."""
-    golden = tmp_path / "vidport.golden.safetensors"
-    for dtype, floor in (("float32", 0.99999), ("bfloat16", 0.999)):
-        convert(plan_conversion(sources[source], "mlx", dtype=dtype), tmp_path / dtype)
-        report = (verify(tmp_path / dtype, save_to=golden) if dtype == "float32"
-                  else verify(tmp_path / dtype, golden=golden))
-        assert report.passed, (dtype, report.first_failure)
-        assert_names_reference(report, tmp_path / dtype)
+    live, golden = goldens[source]
+    assert json.loads((mlx_models[source] / "vidport_manifest.json").read_text())["dtype"] == "float32"
+    convert(plan_conversion(sources[source], "mlx", dtype="bfloat16"), tmp_path / "bfloat16")
+    for folder, report, floor in ((mlx_models[source], live, 0.99999),
+                                  (tmp_path / "bfloat16", verify(tmp_path / "bfloat16", golden=golden), 0.999)):
+        assert report.passed, (folder.name, report.first_failure)
+        assert_names_reference(report, folder)
         assert not report.not_in_port and len(report.layers) > 200
         assert min(r.local["pcc"] for r in report.layers) >= floor
         names = {r.name for r in report.layers}
@@ -187,7 +197,7 @@ def test_convert_and_verify(sources, source, tmp_path):
             assert {"encoder.down.2.attn.1", "decoder.up.2.attn.2", "encoder.mid.attn_1.q"} <= names
 
 
-def test_perturbed_tensor_is_named(mlx_models, tmp_path):
+def test_perturbed_tensor_is_named(mlx_models, goldens, tmp_path):
     """One converted weight with 5% noise added: verify fails and names its layer."""
     key = "decoder.up.1.block.2.conv1.conv.weight"
     broken = tmp_path / "broken"
@@ -201,12 +211,12 @@ def test_perturbed_tensor_is_named(mlx_models, tmp_path):
     for name, array in arrays.items():
         writer.add(name, array)
     writer.close()
-    report = verify(broken)
+    report = verify(broken, golden=goldens["original"][1])
     assert not report.passed
     assert report.first_failure == "decoder.up.1.block.2.conv1.conv"
 
 
-def test_wrong_rule_is_caught(sources, tmp_path, monkeypatch):
+def test_wrong_rule_is_caught(sources, goldens, tmp_path, monkeypatch):
     """A rule exchanging the encoder's two mid-block residual blocks (equal shapes) plans and
     converts; verify fails and names the first one."""
     mappings = tmp_path / "mappings"
@@ -219,9 +229,9 @@ def test_wrong_rule_is_caught(sources, tmp_path, monkeypatch):
                                          '    to: "encoder.mid.block_{3-n}.{rest}"\n' + marker))
     monkeypatch.setenv("VIDPORT_MAPPINGS", str(mappings))
     convert(plan_conversion(sources["original"], "mlx"), tmp_path / "out")
-    report = verify(tmp_path / "out")
+    report = verify(tmp_path / "out", golden=goldens["original"][1])
     assert not report.passed
-    assert report.first_failure.startswith("encoder.mid.block_1.")
+    assert report.first_failure == "encoder.mid.block_1.conv1.conv"
 
 
 # ---------------------------------------------------------------- causal in time
@@ -346,6 +356,16 @@ def test_unimplemented_settings_are_refused(sources, tmp_path):
         assert result.exit_code == 1, result.output
         assert setting.split("=")[1] in result.output and "this port implements" in result.output
         assert not out.exists()
+
+
+def test_bad_shapes_are_refused_by_the_port(mlx_models):
+    import mlx.core as mx
+
+    model = _mlx(mlx_models["original"])
+    with pytest.raises(VidportError, match=r"mel spectrogram of shape \[1, 9, 64, 3\]: expected .* 2\), channels last"):
+        model.encode(mx.zeros((1, 9, 64, 3)))
+    with pytest.raises(VidportError, match=r"latents of shape \[1, 2, 3, 16\]: expected .* 2\), channels last"):
+        model.decode(mx.zeros((1, 2, 3, 16)))  # channels first
 
 
 def test_cli_convert_and_verify(sources, tmp_path):

@@ -18,6 +18,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
+from vidport.converter.core.errors import VidportError
 from vidport.runtime.layers import Conv2d, Dropout, SiLU, attention
 from vidport.runtime.sd_vae import LatentDistribution
 
@@ -282,7 +283,7 @@ class AutoencoderKLLTX2Audio(nn.Module):
         self.decoder = LTX2AudioDecoder(output_channels=output_channels, mel_bins=mel_bins, **common)
         self.latents_mean = mx.zeros((base_channels,))
         self.latents_std = mx.ones((base_channels,))
-        self.latent_channels = latent_channels
+        self.latent_channels, self.in_channels = latent_channels, in_channels
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "AutoencoderKLLTX2Audio":
@@ -292,13 +293,16 @@ class AutoencoderKLLTX2Audio(nn.Module):
     def encode(self, mel: mx.array) -> LatentDistribution:
         """(B, 1 + 4k, mel_bins, in) log-mel frames -> the latents' distribution over
         (B, 1 + k, mel_bins / 4, latent): raw, not normalized."""
+        if mel.ndim != 4 or mel.shape[-1] != self.in_channels:
+            raise VidportError(f"mel spectrogram of shape {list(mel.shape)}: expected (batch, frames, mel bins, "
+                               f"{self.in_channels}), channels last")
         mean, logvar = mx.split(self.encoder(mel), 2, axis=-1)
         return LatentDistribution(mean, mx.clip(logvar, -30.0, 20.0))
 
     def decode(self, latents: mx.array) -> mx.array:
         """Raw latents (B, t, m, latent) -> log-mel frames (B, 4t - 3, mel_bins, out)."""
         if latents.ndim != 4 or latents.shape[-1] != self.latent_channels:
-            raise ValueError(f"latents of shape {list(latents.shape)}: expected (batch, frames, mel, "
+            raise VidportError(f"latents of shape {list(latents.shape)}: expected (batch, frames, mel, "
                              f"{self.latent_channels}), channels last")
         return self.decoder(latents)
 
