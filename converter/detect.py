@@ -19,7 +19,10 @@ class Detected:
 
 def _fits(spec: SourceSpec, source: Source) -> Tensors | None:
     if source.format.endswith("-folder"):
-        class_name = (source.config or {}).get("_class_name") or (source.config or {}).get("architectures", [None])[0]
+        config = source.config or {}
+        architectures = config.get("architectures")  # a list; null where transformers' to_dict was saved as is
+        class_name = config.get("_class_name") or (architectures[0] if isinstance(architectures, list) and architectures
+                                                    else None)
         if spec.folder_class is None or spec.folder_class != class_name:
             return None
     elif spec.folder_class is not None:
