@@ -233,6 +233,7 @@ def _set(key: str, value):
     (_set("model.language_model.layers.0.self_attn.v_proj.weight", torch.zeros(24, 32)), "layers.0.self_attn.v_proj.weight"),
     (_set("model.language_model.layers.0.bogus.weight", torch.zeros(3)), "layers.0.bogus.weight"),
     (lambda s, c: c.pop("text_config"), "text_config"),
+    (lambda s, c: c.__setitem__("architectures", None), "not a known gemma3-text checkpoint"),
     (lambda s, c: c["text_config"].__setitem__("rope_parameters", {"full_attention": {"rope_type": "yarn", "factor": 4.0}}),
      "yarn"),
 ])
