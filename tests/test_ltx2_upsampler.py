@@ -19,8 +19,8 @@ from vidport.converter.convert import convert, plan_conversion
 from vidport.converter.core.errors import VidportError
 from vidport.converter.safetensors_io import SafetensorsWriter, read_safetensors
 from vidport.golden.verify import verify
-from fixtures.ltx2_upsampler import (VARIANTS, diffusers_config, official_config, official_model, original_state,
-                                     write_diffusers, write_original)
+from fixtures.ltx2_upsampler import (VARIANTS, WIDTHS, diffusers_config, official_config, official_model,
+                                     original_state, randomize, write_diffusers, write_original)
 from fixtures.references import assert_names_reference
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -154,6 +154,18 @@ def test_other_releases_convert_and_verify(sources, variant, tmp_path):
     names = {r.name for r in report.layers}
     assert {"upsampler.blur_down" if variant == "x1.5" else "upsampler.1"} <= names
     assert min(r.local["pcc"] for r in report.layers) >= 0.99999
+
+
+def test_two_dimensional_upsampler_verifies(tmp_path):
+    """dims = 2 (no release, diffusers builds it): every convolution is 2-D, frames folded into the
+    batch from the start; the rank-generic conv role stores its weights channels-last as well."""
+    from diffusers.pipelines.ltx2 import LTX2LatentUpsamplerModel
+
+    randomize(LTX2LatentUpsamplerModel(**{**WIDTHS, "dims": 2}), 5).save_pretrained(tmp_path / "latent_upsampler")
+    convert(plan_conversion(tmp_path / "latent_upsampler", "mlx"), tmp_path / "out")
+    report = verify(tmp_path / "out")
+    assert report.passed, report.first_failure
+    assert not report.not_in_port and min(r.local["pcc"] for r in report.layers) >= 0.99999
 
 
 # ---------------------------------------------------------------- faults are caught
