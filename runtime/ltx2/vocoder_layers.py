@@ -22,9 +22,19 @@ class Conv1d(nn.Conv1d):
 
 
 class ConvTranspose1d(nn.ConvTranspose1d):
-    """nn.ConvTranspose1d on (B, L, C) signals: out length (L - 1) * stride - 2 * padding + K, as torch's."""
+    """nn.ConvTranspose1d on (B, L, C) signals: out length (L - 1) * stride - 2 * padding + K, as
+    torch's. MLX's transposed convolution equals torch's (stride, output_padding, dilation alike)
+    except where stride > 1 and padding > dilation * (K - 1): that is refused (the vocoders'
+    padding, (K - stride) // 2, never is)."""
 
     channels_last = True
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
+                 dilation: int = 1, output_padding: int = 0, bias: bool = True):
+        if stride > 1 and padding > dilation * (kernel_size - 1):
+            raise ValueError(f"a strided transposed convolution with padding {padding} > dilation * (kernel - 1) = "
+                             f"{dilation * (kernel_size - 1)}: MLX's differs from torch's there")
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, output_padding, bias)
 
 
 class LeakyReLU(nn.Module):
