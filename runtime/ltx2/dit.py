@@ -181,7 +181,8 @@ class LTX2VideoTransformer3DModel(nn.Module):
         if activation_fn != "gelu-approximate" or qk_norm != "rms_norm_across_heads":
             raise ValueError(f"activation_fn {activation_fn!r} / qk_norm {qk_norm!r}: LTX-2 uses "
                              "'gelu-approximate' and 'rms_norm_across_heads'")
-        inner, audio_inner = num_attention_heads * attention_head_dim, audio_num_attention_heads * audio_attention_head_dim
+        inner = num_attention_heads * attention_head_dim
+        audio_inner = audio_num_attention_heads * audio_attention_head_dim
         self.use_cross_timestep = use_cross_timestep
         self.use_prompt_embeddings = use_prompt_embeddings
         self.gate_scale = cross_attn_timestep_scale_multiplier / timestep_scale_multiplier
@@ -330,7 +331,8 @@ class LTX2VideoTransformer3DModel(nn.Module):
             perturbation_mask = mx.zeros((batch,))
         if perturbation_mask is not None:
             perturbation_mask = _array(perturbation_mask)
-            perturbation_mask = perturbation_mask.reshape(-1, 1, 1) if perturbation_mask.ndim == 1 else perturbation_mask
+            if perturbation_mask.ndim == 1:  # [B] -> [B, 1, 1]: one switch per sample
+                perturbation_mask = perturbation_mask.reshape(-1, 1, 1)
         all_perturbed = perturbation_mask is not None and not bool(mx.any(perturbation_mask != 0))
         for index, block in enumerate(self.transformer_blocks):
             stg = index in stg_blocks
