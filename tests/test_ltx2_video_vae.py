@@ -156,6 +156,24 @@ def test_planted_fault_is_named(sources, tmp_path):
     assert all(r.passed for r in report.layers[: names.index(report.first_failure)])
 
 
+def test_wrong_rule_is_named(sources, tmp_path, monkeypatch):
+    """A rule that reverses the encoder mid block's resnets passes every shape check (they are
+    alike); verify names the first layer that got the other one's weights."""
+    import shutil
+
+    mappings = tmp_path / "mappings"
+    shutil.copytree(Path(__file__).resolve().parent.parent / "mappings", mappings)
+    spec = mappings / "ltx2-video-vae" / "original.yaml"
+    right = '    to: "encoder.mid_block.resnets.{i}.{rest}"'
+    assert spec.read_text().count(right) == 1
+    spec.write_text(spec.read_text().replace(right, '    to: "encoder.mid_block.resnets.{1-i}.{rest}"'))
+    monkeypatch.setenv("VIDPORT_MAPPINGS", str(mappings))
+    convert(plan_conversion(sources["original"], "mlx"), tmp_path / "out")
+    report = verify(tmp_path / "out", frames=1)
+    assert not report.passed
+    assert report.first_failure == "encoder.mid_block.resnets.0.conv1.conv"
+
+
 # ---------------------------------------------------------------- the flat-to-nested block mapping
 
 
