@@ -137,7 +137,7 @@ def test_config_from_shapes(sources, version):
         assert plan.config["audio_connector_attention_head_dim"] == 4
 
 
-def test_release_variants_fix_the_rest(tmp_path):
+def test_release_variants_fix_the_rest():
     """At the released widths (shapes only), the variant table names the release and gives
     ltx_core's configuration: 30 heads and split RoPE for LTX-2.0, 32 heads from LTX-2.3's gates."""
     from vidport.converter.infer import infer_config, match_variant
