@@ -112,7 +112,7 @@ def test_diffusers_rules_sound_as_official(version):
     cls = LTX2Vocoder if version == "2.0" else LTX2VocoderWithBWE
     model = cls.from_config(diffusers_config(version)).eval()
     model.load_state_dict(_diffusers_rules(state, version), strict=True)
-    mel = torch.randn((1, 2, 5, 64), generator=torch.Generator().manual_seed(0))
+    mel = torch.randn((1, 2, 3, 64), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = official(mel)
         assert torch.allclose(model(mel), expected, atol=1e-5)
@@ -136,11 +136,17 @@ def test_spec_maps_as_diffusers_rules(sources, version):
 
 
 def test_detection_and_config(sources):
+    """Each source is detected as its family's own format; the original file's config (widths from
+    shapes, the rest from the release's variant) is the config of diffusers' own folder."""
+    import json
+
     for name, (version, _file) in SOURCES.items():
         plan = plan_conversion(sources[name], "mlx", family=FAMILIES[version])
         assert plan.detected.spec.name == f"{FAMILIES[version]}/{name.split('-')[0]}"
-        expected = {**(plan.config if name.startswith("diffusers") else {}), **diffusers_config(version)}
+        folder = json.loads((sources[f"diffusers-{version}"] / "config.json").read_text())
+        expected = {k: v for k, v in folder.items() if not k.startswith("_")}
         assert {k: plan.config.get(k) for k in expected} == expected, name
+        assert plan.variant == (None if name.startswith("diffusers") else plan.detected.spec.variants[0].name)
     with pytest.raises(VidportError):  # the LTX-2.3 file is not an LTX-2.0 vocoder, nor the reverse
         plan_conversion(sources["original-2.3"], "mlx", family="ltx2-vocoder")
     with pytest.raises(VidportError):
@@ -158,7 +164,7 @@ def test_convert_and_verify(sources, source, tmp_path):
     golden = tmp_path / "vidport.golden.safetensors"
     for dtype, floor in (("float32", 0.99999), ("bfloat16", 0.99)):
         convert(plan_conversion(sources[source], "mlx", family=FAMILIES[version], dtype=dtype), tmp_path / dtype)
-        report = (verify(tmp_path / dtype, frames=3, save_to=golden) if dtype == "float32"
+        report = (verify(tmp_path / dtype, frames=2, save_to=golden) if dtype == "float32"
                   else verify(tmp_path / dtype, golden=golden))
         assert report.passed, (dtype, report.first_failure)
         assert_names_reference(report, tmp_path / dtype)
@@ -186,6 +192,29 @@ def test_planted_fault_is_named(sources, tmp_path, version, tensor, layer):
     report = verify(tmp_path / "mlx", frames=1)
     assert not report.passed
     assert report.first_failure == layer
+
+
+def test_wrong_rule_fails_against_the_official_code(sources, tmp_path, monkeypatch):
+    """A planted rule the shapes cannot see (the first residual block's dilated and plain
+    convolutions exchanged: equal shapes) still converts, and verify against the official ltx_core
+    model fails at that layer."""
+    import shutil
+
+    mappings = tmp_path / "mappings"
+    shutil.copytree(Path(__file__).resolve().parent.parent / "mappings", mappings)
+    spec = mappings / "ltx2-vocoder" / "original.yaml"
+    rule = '  - from: "resblocks.{j}.{conv:convs1|convs2}.{k}.{param}"\n'
+    wrong = ('  - from: "resblocks.0.convs1.{k}.{param}"\n    to: "resnets.0.convs2.{k}.{param}"\n'
+             '  - from: "resblocks.0.convs2.{k}.{param}"\n    to: "resnets.0.convs1.{k}.{param}"\n')
+    text = spec.read_text()
+    assert text.count(rule) == 1
+    spec.write_text(text.replace(rule, wrong + rule))
+    monkeypatch.setenv("VIDPORT_MAPPINGS", str(mappings))
+    convert(plan_conversion(sources["original-2.0"], "mlx", family="ltx2-vocoder"), tmp_path / "bad")
+    report = verify(tmp_path / "bad", frames=1)
+    assert not report.passed
+    assert report.first_failure == "resnets.0.convs1.0"
+    assert report.info["reference"].startswith("official:ltx_core")
 
 
 # ---------------------------------------------------------------- transposed convolutions
