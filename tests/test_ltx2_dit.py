@@ -149,6 +149,19 @@ def test_convert_and_verify(sources, name, dtype, tmp_path):
     assert worst >= (0.99999 if dtype == "float32" else 0.999)
 
 
+@pytest.mark.parametrize("name", ["original", "original-2.3"])
+def test_original_to_diffusers_folder(sources, name, tmp_path):
+    """Original -> Diffusers comes free, LTX-2.3 included (which diffusers' single-file loader cannot
+    read): from_pretrained loads the folder, every tensor the model the file was made from."""
+    from diffusers import LTX2VideoTransformer3DModel
+
+    version, seed = SOURCES[name]
+    convert(plan_conversion(sources[name], "diffusers", "ltx2-dit", overrides=SMALL_HEADS), tmp_path / "transformer")
+    loaded = LTX2VideoTransformer3DModel.from_pretrained(tmp_path / "transformer").state_dict()
+    made = random_ltx2_transformer(ltx2_config(version), seed).state_dict()
+    assert set(loaded) == set(made) and all(torch.equal(loaded[k], made[k]) for k in made)
+
+
 def test_connectors_are_dropped_with_their_family(sources):
     plan = plan_conversion(sources["original"], "mlx", "ltx2-dit", overrides=SMALL_HEADS)
     dropped = dict(plan.canonical.dropped)
