@@ -22,13 +22,13 @@ runner = CliRunner()
 
 
 def library_defaults(canonical: str) -> dict:
-    """The canonical class's own defaults: a diffusers model's __init__ signature, a transformers
-    model's config class."""
+    """The canonical class's own defaults: a diffusers model's __init__ signature (and its
+    forward's, for how it runs: LTX-2's use_cross_timestep), a transformers model's config class."""
     library, name = canonical.split(":")
     cls = getattr(importlib.import_module(library), name)
     if library == "transformers":
         return cls.config_class().to_dict()
-    return {n: p.default for n, p in inspect.signature(cls.__init__).parameters.items()
+    return {n: p.default for method in (cls.forward, cls.__init__) for n, p in inspect.signature(method).parameters.items()
             if p.default is not inspect.Parameter.empty}
 
 
