@@ -19,7 +19,7 @@ from typing import Any, Callable
 from vidport.converter.checkpoint import read_checkpoint
 from vidport.converter.core.named import named_object
 from vidport.converter.convert import MANIFEST, ConversionPlan, Progress, plan_conversion, tool_version
-from vidport.converter.detect import holds_part
+from vidport.converter.detect import detect, holds_part
 from vidport.converter.spec import load_catalog
 from vidport.converter.core.errors import VidportError
 from vidport.converter.core.jsonfile import read_json_object
@@ -48,6 +48,7 @@ class PipelinePlan:
     index_values: dict[str, Any] = field(default_factory=dict)  # the spec's model_index_from_source, read
     files: dict[str, list[tuple[Path, Path]]] = field(default_factory=dict)  # copied part -> its files, checked
     absent: dict[str, str] = field(default_factory=dict)  # optional component the sources lack -> why
+    classes: dict[str, tuple[str, str]] = field(default_factory=dict)  # component -> the class it was taken as
 
     @property
     def total_tensors(self) -> int:
@@ -106,7 +107,24 @@ def _absent(spec: PipelineSpec, component: Component, path: Path | None) -> bool
     models but none of this one's keys (an LTX-2 file without its audio VAE and vocoder)."""
     if path is None or not path.exists():
         return True
-    return path.is_file() and not holds_part(read_checkpoint(path), load_catalog().family(component.family))
+    catalog = load_catalog()
+    return path.is_file() and not any(holds_part(read_checkpoint(path), catalog.family(family))
+                                      for family, _ in component.choices())
+
+
+def _choose(component: Component, path: Path) -> tuple[str, tuple[str, str]]:
+    """The component's (family, class): the first whose specs detect the part; the first choice
+    where none does (its conversion then says why)."""
+    if not component.alternatives:
+        return component.choices()[0]
+    source, catalog = read_checkpoint(path), load_catalog()
+    for family, library_class in component.choices():
+        try:
+            detect(source, catalog, family)
+        except VidportError:
+            continue
+        return family, library_class
+    return component.choices()[0]
 
 
 def _tokenizer(spec: PipelineSpec, sources: dict[str, Path], layouts: dict[str, Layout],
@@ -171,6 +189,7 @@ def plan_pipeline(pipeline: str | PipelineSpec, sources: dict[str, str | Path], 
     per_component = split_overrides(spec, overrides or {})
     components: dict[str, ConversionPlan] = {}
     absent: dict[str, str] = {}
+    classes: dict[str, tuple[str, str]] = {}
     for component in spec.components:
         path = _part(spec, paths, layouts, component.name)
         if component.optional and _absent(spec, component, path):
@@ -184,13 +203,14 @@ def plan_pipeline(pipeline: str | PipelineSpec, sources: dict[str, str | Path], 
                                    hint=f"pass it with {entry.option or '--input ' + input_name + '=PATH'}")
             raise VidportError(f"{paths[input_name]}: its {layouts[input_name].name} layout has no "
                                f"{layouts[input_name].parts.get(component.name) or component.name} for the {component.name}")
+        family, classes[component.name] = _choose(component, path)
         try:
-            components[component.name] = plan_conversion(path, target, component.family, dtype,
+            components[component.name] = plan_conversion(path, target, family, dtype,
                                                          per_component[component.name], target_options=target_options)
         except ConfigNeeded as err:
-            raise err.for_component(component.name, component.family) from err
+            raise err.for_component(component.name, family) from err
         except VidportError as err:
-            raise VidportError(f"{component.name} ({component.family}): {err.message}", hint=err.hint) from err
+            raise VidportError(f"{component.name} ({family}): {err.message}", hint=err.hint) from err
     configs = {name: public(plan.config) for name, plan in components.items()}
     for check in spec.checks:
         named_object(check)(configs)
@@ -205,7 +225,7 @@ def plan_pipeline(pipeline: str | PipelineSpec, sources: dict[str, str | Path], 
                               source_files(named or tokenizer_folder, named or paths[_holder(spec, "tokenizer", layouts)])
                               if not spec.tokenizer_files or any(relative.match(g) for g in spec.tokenizer_files)]
     return PipelinePlan(spec, target, paths, layouts, components, tokenizer_folder, scheduler, origin, copies,
-                        _index_values(spec, paths, layouts), files, absent)
+                        _index_values(spec, paths, layouts), files, absent, classes)
 
 
 def _index_values(spec: PipelineSpec, sources: dict[str, Path], layouts: dict[str, Layout]) -> dict[str, Any]:
@@ -228,7 +248,7 @@ def _model_index(plan: PipelinePlan) -> dict[str, Any]:
         version = "0.42.1"
     index: dict[str, Any] = {"_class_name": plan.spec.diffusers_class, "_diffusers_version": version}
     for component in plan.spec.components:
-        index[component.name] = list(component.library_class) if component.name in plan.components else [None, None]
+        index[component.name] = list(plan.classes[component.name]) if component.name in plan.components else [None, None]
     if plan.tokenizer is not None:
         index["tokenizer"] = list(plan.spec.tokenizer_class)
     if plan.scheduler:

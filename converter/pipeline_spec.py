@@ -26,7 +26,9 @@ PIPELINE_SCHEMA = {
                                                "optional": {"help": "str", "option": "str", "optional": "bool",
                                                             "why": "str"}}}},
                  "components": ["list", {"required": {"name": "str", "family": "str", "class": LIBRARY_CLASS},
-                                         "optional": {"optional": "bool", "why": "str"}}]},
+                                         "optional": {"optional": "bool", "why": "str",
+                                                      "or": ["list", {"required": {"family": "str",
+                                                                                   "class": LIBRARY_CLASS}}]}}]},
     "optional": {
         "description": "str",
         "aliases": ["list", "str"],
@@ -80,6 +82,12 @@ class Component:
     library_class: tuple[str, str]
     optional: bool = False  # a source may lack it (Wan's transformer_2, image_encoder): left out, not an error
     why: str = ""  # why it may be absent, as the manifest and the command line say
+    # other (family, class) pairs the part may be, tried in order where the first's specs do not
+    # fit (LTX-2.3's vocoder is LTX2VocoderWithBWE where LTX-2.0's is LTX2Vocoder)
+    alternatives: tuple[tuple[str, tuple[str, str]], ...] = ()
+
+    def choices(self) -> list[tuple[str, tuple[str, str]]]:
+        return [(self.family, self.library_class), *self.alternatives]
 
 
 @dataclass
@@ -122,8 +130,11 @@ def load_pipeline_spec(path: Path) -> PipelineSpec:
     for item, item_node in zip(data["components"], _child(node, "components").value):
         if len(item["class"]) != 2:
             raise _fail(path, item_node, "class must be [library, ClassName]")
+        alternatives = tuple((other["family"], tuple(other["class"])) for other in item.get("or", []))
+        if any(len(library_class) != 2 for _, library_class in alternatives):
+            raise _fail(path, item_node, "class must be [library, ClassName]")
         components.append(Component(item["name"], item["family"], tuple(item["class"]), item.get("optional", False),
-                                    " ".join(item.get("why", "").split())))
+                                    " ".join(item.get("why", "").split()), alternatives))
     spec = PipelineSpec(data["pipeline"], data["version"], data.get("description", ""), data.get("aliases", []),
                         data["diffusers_class"], inputs, components, path)
     if "tokenizer" in data:

@@ -13,10 +13,15 @@ from typer.testing import CliRunner
 from vidport.cli import app
 from vidport.converter.core.manifest import read_manifest
 from vidport.converter.pipeline import convert_pipeline, plan_pipeline
-from fixtures.ltx2_release import (write_diffusers_release, write_gemma_folder, write_original_release,
-                                   write_upsampler_file)
+from fixtures.ltx2_release import (SMALL_SETTINGS, write_diffusers_release, write_gemma_folder,
+                                   write_original_release, write_upsampler_file)
 from fixtures.ltx_video import write_ltx_video_file
 
+def settings(version: str = "2.0") -> list[str]:
+    return [option for key, value in SMALL_SETTINGS[version].items() for option in ("--set", f"{key}={value}")]
+
+
+SETS = settings("2.0")
 EVERY = {"transformer", "connectors", "vae", "audio_vae", "vocoder", "latent_upsampler", "text_encoder"}
 FAMILIES = {"transformer": "ltx2-dit", "connectors": "ltx2-connectors", "vae": "ltx2-video-vae",
             "audio_vae": "ltx2-audio-vae", "vocoder": "ltx2-vocoder", "latent_upsampler": "ltx2-upsampler",
@@ -28,6 +33,7 @@ def release(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("ltx2-release")
     return {"original": write_original_release(root / "ltx-2-19b-dev.safetensors"),
             "video-only": write_original_release(root / "ltx-2-video-only.safetensors", seed=7, audio=False),
+            "2.3": write_original_release(root / "ltx-2.3.safetensors", seed=11, version="2.3"),
             "upsampler": write_upsampler_file(root / "ltx-2-spatial-upscaler-x2-1.0.safetensors"),
             "gemma": write_gemma_folder(root / "gemma-3"),
             "diffusers": write_diffusers_release(root / "LTX-2-Diffusers")}
@@ -38,7 +44,7 @@ def converted(release, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ltx2-mlx") / "ltx2"
     result = CliRunner().invoke(app, ["convert", "ltx2", str(release["original"]), "--input",
                                       f"upsampler={release['upsampler']}", "--input", f"gemma={release['gemma']}",
-                                      "--out", str(out)])
+                                      "--out", str(out), *SETS])
     assert result.exit_code == 0, result.output
     return out
 
@@ -102,11 +108,27 @@ def test_diffusers_release_is_one_folder(release, tmp_path):
     assert (tmp_path / "out" / "tokenizer" / "tokenizer.json").exists()
 
 
+def test_ltx23_release_is_one_folder(release, tmp_path):
+    """An LTX-2.3 single file: its DiT, connectors and vocoder are the 2.3 forms (the vocoder is the
+    bandwidth-extension class, chosen by the component's alternatives), and the folder verifies."""
+    out = tmp_path / "ltx23"
+    result = CliRunner().invoke(app, ["convert", "ltx2", str(release["2.3"]), "--out", str(out), *settings("2.3")])
+    assert result.exit_code == 0, result.output
+    manifest = read_manifest(out)
+    specs = {name: entry["spec"] for name, entry in manifest["components"].items()}
+    assert specs["transformer"] == "ltx2-dit/original-2.3" and manifest["components"]["vocoder"]["family"] == "ltx2-vocoder-bwe"
+    assert read_manifest(out / "transformer")["config"]["use_cross_timestep"] is True
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["vocoder"] == ["diffusers", "LTX2VocoderWithBWE"]
+    result = CliRunner().invoke(app, ["verify", str(out)])
+    assert result.exit_code == 0, result.output
+
+
 def test_release_without_audio_converts_video_only(release, tmp_path):
     """A file with no audio_vae.* and vocoder.* keys: the video families convert, the audio ones
     are absent, the command line and the manifest say so and why."""
     out = tmp_path / "video-only"
-    result = CliRunner().invoke(app, ["convert", "ltx2", str(release["video-only"]), "--out", str(out)])
+    result = CliRunner().invoke(app, ["convert", "ltx2", str(release["video-only"]), "--out", str(out), *SETS])
     assert result.exit_code == 0, result.output
     manifest = read_manifest(out)
     assert set(manifest["components"]) == {"transformer", "connectors", "vae"}
@@ -119,7 +141,10 @@ def test_release_without_audio_converts_video_only(release, tmp_path):
 
 @pytest.mark.parametrize("family", ["ltx2-dit", "ltx2-video-vae", "ltx2-audio-vae", "ltx2-vocoder", "ltx2-connectors"])
 def test_each_family_converts_alone_from_the_single_file(release, family, tmp_path):
-    result = CliRunner().invoke(app, ["convert", family, str(release["original"]), "--out", str(tmp_path / family)])
+    component = {"ltx2-dit": "transformer.", "ltx2-connectors": "connectors."}.get(family, "-")
+    sets = [o for key, value in SMALL_SETTINGS["2.0"].items() if key.startswith(component)
+            for o in ("--set", f"{key.removeprefix(component)}={value}")]
+    result = CliRunner().invoke(app, ["convert", family, str(release["original"]), "--out", str(tmp_path / family), *sets])
     assert result.exit_code == 0, result.output
     assert read_manifest(tmp_path / family)["family"] == family
 
