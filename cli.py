@@ -289,8 +289,6 @@ def verify(
         fail(err)
     print_report(report, console, None if show_all else 25)
     if json_out:
-        from vidport.golden.report import write_json
-
         write_json(report, json_out)
         console.print(f"JSON report: {json_out}")
     if html_out:

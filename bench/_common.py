@@ -489,6 +489,56 @@ def write_random_shards(folder: Path, shapes: dict[str, tuple[int, ...]], shards
     return info
 
 
+def cached_checkpoint(script: str | Path, name: str, size: str, rebuild: bool = False,
+                      timeout: float = 1800) -> tuple[Path, dict]:
+    """A conversion benchmark's checkpoint folder bench-output/NAME (built on first use by
+    `script --build`, cached afterwards) and its description."""
+    OUTPUT.mkdir(exist_ok=True)
+    folder = OUTPUT / name
+    info_file = folder / "bench-info.json"
+    if rebuild or not info_file.exists():
+        print(f"building {folder.relative_to(ROOT)} (once; cached afterwards) ...", flush=True)
+        start = time.perf_counter()
+        run_child(script, ["--build", str(folder), "--size", size], timeout=timeout)
+        print(f"  built in {time.perf_counter() - start:.1f} s", flush=True)
+    return folder, json.loads(info_file.read_text())
+
+
+def shards_route(route: str, folder: Path, out: Path, stem: str, plan: Callable[[Path], Any],
+                 rename: Callable[[dict], dict]) -> dict:
+    """Child side of a conversion benchmark over `stem`-named shards: `copy` the files, `vidport`
+    (`plan(index)` then `convert`), or `naive` (load every shard, `rename` with diffusers' own
+    converter, one `save_file`). The callers import what `plan` and `rename` need beforehand."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    index = folder / f"{stem}.safetensors.index.json"
+    shards = sorted(folder.glob("*.safetensors"))
+    from safetensors.torch import load_file, save_file
+
+    from vidport.converter.convert import convert
+
+    def work() -> tuple[float | None, int]:
+        if route == "copy":
+            out.mkdir(parents=True)
+            for shard in shards:
+                shutil.copyfile(shard, out / shard.name)
+            return None, 0
+        if route == "vidport":
+            planned_conversion = plan(index)
+            planned = time.perf_counter()
+            return planned, convert(planned_conversion, out)["tensors"]
+        state = {}
+        for shard in shards:
+            state.update(load_file(str(shard)))
+        planned = time.perf_counter()
+        state = rename(state)
+        out.mkdir(parents=True)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(out / "diffusion_pytorch_model.safetensors"))
+        return planned, len(state)
+
+    return {"route": route, **measure_route(out, work)}
+
+
 def run_child(script: str | Path, args: list[str], timeout: float = 900) -> dict:
     """Run `script args` in a fresh interpreter; its last stdout line is JSON."""
     proc = subprocess.run([sys.executable, str(script), *args], cwd=ROOT, capture_output=True, text=True,

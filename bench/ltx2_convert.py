@@ -26,11 +26,8 @@ The checkpoint is cached in bench-output/ between runs; `--clean` deletes it at 
 """
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -69,51 +66,20 @@ def _build_child(folder: Path, size: str) -> dict:
 
 
 def checkpoint(size: str, rebuild: bool = False) -> tuple[Path, dict]:
-    OUTPUT.mkdir(exist_ok=True)
-    folder = OUTPUT / f"ltx2-19b-dit-original-bf16-random-{size}"
-    info_file = folder / "bench-info.json"
-    if rebuild or not info_file.exists():
-        print(f"building {folder.relative_to(ROOT)} (once; cached afterwards) ...", flush=True)
-        start = time.perf_counter()
-        common.run_child(__file__, ["--build", str(folder), "--size", size], timeout=3600)
-        print(f"  built in {time.perf_counter() - start:.1f} s", flush=True)
-    return folder, json.loads(info_file.read_text())
+    return common.cached_checkpoint(__file__, f"ltx2-19b-dit-original-bf16-random-{size}", size, rebuild, timeout=3600)
 
 
 def _child(route: str, folder: Path, out: Path) -> dict:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     sys.path.insert(0, str(ROOT))
-    index = folder / "ltx-2-19b-dev.safetensors.index.json"
-    shards = sorted(folder.glob("*.safetensors"))
-    if route == "vidport":
-        import vidport.runtime.registry  # noqa: F401  (plan_conversion builds the MLX model to check shapes)
-        import vidport.runtime.ltx2.dit  # noqa: F401
-        from vidport.converter.convert import convert, plan_conversion
-    elif route == "naive":
-        from diffusers.loaders.single_file_utils import convert_ltx2_transformer_to_diffusers
-        from safetensors.torch import load_file, save_file
+    import vidport.runtime.ltx2.dit  # noqa: F401  (plan_conversion builds the MLX model to check shapes)
+    import vidport.runtime.registry  # noqa: F401
+    from diffusers.loaders.single_file_utils import convert_ltx2_transformer_to_diffusers
 
-    def work() -> tuple[float | None, int]:
-        if route == "copy":
-            out.mkdir(parents=True)
-            for shard in shards:
-                shutil.copyfile(shard, out / shard.name)
-            return None, 0
-        if route == "vidport":
-            plan = plan_conversion(index, "mlx", "ltx2-dit", overrides=dict(HEADS))
-            planned = time.perf_counter()
-            return planned, convert(plan, out)["tensors"]
-        state = {}
-        for shard in shards:
-            state.update(load_file(str(shard)))
-        planned = time.perf_counter()
-        state = convert_ltx2_transformer_to_diffusers(state)
-        out.mkdir(parents=True)
-        save_file({k: v.contiguous() for k, v in state.items()}, str(out / "diffusion_pytorch_model.safetensors"))
-        return planned, len(state)
+    from vidport.converter.convert import plan_conversion
 
-    return {"route": route, **common.measure_route(out, work)}
+    return common.shards_route(route, folder, out, "ltx-2-19b-dev",
+                               lambda index: plan_conversion(index, "mlx", "ltx2-dit", overrides=dict(HEADS)),
+                               convert_ltx2_transformer_to_diffusers)
 
 
 HEADS = {"num_attention_heads": 32, "audio_num_attention_heads": 32}  # what a release's variant table gives
