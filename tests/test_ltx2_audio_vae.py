@@ -18,9 +18,9 @@ from typer.testing import CliRunner
 from vidport.cli import app
 from vidport.converter.convert import convert, plan_conversion
 from vidport.converter.core.errors import VidportError
-from vidport.converter.safetensors_io import SafetensorsWriter, read_safetensors
 from vidport.converter.spec import load_catalog
 from vidport.golden.verify import verify
+from fixtures.faults import perturbed_copy
 from fixtures.ltx2_audio_vae import CONFIG, DIFFUSERS_CONFIG, PREFIX, official_models, write_diffusers, write_original
 from fixtures.references import assert_names_reference
 
@@ -200,17 +200,7 @@ def test_convert_and_verify(sources, mlx_models, goldens, source, tmp_path):
 def test_perturbed_tensor_is_named(mlx_models, goldens, tmp_path):
     """One converted weight with 5% noise added: verify fails and names its layer."""
     key = "decoder.up.1.block.2.conv1.conv.weight"
-    broken = tmp_path / "broken"
-    shutil.copytree(mlx_models["original"], broken)
-    refs, _ = read_safetensors(broken / "model.safetensors")
-    arrays = {name: ref.load() for name, ref in refs.items()}
-    arrays[key] = arrays[key] + np.float32(0.05) * np.random.default_rng(1).standard_normal(arrays[key].shape,
-                                                                                          dtype=np.float32)
-    (broken / "model.safetensors").unlink()
-    writer = SafetensorsWriter(broken, "model", 1 << 40)
-    for name, array in arrays.items():
-        writer.add(name, array)
-    writer.close()
+    broken = perturbed_copy(mlx_models["original"], tmp_path / "broken", key)
     report = verify(broken, golden=goldens["original"][1])
     assert not report.passed
     assert report.first_failure == "decoder.up.1.block.2.conv1.conv"

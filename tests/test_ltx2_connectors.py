@@ -17,8 +17,8 @@ from typer.testing import CliRunner
 from vidport.cli import app
 from vidport.converter.convert import convert, plan_conversion
 from vidport.converter.core.errors import VidportError
-from vidport.converter.safetensors_io import SafetensorsWriter, read_safetensors
 from vidport.golden.verify import verify
+from fixtures.faults import perturbed_copy
 from fixtures.ltx2_connectors import (FOREIGN, OVERRIDES, connectors_config, randomize, write_diffusers,
                                       write_original)
 from fixtures.references import assert_names_reference
@@ -208,26 +208,12 @@ def test_convert_and_verify(sources, source, tmp_path):
         assert min(r.local["pcc"] for r in report.layers) >= floor
 
 
-def _perturbed_copy(converted: Path, dest: Path, key: str) -> Path:
-    shutil.copytree(converted, dest)
-    refs, _ = read_safetensors(dest / "model.safetensors")
-    arrays = {name: ref.load() for name, ref in refs.items()}
-    arrays[key] = arrays[key] + np.float32(0.05) * np.random.default_rng(1).standard_normal(arrays[key].shape,
-                                                                                             dtype=np.float32)
-    (dest / "model.safetensors").unlink()
-    writer = SafetensorsWriter(dest, "model", 1 << 40)
-    for name, array in arrays.items():
-        writer.add(name, array)
-    writer.close()
-    return dest
-
-
 @pytest.mark.parametrize("source, key", [
     ("original-2.0", "audio_connector.transformer_blocks.1.attn1.to_v.weight"),
     ("original-2.3", "video_connector.transformer_blocks.0.attn1.to_gate_logits.weight"),
     ("diffusers-2.0", "text_proj_in.weight")])
 def test_planted_fault_is_named(mlx_models, source, key, tmp_path):
-    report = verify(_perturbed_copy(mlx_models[source], tmp_path / "broken", key))
+    report = verify(perturbed_copy(mlx_models[source], tmp_path / "broken", key))
     assert not report.passed
     assert report.first_failure == key.rsplit(".", 1)[0]
 

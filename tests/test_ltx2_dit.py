@@ -24,6 +24,7 @@ from vidport.converter.convert import convert, plan_conversion
 from vidport.converter.core.errors import VidportError
 from vidport.converter.infer import public
 from vidport.golden.verify import verify
+from fixtures.faults import perturbed_copy
 from fixtures.ltx2_dit import (FOREIGN, PREFIX, SMALL_HEADS, ltx2_config, random_ltx2_transformer, to_original_key,
                                write_diffusers, write_original)
 from fixtures.motion import write_config_folder
@@ -305,20 +306,9 @@ def test_rope_grid_is_diffusers_split_float64(fps):
 # ---------------------------------------------------------------- faults are caught and named
 
 
-def _perturbed_copy(converted: Path, dest: Path, key: str) -> Path:
-    import mlx.core as mx
-
-    shutil.copytree(converted, dest)
-    weights = mx.load(str(dest / "model.safetensors"))
-    noise = mx.array(np.random.default_rng(1).standard_normal(weights[key].shape, dtype=np.float32))
-    weights[key] = weights[key] + 0.05 * noise
-    mx.save_safetensors(str(dest / "model.safetensors"), weights, metadata={"format": "mlx"})
-    return dest
-
-
 def test_perturbed_tensor_is_named(sources, tmp_path):
     convert(plan_conversion(sources["original"], "mlx", "ltx2-dit", overrides=SMALL_HEADS), tmp_path / "out")
-    broken = _perturbed_copy(tmp_path / "out", tmp_path / "broken",
+    broken = perturbed_copy(tmp_path / "out", tmp_path / "broken",
                              "transformer_blocks.1.audio_to_video_attn.to_v.weight")
     report = verify(broken)
     assert not report.passed

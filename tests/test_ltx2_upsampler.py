@@ -17,8 +17,8 @@ from typer.testing import CliRunner
 from vidport.cli import app
 from vidport.converter.convert import convert, plan_conversion
 from vidport.converter.core.errors import VidportError
-from vidport.converter.safetensors_io import SafetensorsWriter, read_safetensors
 from vidport.golden.verify import verify
+from fixtures.faults import perturbed_copy
 from fixtures.ltx2_upsampler import (VARIANTS, WIDTHS, diffusers_config, official_config, official_model,
                                      original_state, randomize, write_diffusers, write_original)
 from fixtures.references import assert_names_reference
@@ -171,22 +171,8 @@ def test_two_dimensional_upsampler_verifies(tmp_path):
 # ---------------------------------------------------------------- faults are caught
 
 
-def _perturbed_copy(converted: Path, dest: Path, key: str) -> Path:
-    shutil.copytree(converted, dest)
-    refs, _ = read_safetensors(dest / "model.safetensors")
-    arrays = {name: ref.load() for name, ref in refs.items()}
-    arrays[key] = arrays[key] + np.float32(0.05) * np.random.default_rng(1).standard_normal(arrays[key].shape,
-                                                                                            dtype=np.float32)
-    (dest / "model.safetensors").unlink()
-    writer = SafetensorsWriter(dest, "model", 1 << 40)
-    for name, array in arrays.items():
-        writer.add(name, array)
-    writer.close()
-    return dest
-
-
 def test_perturbed_tensor_is_named(converted, tmp_path):
-    report = verify(_perturbed_copy(converted, tmp_path / "broken", "post_upsample_res_blocks.0.conv1.weight"))
+    report = verify(perturbed_copy(converted, tmp_path / "broken", "post_upsample_res_blocks.0.conv1.weight"))
     assert not report.passed
     assert report.first_failure == "post_upsample_res_blocks.0.conv1"
     names = [r.name for r in report.layers]

@@ -17,6 +17,7 @@ from vidport.cli import app
 from vidport.converter.convert import convert, plan_conversion
 from vidport.converter.core.errors import VidportError
 from vidport.golden.verify import verify
+from fixtures.faults import perturbed_copy
 from fixtures.references import assert_names_reference
 from fixtures.ltx2_video_vae import CONFIG, PREFIX, video_vae_config, write_diffusers, write_original
 from fixtures.motion import write_config_folder
@@ -128,27 +129,9 @@ def test_convert_and_verify(sources, source, frames, tmp_path):
         assert min(r.local["pcc"] for r in report.layers) >= floor
 
 
-def _perturbed(folder: Path, dest: Path, key: str) -> Path:
-    import shutil
-
-    from vidport.converter.safetensors_io import SafetensorsWriter, read_safetensors
-
-    shutil.copytree(folder, dest)
-    refs, _ = read_safetensors(dest / "model.safetensors")
-    arrays = {name: ref.load() for name, ref in refs.items()}
-    arrays[key] = arrays[key] + np.float32(0.05) * np.random.default_rng(1).standard_normal(arrays[key].shape,
-                                                                                           dtype=np.float32)
-    (dest / "model.safetensors").unlink()
-    writer = SafetensorsWriter(dest, "model", 1 << 40)
-    for name, array in arrays.items():
-        writer.add(name, array)
-    writer.close()
-    return dest
-
-
 def test_planted_fault_is_named(sources, tmp_path):
     convert(plan_conversion(sources["original"], "mlx"), tmp_path / "ok")
-    broken = _perturbed(tmp_path / "ok", tmp_path / "broken", "decoder.up_blocks.1.resnets.0.conv1.conv.weight")
+    broken = perturbed_copy(tmp_path / "ok", tmp_path / "broken", "decoder.up_blocks.1.resnets.0.conv1.conv.weight")
     report = verify(broken, frames=1)
     assert not report.passed
     assert report.first_failure == "decoder.up_blocks.1.resnets.0.conv1.conv"

@@ -8,17 +8,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
 
 from vidport.cli import app
 from vidport.converter.convert import convert, plan_conversion
-from vidport.converter.safetensors_io import SafetensorsWriter, read_safetensors
 from vidport.converter.core.manifest import MANIFEST
 from vidport.golden.metrics import passes, threshold_for
 from vidport.golden.verify import verify
+from fixtures.faults import perturbed_copy
 
 ROOT = Path(__file__).resolve().parent.parent
 runner = CliRunner()
@@ -29,20 +28,6 @@ def converted(motion_sources, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("faults") / "mm-v2-mlx"
     convert(plan_conversion(motion_sources["v2"], "mlx"), out)
     return out
-
-
-def perturbed_copy(converted: Path, dest: Path, key: str, scale: float = 0.05) -> Path:
-    shutil.copytree(converted, dest)
-    refs, _ = read_safetensors(dest / "model.safetensors")
-    arrays = {name: ref.load() for name, ref in refs.items()}
-    noise = np.random.default_rng(1).standard_normal(arrays[key].shape, dtype=np.float32)
-    arrays[key] = arrays[key] + np.float32(scale) * noise
-    (dest / "model.safetensors").unlink()
-    writer = SafetensorsWriter(dest, "model", 1 << 40)
-    for name, array in arrays.items():
-        writer.add(name, array)
-    writer.close()
-    return dest
 
 
 def test_perturbed_tensor_is_named(converted, tmp_path):
