@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
+from fixtures.sparse import sparse_safetensors
 from fixtures.gemma3 import LAYER_TYPES, SLIDING_WINDOW, TEXT_CONFIG, write_causal_lm, write_original, write_transformers
 from fixtures.references import assert_names_reference
 from vidport.cli import app
@@ -264,22 +265,6 @@ def test_detection_tells_the_layouts_apart(sources):
         plan_conversion(sources["transformers"], "mlx", "umt5")
 
 
-def _sparse_safetensors(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
-    """A bfloat16 safetensors file with these shapes whose data is a hole: planning reads headers only."""
-    import os
-    import struct
-
-    header, offset = {}, 0
-    for key, shape in shapes.items():
-        size = int(np.prod(shape)) * 2
-        header[key] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    raw = json.dumps(header).encode()
-    with open(path, "wb") as handle:
-        handle.write(struct.pack("<Q", len(raw)) + raw)
-    os.truncate(path, 8 + len(raw) + offset)
-
-
 def test_ltx2_gemma_release_plans_to_its_config(tmp_path):
     """gemma-3-12b-it as LTX-2 uses it: Lightricks' own copy of its config (ltx_core's
     GEMMA3_CONFIG_FOR_LTX, transformers 4.50 keys) beside release-shaped weights in Google's layout
@@ -298,7 +283,7 @@ def test_ltx2_gemma_release_plans_to_its_config(tmp_path):
     shapes = canonical_shapes("transformers:Gemma3TextModel", text.to_dict())
     folder = tmp_path / "gemma-3-12b-it"
     folder.mkdir()
-    _sparse_safetensors(folder / "model.safetensors",
+    sparse_safetensors(folder / "model.safetensors",
                         {**{f"language_model.model.{k}": s for k, s in shapes.items()},
                          "vision_tower.vision_model.post_layernorm.weight": (1152,)})
     (folder / "config.json").write_text(json.dumps(config))

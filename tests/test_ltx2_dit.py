@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
 import shutil
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +22,7 @@ from vidport.converter.convert import convert, plan_conversion
 from vidport.converter.core.errors import VidportError
 from vidport.converter.infer import public
 from vidport.golden.verify import verify
+from fixtures.sparse import sparse_safetensors
 from fixtures.faults import perturbed_copy
 from fixtures.ltx2_dit import (FOREIGN, PREFIX, SMALL_HEADS, ltx2_config, random_ltx2_transformer, to_original_key,
                                write_diffusers, write_original)
@@ -377,19 +376,6 @@ def test_cli_convert_and_verify(sources, tmp_path):
     assert report["passed"] and report["reference"] == "diffusers:LTX2VideoTransformer3DModel.from_pretrained"
 
 
-def _sparse_safetensors(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
-    """A bfloat16 safetensors file with these shapes whose data is a hole: planning reads headers only."""
-    header, offset = {}, 0
-    for key, shape in shapes.items():
-        size = int(np.prod(shape)) * 2
-        header[key] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    raw = json.dumps(header).encode()
-    with open(path, "wb") as handle:
-        handle.write(struct.pack("<Q", len(raw)) + raw)
-    os.truncate(path, 8 + len(raw) + offset)
-
-
 @pytest.mark.parametrize("version,variant", [("2.0", "LTX-2 19B (dev or distilled)"), ("2.3", "LTX-2.3 22B")])
 def test_release_config_from_shapes(version, variant, tmp_path):
     """A release-shaped single file (weights never read) is recognised by the variant table and
@@ -401,7 +387,7 @@ def test_release_config_from_shapes(version, variant, tmp_path):
     published = _release_config(version)
     shapes = canonical_shapes("diffusers:LTX2VideoTransformer3DModel", published)
     path = tmp_path / f"ltx-{version}.safetensors"
-    _sparse_safetensors(path, {to_original_key(k): s for k, s in shapes.items()})
+    sparse_safetensors(path, {to_original_key(k): s for k, s in shapes.items()})
     plan = plan_conversion(path, "mlx", "ltx2-dit")
     assert plan.variant == variant and not plan.assumed
     defaults = {k: p.default for k, p in inspect.signature(LTX2VideoTransformer3DModel.__init__).parameters.items()}

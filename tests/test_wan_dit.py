@@ -4,8 +4,6 @@ WanTransformer3DModel in float32 and bfloat16; the 3D RoPE is diffusers' own, no
 from __future__ import annotations
 
 import json
-import os
-import struct
 
 import numpy as np
 import pytest
@@ -14,6 +12,7 @@ import torch
 from vidport.converter.convert import convert, plan_conversion
 from vidport.converter.infer import public
 from vidport.golden.verify import verify
+from fixtures.sparse import sparse_safetensors
 from fixtures.motion import write_config_folder
 from fixtures.references import assert_names_reference
 from fixtures.wan_dit import (native_state_dict, random_wan_transformer, to_native_key, wan_config,
@@ -208,19 +207,6 @@ RELEASES = {
 }
 
 
-def _sparse_safetensors(path, shapes: dict[str, tuple[int, ...]]) -> None:
-    """A bfloat16 safetensors file with these shapes whose data is a hole: planning reads headers only."""
-    header, offset = {}, 0
-    for key, shape in shapes.items():
-        size = int(np.prod(shape)) * 2
-        header[key] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    raw = json.dumps(header).encode()
-    with open(path, "wb") as handle:
-        handle.write(struct.pack("<Q", len(raw)) + raw)
-    os.truncate(path, 8 + len(raw) + offset)
-
-
 @pytest.mark.parametrize("release", list(RELEASES))
 def test_release_config_from_shapes(release, tmp_path):
     """A release-shaped native file (weights never read) is recognised by the variant table and
@@ -231,7 +217,7 @@ def test_release_config_from_shapes(release, tmp_path):
                  **RELEASES[release]}
     shapes = canonical_shapes("diffusers:WanTransformer3DModel", published)
     path = tmp_path / "diffusion_pytorch_model.safetensors"
-    _sparse_safetensors(path, {to_native_key(k): s for k, s in shapes.items()})
+    sparse_safetensors(path, {to_native_key(k): s for k, s in shapes.items()})
     plan = plan_conversion(path, "mlx")
     assert plan.variant == release
     assert public(plan.config) == published
