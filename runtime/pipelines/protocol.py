@@ -49,6 +49,9 @@ class Request:
     prompt_embeds: tuple[Any, Any] | None = None  # (prompt, negative) text states instead of the prompts
     decode: bool = True  # False: stop at the latents
     release_weights: bool = False  # free each model once this run is done with it (one-shot runs: the CLI)
+    # a pipeline that `streams_frames`: opens the output once the soundtrack is known, (audio,
+    # sample rate) -> a context manager whose `append(frames)` takes frames as they are decoded
+    writer: Callable[[Any, int | None], Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # model-specific settings (`Pipeline.settings` names them)
 
     def draws(self) -> dict[str, np.ndarray]:
@@ -70,6 +73,7 @@ class Step:
     timestep: float
     latents: Any  # mx.array
     model: str | None = None
+    audio_latents: Any = None  # a pipeline that makes sound: (1, C, L, mel bins)
 
 
 StepCallback = Callable[[Step], None]
@@ -92,6 +96,8 @@ class Generation:
     decode_seconds: float = 0.0
     audio: np.ndarray | None = None
     sample_rate: int | None = None
+    audio_latents: Any = None
+    intermediates: dict[str, np.ndarray] = field(default_factory=dict)  # named latents between stages
 
 
 def option(name: str) -> str:
@@ -106,6 +112,7 @@ class Pipeline:
 
     name: ClassVar[str]  # the pipeline spec's name
     decode_unit: ClassVar[str] = "frames"  # what the decode callback counts
+    streams_frames: ClassVar[bool] = False  # hands decoded frames to `Request.writer` as they are ready
 
     @classmethod
     def from_folder(cls, path: str | Path) -> "Pipeline":

@@ -8,7 +8,7 @@ table whose shifted end points seed the inference linspace.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -67,15 +67,20 @@ class FlowMatchEulerDiscreteScheduler(Scheduler):
         """Change the static shift used by later ``set_timesteps`` calls."""
         self._shift = shift
 
-    def set_timesteps(self, num_inference_steps: int, mu: float | None = None) -> None:
-        """Evenly spaced t between the (shifted) train end points, shifted again; ``mu`` for dynamic shifting."""
+    def set_timesteps(self, num_inference_steps: int | None = None, mu: float | None = None,
+                      sigmas: Sequence[float] | None = None) -> None:
+        """Evenly spaced t between the (shifted) train end points, or the given ``sigmas`` (LTX-2's
+        pipelines pass them), shifted; ``mu`` for dynamic shifting."""
         cfg = self.config
         n_train = cfg["num_train_timesteps"]
         if cfg["use_dynamic_shifting"] and mu is None:
             raise ValueError("`mu` must be passed to set_timesteps when use_dynamic_shifting=True")
-        self.num_inference_steps = num_inference_steps
-        timesteps = np.linspace(self.sigma_max * n_train, self.sigma_min * n_train, num_inference_steps)
-        sigmas = timesteps / n_train
+        if sigmas is None:
+            timesteps = np.linspace(self.sigma_max * n_train, self.sigma_min * n_train, num_inference_steps)
+            sigmas = timesteps / n_train
+        else:
+            sigmas = np.asarray(sigmas, dtype=F32)
+        self.num_inference_steps = len(sigmas)
         if cfg["use_dynamic_shifting"]:
             sigmas = tables.time_shift(cfg["time_shift_type"], mu, sigmas)
         else:
