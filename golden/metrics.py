@@ -32,14 +32,15 @@ class PipelineThreshold:
 
     min_step_pcc: float
     min_psnr: float  # dB, frames in [0, 1]
+    min_audio_snr: float = 40.0  # dB, a pipeline that makes sound: the waveform
 
 
 # Pipeline parity (golden/pipeline_parity.py): the same embeddings and noise through diffusers and
 # the port. Half precision compounds over the steps (and guidance amplifies it): looser.
 PIPELINE_THRESHOLDS: dict[str, PipelineThreshold] = {
     "float32": PipelineThreshold(min_step_pcc=0.9999, min_psnr=40.0),
-    "float16": PipelineThreshold(min_step_pcc=0.99, min_psnr=25.0),
-    "bfloat16": PipelineThreshold(min_step_pcc=0.99, min_psnr=25.0),
+    "float16": PipelineThreshold(min_step_pcc=0.99, min_psnr=25.0, min_audio_snr=20.0),
+    "bfloat16": PipelineThreshold(min_step_pcc=0.99, min_psnr=25.0, min_audio_snr=20.0),
 }
 
 
@@ -87,3 +88,10 @@ def passes(metrics: dict[str, float], threshold: Threshold) -> bool:
 def psnr(reference: np.ndarray, port: np.ndarray, peak: float = 1.0) -> float:
     mse = float(np.mean((np.asarray(reference, np.float64) - np.asarray(port, np.float64)) ** 2))
     return float("inf") if mse == 0 else 10.0 * np.log10(peak**2 / mse)
+
+
+def snr(reference: np.ndarray, port: np.ndarray) -> float:
+    """Signal-to-noise ratio of `port` against `reference` in dB (a waveform's error)."""
+    reference = np.asarray(reference, np.float64)
+    noise = float(np.sum((reference - np.asarray(port, np.float64)) ** 2))
+    return float("inf") if noise == 0 else 10.0 * np.log10(float(np.sum(reference**2)) / noise)

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import numpy as np
 
 from vidport.converter.core.errors import VidportError
-from vidport.golden.metrics import PipelineThreshold, compare, pipeline_threshold_for, psnr
+from vidport.golden.metrics import PipelineThreshold, compare, pipeline_threshold_for, psnr, snr
 from vidport.runtime.pipelines.protocol import SETTINGS, Pipeline, Request, Step, open_pipeline, option
 
 Progress = Callable[[int, int | None, str], None]
@@ -42,6 +42,8 @@ class PipelineReport:
     text: dict[str, float]  # our text encoder's prompt states against the reference's ({} where not compared)
     settings: dict[str, Any] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    audio_snr: float | None = None  # the waveform against the reference's, where the pipeline makes sound
+    intermediates: dict[str, dict[str, float]] = field(default_factory=dict)  # latents between stages
 
     @property
     def worst_step(self) -> StepRow | None:
@@ -49,30 +51,47 @@ class PipelineReport:
 
     @property
     def passed(self) -> bool:
-        return bool(self.steps and all(r.passed for r in self.steps) and self.psnr >= self.threshold.min_psnr)
+        t = self.threshold
+        return bool(self.steps and all(r.passed for r in self.steps) and self.psnr >= t.min_psnr
+                    and (self.audio_snr is None or self.audio_snr >= t.min_audio_snr)
+                    and all(m["pcc"] >= t.min_step_pcc for m in self.intermediates.values()))
 
     def as_json(self) -> dict[str, Any]:
         worst = self.worst_step
         return {"task": self.task, "dtype": self.dtype, "passed": self.passed,
                 "threshold": {"min_step_pcc": self.threshold.min_step_pcc, "min_psnr": self.threshold.min_psnr},
                 "worst_step_pcc": worst.metrics["pcc"] if worst else None,
-                "psnr": float(self.psnr) if math.isfinite(self.psnr) else None,  # None: identical frames
+                "psnr": _finite(self.psnr),  # None: identical frames
+                "audio_snr": _finite(self.audio_snr), "intermediates": self.intermediates,
                 "text_encoder": self.text, "settings": self.settings, "seconds": self.seconds,
                 "steps": [{"index": r.index, "timestep": r.timestep, "passed": r.passed, **r.metrics}
                           for r in self.steps]}
+
+
+def _finite(value: float | None) -> float | None:
+    return float(value) if value is not None and math.isfinite(value) else None
+
+
+def _latents_only(tensors: dict[str, Any]) -> dict[str, np.ndarray]:
+    return {"latents": tensors["latents"].detach().float().numpy().copy()}
 
 
 @dataclass
 class ParityCase:
     """What a model's parity function builds: the reference pipeline and the keyword arguments of
     its call (its step callback is added here), the checked request our pipeline runs on the same
-    text states and noise, the text-state metrics, and settings for the report."""
+    text states and noise, the text-state metrics, and settings for the report.
+
+    `step_tensors` turns the tensors the reference's step callback hears into our `Step`'s layout,
+    by name (`latents`, and `audio_latents` for a pipeline that makes sound). A reference with an
+    `intermediates` dict after the call (a chain of pipelines) has those compared with ours."""
 
     reference: Any
     arguments: dict[str, Any]
     request: Request
     text: dict[str, float] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
+    step_tensors: Callable[[dict[str, Any]], dict[str, np.ndarray]] = _latents_only
 
 
 def synthetic_image(height: int, width: int) -> np.ndarray:
@@ -146,22 +165,23 @@ def pipeline_parity(folder: str | Path, task: str | None = None, source: str | P
     case = build(ours, request, Path(source) if source else None, note)
     timings = {"load": time.perf_counter() - clock}
 
-    captured: list[tuple[float, np.ndarray]] = []
+    captured: list[tuple[float, dict[str, np.ndarray]]] = []
 
     def capture(pipe, index, t, tensors):
-        captured.append((float(t), tensors["latents"].detach().float().numpy().copy()))
+        captured.append((float(t), case.step_tensors(tensors)))
         note(len(captured), None, f"reference step {index} (t={float(t):g})")
         return {}
 
     clock = time.perf_counter()
     with torch.no_grad():
-        expected = case.reference(**case.arguments, callback_on_step_end=capture).frames[0]
+        output = case.reference(**case.arguments, callback_on_step_end=capture)
     timings["reference"] = time.perf_counter() - clock
 
     got: list[Step] = []
 
     def record(step: Step) -> None:
-        got.append(dataclasses.replace(step, latents=np.array(step.latents)))
+        got.append(dataclasses.replace(step, latents=np.array(step.latents), audio_latents=None if step.audio_latents is None
+                                       else np.array(step.audio_latents)))
         note(len(captured) + len(got), None, f"mlx step {step.index} (t={step.timestep:g})")
 
     clock = time.perf_counter()
@@ -173,8 +193,13 @@ def pipeline_parity(folder: str | Path, task: str | None = None, source: str | P
     threshold = pipeline_threshold_for(dtype)
     rows = []
     for index, ((t, want), have) in enumerate(zip(captured, got)):
-        metrics = compare(want, have.latents)
-        rows.append(StepRow(index, t, metrics, bool(metrics["finite"] and metrics["pcc"] >= threshold.min_step_pcc)))
+        metrics = compare(want["latents"], have.latents)
+        passed = bool(metrics["finite"] and metrics["pcc"] >= threshold.min_step_pcc)
+        if "audio_latents" in want and have.audio_latents is not None:
+            audio = compare(want["audio_latents"], have.audio_latents)
+            metrics["audio_pcc"] = audio["pcc"]
+            passed = passed and bool(audio["finite"] and audio["pcc"] >= threshold.min_step_pcc)
+        rows.append(StepRow(index, t, metrics, passed))
     run = case.request
     report_settings = {"prompt": run.prompt, "negative_prompt": run.negative_prompt, "frames": run.frames,
                        "steps": run.steps, "guidance": run.guidance, "height": run.height, "width": run.width,
@@ -183,5 +208,12 @@ def pipeline_parity(folder: str | Path, task: str | None = None, source: str | P
                        **({"strength": run.strength} if run.strength is not None else {}), **case.settings}
     if any(step.model for step in got):  # a pipeline with several models (Wan 2.2 A14B): which ran each step
         report_settings["experts"] = [step.model for step in got]
-    return PipelineReport(task, dtype, threshold, rows, float(psnr(expected, result.frames)), case.text,
-                          report_settings, timings)
+    reference_audio = getattr(output, "audio", None)
+    audio_snr = None
+    if reference_audio is not None and result.audio is not None:
+        audio_snr = snr(reference_audio[0].float().numpy().T, result.audio)
+    ours_between = result.intermediates
+    between = {name: compare(value, ours_between[name])
+               for name, value in getattr(case.reference, "intermediates", {}).items() if name in ours_between}
+    return PipelineReport(task, dtype, threshold, rows, float(psnr(output.frames[0], result.frames)), case.text,
+                          report_settings, timings, audio_snr, between)

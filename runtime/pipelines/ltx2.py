@@ -99,7 +99,7 @@ class LTX2Pipeline(Pipeline):
 
     def defaults(self, task: str) -> Request:
         extra = {"recipe": self.default_recipe(), "audio": self.layout.has_audio, "max_sequence_length": 1024,
-                 "decode_timestep": 0.0, "tiling": True, **GUIDANCE_DEFAULTS,
+                 "decode_timestep": 0.0, "tiling": True, "use_cross_timestep": True, **GUIDANCE_DEFAULTS,
                  "stg_blocks": [min(28, self.layout.num_layers - 1)]}
         if task == "i2v":
             extra.update(resize=False, image_crf=33)
@@ -109,7 +109,7 @@ class LTX2Pipeline(Pipeline):
     def settings(self, task: str) -> set[str]:
         taken = {"prompt", "negative_prompt", "frames", "steps", "guidance", "height", "width", "seed", "noise",
                  "fps", "prompt_embeds", *GUIDANCE_DEFAULTS, "recipe", "audio", "max_sequence_length",
-                 "decode_timestep", "tiling"}
+                 "decode_timestep", "tiling", "use_cross_timestep"}
         return taken | ({"image", "resize", "image_crf"} if task == "i2v" else set())
 
     def resolve(self, request: Request) -> Request:
@@ -318,9 +318,10 @@ class LTX2Pipeline(Pipeline):
             return report
 
         sigmas = DISTILLED_SIGMAS if two_stage else dev_sigmas(request.steps)
+        cross = bool(request.extra["use_cross_timestep"])
         stages.append(denoise(dit, video, audio, grids[0], text, guidance,
                               self.schedulers(sigmas, grids[0].tokens, shifted=not two_stage), request.fps,
-                              token_mask, hook(1, grids[0], 0)))
+                              token_mask, hook(1, grids[0], 0), cross))
         if two_stage:
             upsampled = self.upsample(stages[0].video, grids[0])
             intermediates["upsampled"] = np.array(upsampled)
@@ -333,7 +334,7 @@ class LTX2Pipeline(Pipeline):
             audio = s * pack_audio(draw("stage2_audio_noise")) + (1 - s) * stages[0].audio
             stages.append(denoise(dit, video, audio, grids[1], text, guidance,
                                   self.schedulers(STAGE_2_SIGMAS, grids[1].tokens, shifted=False), request.fps,
-                                  token_mask, hook(2, grids[1], len(DISTILLED_SIGMAS))))
+                                  token_mask, hook(2, grids[1], len(DISTILLED_SIGMAS)), cross))
         final, grid = stages[-1], grids[-1]
         latents = unpack_video(final.video, grid)
         result = Generation(None, latents, None if draws else seed, sum((s.timesteps for s in stages), []),

@@ -87,10 +87,11 @@ def _x0(sample: mx.array, velocity: mx.array, sigma: float) -> mx.array:
 
 def denoise(model: Any, video: mx.array, audio: mx.array, grid: Grid, text: Text, guidance: Guidance,
             schedulers: tuple[Any, Any], fps: float, mask: mx.array | None = None,
-            on_step: StepHook | None = None) -> StageResult:
+            on_step: StepHook | None = None, use_cross_timestep: bool = True) -> StageResult:
     """Denoise packed float32 `video` (B, F h w, C) and `audio` (B, L, C M) over the schedulers'
     timesteps (video's, audio's: same sigmas). `mask` (B, F h w), image-to-video: tokens where it is
-    1 keep their values and get timestep 0."""
+    1 keep their values and get timestep 0. `use_cross_timestep`: the cross-modal attention's
+    modulation follows the other stream's sigma (diffusers' pipelines pass True for every version)."""
     video_scheduler, audio_scheduler = schedulers
     dtype = model.proj_in.weight.dtype
     shape = {"num_frames": grid.frames, "height": grid.height, "width": grid.width, "fps": fps,
@@ -102,7 +103,8 @@ def denoise(model: Any, video: mx.array, audio: mx.array, grid: Grid, text: Text
         video_t = t[:, None] * (1 - kept) if kept is not None else t
         return model(x.astype(dtype), a.astype(dtype), context.video.astype(dtype), context.audio.astype(dtype),
                      video_t, audio_timestep=t, sigma=t, encoder_attention_mask=context.mask,
-                     audio_encoder_attention_mask=context.mask, **shape, **switches)
+                     audio_encoder_attention_mask=context.mask, use_cross_timestep=use_cross_timestep, **shape,
+                     **switches)
 
     for index, t in enumerate(video_scheduler.timesteps):
         began = time.perf_counter()
