@@ -8,7 +8,7 @@ modulated by a timestep, and back to pixels. 32x spatial and 8x temporal compres
 released configuration: 1 + 8k frames in, 1 + k latent frames out."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -18,7 +18,7 @@ from vidport.runtime.layers import SiLU
 from vidport.runtime.ltx2.video_vae_blocks import (LTX2VideoCausalConv3d, LTX2VideoDownBlock3D, LTX2VideoMidBlock3d,
                                                    LTX2VideoUpBlock3d, PerChannelRMSNorm,
                                                    PixArtAlphaCombinedTimestepSizeEmbeddings)
-from vidport.runtime.ltx2.video_vae_tiling import Tiling, decode_tiled
+from vidport.runtime.ltx2.video_vae_tiling import Tiling, decode_stream, decode_tiled
 
 
 def _per_block(value: Any, count: int) -> list:
@@ -221,3 +221,15 @@ class AutoencoderKLLTX2Video(nn.Module):
         if self.tiling is not None:
             return decode_tiled(self, z, temb, causal, self.tiling)
         return self.decoder(z, temb, causal=causal)
+
+    def decode_stream(self, z: mx.array, temb: mx.array | None = None,
+                      causal: bool | None = None) -> Iterator[mx.array]:
+        """`decode` as chunks of frames (B, n, H, W, 3), in order, each final when yielded, so a
+        writer can take a long clip run by run: the model's tiling, or diffusers' defaults with
+        temporal runs on where none is set. Checks its input as `decode` does, at the call."""
+        if z.ndim != 5 or z.shape[-1] != self.latent_channels:
+            raise VidportError(f"latents of shape {list(z.shape)}: expected (batch, frames, height, width, "
+                               f"{self.latent_channels}), channels last")
+        if "time_embedder" in self.decoder and temb is None:
+            raise VidportError("this decoder is timestep-conditioned: give the decode timestep (temb)")
+        return decode_stream(self, z, temb, causal, self.tiling or Tiling(temporal=True))

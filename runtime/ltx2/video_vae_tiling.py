@@ -3,11 +3,13 @@ latents decoded one at a time and blended linearly where they overlap (`tiled_de
 framewise decoding, overlapping runs of latent frames blended in time (`_temporal_tiled_decode`,
 each run spatially tiled in turn when it is large). Peak memory follows the tile, not the clip;
 the result equals diffusers' tiled decode (not its untiled one: the blend is an approximation by
-design). Channels-last: latents (B, T, h, w, C), video (B, F, H, W, 3)."""
+design). `decode_stream` hands the temporal decode out run by run, each chunk final when yielded,
+so a long clip never holds all its frames. Channels-last: latents (B, T, h, w, C), video
+(B, F, H, W, 3)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 import mlx.core as mx
 
@@ -36,11 +38,29 @@ class Tiling:
 def decode_tiled(model: "AutoencoderKLLTX2Video", z: mx.array, temb: mx.array | None, causal: bool | None,
                  tiling: Tiling) -> mx.array:
     """diffusers' `_decode` with tiling on: temporal runs where the clip is longer than one, else
-    spatial tiles where the latents are larger than one, else the plain decoder."""
-    frames, height, width = z.shape[1:4]
-    if tiling.temporal and frames > tiling.min_num_frames // model.temporal_compression_ratio:
-        return _temporal(model, z, temb, causal, tiling)
-    if tiling.spatial and _too_large(model, height, width, tiling):
+    spatial tiles where the latents are larger than one, else the plain decoder: `decode_stream`'s
+    chunks, joined."""
+    chunks = list(decode_stream(model, z, temb, causal, tiling))
+    return chunks[0] if len(chunks) == 1 else mx.concatenate(chunks, axis=1)
+
+
+def decode_stream(model: "AutoencoderKLLTX2Video", z: mx.array, temb: mx.array | None = None,
+                  causal: bool | None = None, tiling: Tiling | None = None) -> Iterator[mx.array]:
+    """`decode_tiled` as chunks of frames (B, n, H, W, 3), in order, each final when it is yielded,
+    so that a writer can take a long clip without all its frames in memory: one chunk per temporal
+    run, or the whole decode at once where the clip is one run (or `temporal` is off). `tiling`
+    defaults to the model's, else diffusers' defaults with temporal runs on."""
+    tiling = tiling or model.tiling or Tiling(temporal=True)
+    if tiling.temporal and z.shape[1] > tiling.min_num_frames // model.temporal_compression_ratio:
+        yield from _temporal(model, z, temb, causal, tiling)
+    else:
+        yield _run(model, z, temb, causal, tiling)
+
+
+def _run(model: "AutoencoderKLLTX2Video", z: mx.array, temb: mx.array | None, causal: bool | None,
+         tiling: Tiling) -> mx.array:
+    """One run of latent frames: in spatial tiles where it is larger than one tile."""
+    if tiling.spatial and _too_large(model, z.shape[2], z.shape[3], tiling):
         return _spatial(model, z, temb, causal, tiling)
     return model.decoder(z, temb, causal=causal)
 
@@ -75,23 +95,24 @@ def _spatial(model: "AutoencoderKLLTX2Video", z: mx.array, temb: mx.array | None
 
 
 def _temporal(model: "AutoencoderKLLTX2Video", z: mx.array, temb: mx.array | None, causal: bool | None,
-              tiling: Tiling) -> mx.array:
-    frames, height, width = z.shape[1:4]
+              tiling: Tiling) -> Iterator[mx.array]:
+    """diffusers' `_temporal_tiled_decode` run by run. Its blend writes only into the later run's
+    head (from the earlier run's tail) and each run keeps only its head, so a run's kept frames are
+    final once it is blended with the run before: they are yielded then, and only the tail the
+    next run blends from is carried on."""
+    frames = z.shape[1]
     ratio_t = model.temporal_compression_ratio
     run, step = tiling.min_num_frames // ratio_t, tiling.stride_num_frames // ratio_t
-    runs: list[mx.array] = []
+    blend = max(tiling.min_num_frames - tiling.stride_num_frames, 0)
+    left = (frames - 1) * ratio_t + 1
+    previous = None
     for start in range(0, frames, step):
-        tile = z[:, start:start + run + 1]
-        if tiling.spatial and _too_large(model, tile.shape[2], tile.shape[3], tiling):
-            decoded = _spatial(model, tile, temb, causal, tiling)
-        else:
-            decoded = model.decoder(tile, temb, causal=causal)
-        runs.append(decoded[:, :-1] if start > 0 else decoded)  # diffusers drops a later run's last frame
-        mx.eval(runs[-1])
-    blend = tiling.min_num_frames - tiling.stride_num_frames
-    kept = []
-    for i in range(len(runs)):
-        if i > 0:
-            runs[i] = _blend(runs[i - 1], runs[i], blend, axis=1)
-        kept.append(runs[i][:, : tiling.stride_num_frames + (1 if i == 0 else 0)])
-    return mx.concatenate(kept, axis=1)[:, : (frames - 1) * ratio_t + 1]
+        decoded = _run(model, z[:, start:start + run + 1], temb, causal, tiling)
+        if previous is not None:  # diffusers drops a later run's last frame
+            decoded = _blend(previous, decoded[:, :-1], blend, axis=1)
+        chunk = decoded[:, : min(tiling.stride_num_frames + (1 if previous is None else 0), left)]
+        previous = decoded[:, decoded.shape[1] - min(blend, decoded.shape[1]):]
+        mx.eval(chunk, previous)
+        left -= chunk.shape[1]
+        if chunk.shape[1]:
+            yield chunk
