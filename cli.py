@@ -248,6 +248,8 @@ def verify(
     strength: Optional[float] = typer.Option(None, "--strength", help="--pipeline: image-to-video strength, where the pipeline takes one."),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="--pipeline: the prompt (default: the pipeline's parity prompt)."),
     scheduler: Optional[str] = typer.Option(None, "--scheduler", help="--pipeline: swap the scheduler class on both sides."),
+    set_: list[str] = typer.Option([], "--set", help="--pipeline: a pipeline-specific setting on both sides, KEY=VALUE "
+                                                     "(LTX-2: --set recipe=distilled)."),
 ) -> None:
     """Compare a converted model with the PyTorch reference, layer by layer; name the first layer that diverges.
     A pipeline folder (or --pipeline): the same embeddings and noise through diffusers' pipeline and ours,
@@ -255,6 +257,7 @@ def verify(
 
     [dim]Example: vidport verify mm-v2-mlx --html report.html --save-golden mm-v2.golden.safetensors[/]
     [dim]Example: vidport verify animatediff-mlx --pipeline --image photo.png --json parity.json[/]
+    [dim]Example: vidport verify ltx2-mlx --pipeline --set recipe=distilled[/]
     """
     from vidport.runtime import configure_cpu
 
@@ -274,7 +277,8 @@ def verify(
         return verify_components_command(converted, seed, frames, show_all, json_out, strict)
     if is_pipeline:
         return verify_pipeline_command(converted, task, source, size, json_out, dict(
-            image=image, frames=frames, steps=steps, strength=strength, prompt=prompt, scheduler=scheduler, seed=seed))
+            image=image, frames=frames, steps=steps, strength=strength, prompt=prompt, scheduler=scheduler, seed=seed,
+            extra=parse_overrides(set_)))
     if golden and save_golden:
         fail(VidportError("--golden and --save-golden exclude each other"))
     if golden and self_mapped:
@@ -378,7 +382,7 @@ def verify_pipeline_command(folder: Path, task: Optional[str], source: Optional[
 def generate(
     task: str = typer.Argument(..., help="The pipeline's task: t2v (text-to-video), i2v (image-to-video), ti2v (Wan 2.2 TI2V) ..."),
     model: Path = typer.Option(..., "--model", "-m", help="A pipeline folder (vidport convert PIPELINE ...)."),
-    prompt: str = typer.Option(..., "--prompt", "-p", help="What the video shows."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="What the video shows (or --prompt-embeds)."),
     negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", "-n", help="What it should not show."),
     image: Optional[Path] = typer.Option(None, "--image", help="Tasks that take an image: the input image or first frame."),
     strength: Optional[float] = typer.Option(None, "--strength", help="AnimateDiff i2v: how far from the image (0..1]; diffusers' strength."),
@@ -399,33 +403,51 @@ def generate(
     scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Swap the scheduler class, keeping the folder's schedule (e.g. EulerDiscreteScheduler)."),
     decode_slice: Optional[int] = typer.Option(None, "--decode-slice",
                                                help="AnimateDiff: frames the VAE decodes at a time (1: least memory, and fastest on the CPU)."),
-    set_: list[str] = typer.Option([], "--set", help="A pipeline-specific setting, KEY=VALUE (e.g. Wan: --set max_sequence_length=256)."),
+    prompt_embeds: Optional[Path] = typer.Option(None, "--prompt-embeds", help="Text states computed elsewhere, an .npz with diffusers' "
+                                                                             "names (prompt_embeds, negative_prompt_embeds, LTX-2: their attention masks)."),
+    audio: Optional[bool] = typer.Option(None, "--audio/--no-audio", help="LTX-2: make the soundtrack (default: when the folder has its audio VAE and vocoder)."),
+    wav: bool = typer.Option(False, "--wav", help="LTX-2: also write the soundtrack as a WAV beside the video."),
+    resize: bool = typer.Option(False, "--resize", help="LTX-2 i2v: stretch an image of another aspect ratio to --width x --height."),
+    low_memory: bool = typer.Option(False, "--low-memory", help="LTX-2: stream the DiT's blocks from disk, one at a time (slower; for models larger than RAM)."),
+    set_: list[str] = typer.Option([], "--set", help="A pipeline-specific setting, KEY=VALUE (e.g. Wan: --set max_sequence_length=256; "
+                                                     "LTX-2: --set recipe=distilled)."),
 ) -> None:
     """Generate a video with the MLX runtime: text-to-video, or image-to-video from one image. Every
     default is the pipeline's own (shown before the run); a bad request fails before any weight loads.
 
     [dim]Example: vidport generate t2v --model animatediff-mlx --prompt "a cat walking" --frames 16 --steps 25 --seed 1 --out cat.mp4[/]
     [dim]Example: vidport generate i2v --model wan21-i2v-mlx --image first.png --prompt "the cat turns" --out cat.webm[/]
+    [dim]Example: vidport generate t2v --model ltx2-mlx --prompt "waves on a beach" --set recipe=distilled --wav --out beach.mp4[/]
     """
     from vidport.runtime import configure_cpu
 
     configure_cpu()  # before the runtime's models import mlx
-    from vidport.runtime.pipelines.inputs import read_noise
+    from vidport.runtime.pipelines.inputs import read_noise, read_prompt_embeds
     from vidport.runtime.pipelines.protocol import Request, open_pipeline
-    from vidport.runtime.video import write_video
+    from vidport.runtime.video import open_video, write_video, write_wav
 
+    flags = {"audio": audio, "resize": resize or None, "low_memory": low_memory or None}
     try:
         check_video_path(out)
+        if prompt is None and prompt_embeds is None:
+            raise VidportError("no prompt", hint='--prompt "what the video shows", or --prompt-embeds FILE.npz')
         pipe = open_pipeline(model)
         request = pipe.check(Request(  # every refusal before any weight loads
             task=task, prompt=prompt, negative_prompt=negative_prompt, image=image, frames=frames, steps=steps,
             guidance=guidance, guidance_2=guidance_2, height=height, width=width, seed=seed,
             noise=read_noise(noise) if noise is not None else None, strength=strength, scheduler=scheduler,
             flow_shift=flow_shift, decode_slice=decode_slice, fps=fps, release_weights=True,
-            extra=parse_overrides(set_)))
+            prompt_embeds=read_prompt_embeds(prompt_embeds) if prompt_embeds is not None else None,
+            extra={**{k: v for k, v in flags.items() if v is not None}, **parse_overrides(set_)}))
+        if wav and not request.extra.get("audio"):
+            raise VidportError("--wav: this run makes no soundtrack", hint="drop --wav, or use an LTX-2 folder with audio")
         console.print(f"[bold]{pipe.name} {request.task}[/]: {request_line(request)}", highlight=False)
+        if pipe.streams_frames:  # frames go to the file as they are decoded, with the soundtrack
+            request.writer = lambda sound, rate: open_video(out, request.fps, sound, rate)
         result = run_generation(pipe, request)
-        written = write_video(out, result.frames, result.fps)
+        written = out if pipe.streams_frames else write_video(out, result.frames, result.fps)
+        if wav:
+            console.print(f"soundtrack: {write_wav(out.with_suffix('.wav'), result.audio, result.sample_rate)}")
     except (VidportError, OSError) as err:
         fail(err)
     print_generation_summary(request, result, written)
@@ -476,11 +498,14 @@ def print_generation_summary(request, result, written: Path) -> None:
     import psutil
 
     steps = result.step_seconds
-    frames, height, width = result.frames.shape[:3]
+    frames, height, width = result.frames.shape[:3] if result.frames is not None else (
+        request.frames, request.height, request.width)
     rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
     table = Table(show_header=False, title=f"{request.task}: {written}")
     rows = {
         "video": f"{frames} frames, {width}x{height}, {result.fps} fps, seed {result.seed}",
+        **({"audio": f"{len(result.audio) / result.sample_rate:.2f} s, {result.audio.shape[1]} channels, "
+                     f"{result.sample_rate} Hz"} if result.audio is not None else {}),
         "scheduler": f"{result.scheduler}, {len(steps)} steps (timesteps {result.timesteps[0]:g} .. {result.timesteps[-1]:g})" if steps else "-",
         "time per step": (f"{sum(steps) / len(steps):.2f} s mean (first {steps[0]:.2f} s, fastest {min(steps):.2f} s)" if steps else "-"),
         "denoise": f"{sum(steps):.1f} s",

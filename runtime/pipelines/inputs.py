@@ -58,3 +58,29 @@ def read_noise(path: str | Path) -> dict[str, np.ndarray]:
     if isinstance(loaded, np.ndarray):
         return {"noise": loaded.astype(np.float32)}
     return {key: loaded[key].astype(np.float32) for key in loaded.files}
+
+
+def read_prompt_embeds(path: str | Path) -> tuple[Any, Any]:
+    """Text states computed elsewhere (say, where the text encoder fits in memory): an .npz with
+    diffusers' names, `prompt_embeds` and optionally `negative_prompt_embeds` and the attention
+    masks `prompt_attention_mask` / `negative_prompt_attention_mask` (batch 1). Returns the
+    (prompt, negative) pair a Request takes: each an array, or (array, mask) where a mask is given."""
+    path = Path(path)
+    try:
+        data = np.load(path)
+    except (OSError, ValueError) as err:
+        raise VidportError(f"{path}: not an .npz of prompt embeddings ({err})") from err
+    if isinstance(data, np.ndarray) or "prompt_embeds" not in data.files:
+        held = ", ".join(data.files) if not isinstance(data, np.ndarray) else "one bare array"
+        raise VidportError(f"{path}: no prompt_embeds array (it holds {held or 'nothing'})",
+                           hint="np.savez(FILE, prompt_embeds=..., negative_prompt_embeds=..., and for LTX-2 "
+                                "prompt_attention_mask=..., negative_prompt_attention_mask=...)")
+
+    def entry(prefix: str) -> Any:
+        if f"{prefix}prompt_embeds" not in data.files:
+            return None
+        states = data[f"{prefix}prompt_embeds"].astype(np.float32)
+        mask_name = f"{prefix}prompt_attention_mask"
+        return (states, data[mask_name]) if mask_name in data.files else states
+
+    return entry(""), entry("negative_")

@@ -386,7 +386,7 @@ class LTX2Pipeline(Pipeline):
                      on_decode: DecodeCallback | None) -> np.ndarray | None:
         """Decode in tiles; frames go to the request's writer as they are final (then none are
         kept), else they are returned (frames, H, W, 3) in [0, 1]."""
-        from vidport.runtime.ltx2.video_vae_tiling import Tiling
+        from vidport.runtime.ltx2.video_vae_tiling import Tiling, decode_stream
 
         vae = self.model("vae")
         temb = None
@@ -395,13 +395,10 @@ class LTX2Pipeline(Pipeline):
             latents = (1 - t) * latents + t * noise
             temb = mx.array([t], mx.float32)
         z = self.denormalize(latents).transpose(0, 2, 3, 4, 1).astype(vae.latents_mean.dtype)
-        if request.extra["tiling"]:
-            vae.enable_tiling(Tiling(temporal=True))
-        else:
-            vae.disable_tiling()
+        tiling = Tiling(temporal=True) if request.extra["tiling"] else Tiling(spatial=False, temporal=False)
         done, kept = 0, []
         with request.writer(result.audio, result.sample_rate) if request.writer else nullcontext() as writer:
-            for chunk in vae.decode_stream(z, temb):
+            for chunk in decode_stream(vae, z, temb, tiling=tiling):
                 frames = np.array(mx.clip(chunk[0].astype(mx.float32) / 2 + 0.5, 0, 1))
                 if writer is not None:
                     writer.append(frames)
@@ -411,25 +408,3 @@ class LTX2Pipeline(Pipeline):
                 if on_decode:
                     on_decode(done, request.frames)
         return None if request.writer else np.concatenate(kept)
-
-def read_prompt_embeds(path: str | Path) -> tuple[Any, Any]:
-    """An .npz of diffusers' names (prompt_embeds, prompt_attention_mask, negative_prompt_embeds,
-    negative_prompt_attention_mask), batch 1: the (prompt, negative) text states `generate` takes."""
-    path = Path(path)
-    try:
-        data = np.load(path)
-    except (OSError, ValueError) as err:
-        raise VidportError(f"{path}: not an .npz of prompt embeddings ({err})") from err
-    if "prompt_embeds" not in data.files:
-        raise VidportError(f"{path}: no prompt_embeds array (it holds {', '.join(data.files) or 'nothing'})",
-                           hint="np.savez(FILE, prompt_embeds=..., prompt_attention_mask=..., negative_prompt_embeds=..., "
-                                "negative_prompt_attention_mask=...)")
-
-    def pair(prefix: str) -> Any:
-        if f"{prefix}prompt_embeds" not in data.files:
-            return None
-        mask = data[f"{prefix}prompt_attention_mask"] if f"{prefix}prompt_attention_mask" in data.files else None
-        return (data[f"{prefix}prompt_embeds"], mask)
-
-    return pair(""), pair("negative_")
-

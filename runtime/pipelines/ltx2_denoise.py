@@ -97,6 +97,9 @@ def denoise(model: Any, video: mx.array, audio: mx.array, grid: Grid, text: Text
     shape = {"num_frames": grid.frames, "height": grid.height, "width": grid.width, "fps": fps,
              "audio_num_frames": grid.audio_frames}
     timesteps, seconds = [float(t) for t in video_scheduler.timesteps], []
+    # STG perturbs self-attention only in a DiT built with the perturbed processor (LTX-2.3); on
+    # LTX-2.0 the perturbed pass equals the conditional one and its term is zero: skip the pass
+    perturbable = any(block.perturbed_attn for block in model.transformer_blocks)
 
     def run(x: mx.array, a: mx.array, context: Text, t: mx.array, kept: mx.array | None = mask,
             **switches: Any) -> tuple[mx.array, mx.array]:
@@ -122,7 +125,7 @@ def denoise(model: Any, video: mx.array, audio: mx.array, grid: Grid, text: Text
             v, a = run(video, audio, text, t_one)
             video_x0, audio_x0 = _x0(video, v, sigma), _x0(audio, a, sigma)
             video_guided, audio_guided = video_x0, audio_x0
-        if guidance.uses_stg:
+        if guidance.uses_stg and perturbable:
             v, a = run(video, audio, text, t_one, spatio_temporal_guidance_blocks=list(guidance.stg_blocks))
             video_guided = video_guided + guidance.stg * (video_x0 - _x0(video, v, sigma))
             audio_guided = audio_guided + guidance.audio_stg * (audio_x0 - _x0(audio, a, sigma))

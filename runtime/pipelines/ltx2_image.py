@@ -39,7 +39,7 @@ def check_aspect(image: Any, height: int, width: int) -> None:
     rows, columns = image_array(image).shape[:2]
     if abs(rows / columns - height / width) > 0.01:
         raise VidportError(f"the image is {columns}x{rows}, the video {width}x{height}: another aspect ratio",
-                           hint=f"pass --width/--height of the image's ratio, or --set resize=true to stretch it")
+                           hint="pass --width/--height of the image's ratio, or --resize to stretch it")
 
 
 def image_pixels(image: Any, height: int, width: int, crf: int) -> np.ndarray:
