@@ -158,7 +158,7 @@ def test_prompt_states_from_a_file_match_the_encoded_prompt(converted, tmp_path)
 
 
 @pytest.mark.parametrize("request_settings, message", [
-    ({"frames": 10}, "1 + 8k frames"),
+    ({"frames": 10}, r"1 \+ 8k frames"),
     ({"height": 80}, "multiple of 32"),
     ({"height": 96, "extra": {"recipe": "distilled"}}, "multiple of 64"),
     ({"task": "i2v", "image": np.zeros((64, 64, 3), np.uint8)}, "another aspect ratio"),

@@ -71,9 +71,10 @@ def test_original_release_is_one_folder(converted, release):
 
 
 def test_pipeline_folder_verifies_component_by_component(converted):
-    """`vidport verify DIR` on the folder: each component layer by layer against its own reference
-    (diffusers, transformers or the official LTX-2 code reading the same file), all passing."""
-    result = CliRunner().invoke(app, ["verify", str(converted), "--json", str(converted.parent / "report.json")])
+    """`vidport verify DIR --components` on the folder: each component layer by layer against its own
+    reference (diffusers, transformers or the official LTX-2 code reading the same file), all passing."""
+    result = CliRunner().invoke(app, ["verify", str(converted), "--components",
+                                      "--json", str(converted.parent / "report.json")])
     assert result.exit_code == 0, result.output
     reports = json.loads((converted.parent / "report.json").read_text())
     assert set(reports) == EVERY

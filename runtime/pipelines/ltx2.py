@@ -73,12 +73,20 @@ class LTX2Pipeline(Pipeline):
                                hint="vidport convert ltx2 SRC --target mlx --out DIR")
         return cls(folder)
 
-    def model(self, name: str) -> Any:
+    def model(self, name: str, low_memory: bool = False) -> Any:
+        """A component, loaded on first use; the DiT with `low_memory` keeps its blocks' weights on
+        disk and reads each block's just before it runs (runtime/streamed_blocks.py)."""
         if name not in self._models:
             from vidport.runtime.loading import load_model
 
             self.folder.config(name)  # a clear error where the component is missing
-            self._models[name] = load_model(self.folder.path / name)
+            path = self.folder.path / name
+            if low_memory and name == "transformer":
+                from vidport.runtime.streamed_blocks import load_streamed
+
+                self._models[name] = load_streamed(path)
+            else:
+                self._models[name] = load_model(path)
         return self._models[name]
 
     def release(self, *names: str) -> None:
@@ -99,7 +107,10 @@ class LTX2Pipeline(Pipeline):
 
     def defaults(self, task: str) -> Request:
         extra = {"recipe": self.default_recipe(), "audio": self.layout.has_audio, "max_sequence_length": 1024,
-                 "decode_timestep": 0.0, "tiling": True, "use_cross_timestep": True, **GUIDANCE_DEFAULTS,
+                 "decode_timestep": 0.0, "tiling": True, "low_memory": False,
+                 # how the detected version runs (LTX-2.0: false; diffusers' pipelines pass true for every version)
+                 "use_cross_timestep": bool(self.folder.config("transformer").get("use_cross_timestep", True)),
+                 **GUIDANCE_DEFAULTS,
                  "stg_blocks": [min(28, self.layout.num_layers - 1)]}
         if task == "i2v":
             extra.update(resize=False, image_crf=33)
@@ -109,7 +120,7 @@ class LTX2Pipeline(Pipeline):
     def settings(self, task: str) -> set[str]:
         taken = {"prompt", "negative_prompt", "frames", "steps", "guidance", "height", "width", "seed", "noise",
                  "fps", "prompt_embeds", *GUIDANCE_DEFAULTS, "recipe", "audio", "max_sequence_length",
-                 "decode_timestep", "tiling", "use_cross_timestep"}
+                 "decode_timestep", "tiling", "use_cross_timestep", "low_memory"}
         return taken | ({"image", "resize", "image_crf"} if task == "i2v" else set())
 
     def resolve(self, request: Request) -> Request:
@@ -305,7 +316,7 @@ class LTX2Pipeline(Pipeline):
             per_frame = first.shape[1]
             video = mx.concatenate([first, video[:, per_frame:]], axis=1)
 
-        dit = self.model("transformer")
+        dit = self.model("transformer", low_memory=bool(request.extra["low_memory"]))
         stages: list[StageResult] = []
         intermediates: dict[str, np.ndarray] = {}
 

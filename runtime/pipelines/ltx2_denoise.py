@@ -91,7 +91,8 @@ def denoise(model: Any, video: mx.array, audio: mx.array, grid: Grid, text: Text
     """Denoise packed float32 `video` (B, F h w, C) and `audio` (B, L, C M) over the schedulers'
     timesteps (video's, audio's: same sigmas). `mask` (B, F h w), image-to-video: tokens where it is
     1 keep their values and get timestep 0. `use_cross_timestep`: the cross-modal attention's
-    modulation follows the other stream's sigma (diffusers' pipelines pass True for every version)."""
+    modulation follows the other stream's sigma (LTX-2.3; diffusers' pipelines pass True for every
+    version, the official LTX-2.0 code runs it off)."""
     video_scheduler, audio_scheduler = schedulers
     dtype = model.proj_in.weight.dtype
     shape = {"num_frames": grid.frames, "height": grid.height, "width": grid.width, "fps": fps,
