@@ -82,8 +82,8 @@ def test_a_wrong_guidance_term_is_caught(converted, monkeypatch):
 
 def test_mp4_carries_the_soundtrack(converted, tmp_path):
     """`vidport generate` writes an MP4 whose audio track has the vocoder's rate and the clip's
-    length, a WAV beside it, and frames equal to the decoded ones (within H.264's loss)."""
-    from vidport.runtime.video import read_audio, read_video
+    length, a WAV beside it, and the frames the pipeline decodes."""
+    from vidport.runtime.video import read_audio, read_video, write_video
 
     out = tmp_path / "fox.mp4"
     result = CliRunner().invoke(app, ["generate", "t2v", "--model", str(converted), "--prompt", SMALL["prompt"],
@@ -99,7 +99,10 @@ def test_mp4_carries_the_soundtrack(converted, tmp_path):
     assert abs(len(audio) - 17 / 24 * rate) <= 1024 + abs(len(expected.audio) - 17 / 24 * rate)
     frames = read_video(out)
     assert frames.shape == (17, 64, 96, 3)
-    assert psnr(expected.frames, frames / 255.0) >= 30.0
+    # random-weight frames are noise that 4:2:0 H.264 cannot keep: compare with the same frames
+    # through the same encoder instead
+    same = read_video(write_video(tmp_path / "expected.mp4", expected.frames, 24))
+    assert psnr(same / 255.0, frames / 255.0) >= 40.0
     wav, wav_rate = read_audio(out.with_suffix(".wav"))
     assert wav_rate == rate and np.abs(wav - np.clip(expected.audio, -1, 1)).max() <= 1 / 32767 + 1e-6
 
@@ -129,7 +132,7 @@ def test_frames_reach_the_writer_before_the_decode_ends(converted, monkeypatch):
         def append(self, frames):
             seen.append((len(frames), calls["decoder"]))
 
-    request = Request(task="t2v", prompt="waves", frames=49, height=64, width=96, steps=1, seed=1,
+    request = Request(task="t2v", prompt="waves", frames=49, height=64, width=96, steps=2, seed=1,
                       extra={**SHORT_TEXT, "audio": False, "guidance_rescale": 0.0})
     request = pipe.check(request)
     request.writer = lambda audio, rate: Writer()
@@ -163,7 +166,8 @@ def test_prompt_states_from_a_file_match_the_encoded_prompt(converted, tmp_path)
     ({"height": 96, "extra": {"recipe": "distilled"}}, "multiple of 64"),
     ({"task": "i2v", "image": np.zeros((64, 64, 3), np.uint8)}, "another aspect ratio"),
     ({"extra": {"stg_blocks": [7]}}, "stg_blocks"),
-], ids=["frames", "height", "distilled-height", "aspect", "stg-block"])
+    ({"steps": 1}, "at least 2 steps"),
+], ids=["frames", "height", "distilled-height", "aspect", "stg-block", "steps"])
 def test_bad_requests_fail_before_any_weight_loads(converted, request_settings, message):
     pipe = open_pipeline(converted)
     settings = {"task": "t2v", "prompt": "x", "frames": 9, "height": 64, "width": 96, **request_settings}
@@ -177,7 +181,7 @@ def test_a_video_only_release_makes_video_and_refuses_sound(video_only, tmp_path
     pipe = open_pipeline(video_only)
     with pytest.raises(VidportError, match="video-only"):
         pipe.check(Request(task="t2v", prompt="x", frames=9, height=64, width=96, extra={"audio": True}))
-    result = pipe.generate(Request(task="t2v", prompt="x", frames=9, height=64, width=96, steps=1, seed=0,
+    result = pipe.generate(Request(task="t2v", prompt="x", frames=9, height=64, width=96, steps=2, seed=0,
                                    extra=SHORT_TEXT))
     assert result.audio is None and result.frames.shape == (9, 64, 96, 3)
     cli = CliRunner().invoke(app, ["generate", "t2v", "--model", str(video_only), "--prompt", "x", "--audio",

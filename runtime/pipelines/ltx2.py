@@ -146,6 +146,10 @@ class LTX2Pipeline(Pipeline):
         if two_stage and request.steps != len(DISTILLED_SIGMAS):
             raise VidportError(f"--steps {request.steps}: the distilled recipe runs its {len(DISTILLED_SIGMAS)} "
                                "trained sigmas", hint="drop --steps, or --set recipe=dev")
+        if not two_stage and request.steps < 2 and self.folder.scheduler_config.get("shift_terminal"):
+            raise VidportError(f"--steps {request.steps}: the schedule is stretched to end at "
+                               f"{self.folder.scheduler_config['shift_terminal']}, which takes at least 2 steps",
+                               hint="--steps 2 or more (40 is the release's)")
         if extra["audio"] and not self.layout.has_audio:
             raise VidportError(f"{self.folder.path}: a video-only pipeline (no audio_vae/ and vocoder/) cannot make "
                                "a soundtrack", hint="drop --audio; the video is made without sound")
