@@ -223,7 +223,8 @@ def _terminate_raises(out: Path) -> Iterator[None]:
             signal.signal(number, old)
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process umask (set and put back): new files' modes, for temporary files made 0600/0700."""
     current = os.umask(0o022)
     os.umask(current)
     return current
@@ -248,7 +249,7 @@ def atomic_folder(out: Path, overwrite: bool = False, *, overwrite_any: bool = F
         temp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{owner}-", dir=out.parent))
         try:
             with _terminate_raises(out):
-                os.chmod(temp, 0o777 & ~_umask())
+                os.chmod(temp, 0o777 & ~current_umask())
                 yield temp
                 if os.path.lexists(out) and not existed:
                     raise VidportError(f"{out}: appeared while this run wrote it (not by vidport: it locks "

@@ -75,9 +75,7 @@ class VideoWriter:
         if not self.suffix:
             self.temp = Path(tempfile.mkdtemp(prefix=prefix, suffix=".partial", dir=self.path.parent))
             return
-        handle, name = tempfile.mkstemp(prefix=prefix, suffix=f".partial{self.suffix}", dir=self.path.parent)
-        os.close(handle)
-        self.temp = Path(name)
+        self.temp = temp_beside(self.path, f".partial{self.suffix}")
         try:
             self._open_encoder()
         except BaseException:
@@ -237,14 +235,24 @@ def check_audio(path: Path, audio: np.ndarray, sample_rate: int | None) -> np.nd
     return np.clip(audio, -1.0, 1.0)
 
 
+def temp_beside(path: Path, suffix: str) -> Path:
+    """An empty temporary file beside `path`, with the mode a new file gets (mkstemp's is 0600)."""
+    from vidport.converter.output import current_umask
+
+    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(handle)
+    os.chmod(name, 0o666 & ~current_umask())
+    return Path(name)
+
+
 def write_wav(path: str | Path, audio: np.ndarray, sample_rate: int) -> Path:
     """A 16-bit PCM WAV, written under a temporary name beside the target and renamed into place."""
     path = Path(path)
     audio = check_audio(path, audio, sample_rate)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial.wav", dir=path.parent)
+    name = temp_beside(path, ".partial.wav")
     try:
-        with os.fdopen(handle, "wb") as file, wave.open(file, "wb") as out:
+        with open(name, "wb") as file, wave.open(file, "wb") as out:
             out.setnchannels(audio.shape[1])
             out.setsampwidth(2)
             out.setframerate(int(sample_rate))
