@@ -126,8 +126,8 @@ def ltx2_case(ours: Any, request: Request, source: Path | None, note: Progress) 
     extra = {**PARITY_EXTRA, **request.extra}
     distilled = extra.get("recipe", ours.default_recipe()) == "distilled"
     scale = 2 if distilled else 1
-    if distilled:
-        filled.pop("steps")
+    if distilled:  # the recipe's own steps and guidance
+        filled.pop("steps"), filled.pop("guidance")
     request = dataclasses.replace(request, **filled, extra=extra, height=request.height or 64 * scale,
                                   width=request.width or 96 * scale)
     if request.task == "i2v" and request.image is None:
