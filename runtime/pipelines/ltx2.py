@@ -21,7 +21,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import mlx.core as mx
 import numpy as np
@@ -29,10 +29,10 @@ import numpy as np
 from vidport.converter.core.errors import VidportError
 from vidport.runtime.pipelines.folder import PipelineFolder
 from vidport.runtime.pipelines.ltx2_checks import LTX2Layout, check_request, layout_of
-from vidport.runtime.pipelines.ltx2_denoise import Guidance, StageResult, Text, denoise
+from vidport.runtime.pipelines.ltx2_denoise import Guidance, Text, denoise
 from vidport.runtime.pipelines.ltx2_latents import (DISTILLED_SIGMAS, STAGE_2_SIGMAS, Grid, audio_latent_frames,
-                                                    calculate_shift, dev_sigmas, first_frame_mask, pack_audio,
-                                                    pack_video, unpack_audio, unpack_video)
+                                                    calculate_shift, dev_sigmas, first_frame_mask, keep_masked,
+                                                    pack_audio, pack_video, unpack_audio, unpack_video)
 from vidport.runtime.pipelines.protocol import DecodeCallback, Generation, Pipeline, Request, Step, StepCallback
 
 __all__ = ["LTX2Pipeline", "check_components"]
@@ -195,7 +195,7 @@ class LTX2Pipeline(Pipeline):
 
     def draw_shapes(self, request: Request) -> dict[str, tuple[int, ...]]:
         """Each noise draw's shape, diffusers' unpacked layouts."""
-        audio_width = self.model_config("transformer")["audio_in_channels"]
+        audio_width = self.folder.config("transformer")["audio_in_channels"]
         mel = audio_width // self.layout.audio_channels
         shapes = {}
         for prefix, grid in zip(("", "stage2_"), self.stage_grids(request)):
@@ -203,9 +203,6 @@ class LTX2Pipeline(Pipeline):
             shapes[prefix + "audio_noise"] = (1, self.layout.audio_channels, grid.audio_frames, mel)
         shapes["decode_noise"] = shapes[("stage2_" if len(self.stage_grids(request)) > 1 else "") + "noise"]
         return shapes
-
-    def model_config(self, name: str) -> dict[str, Any]:
-        return self.folder.config(name)
 
     # ------------------------------------------------------------------ conditioning
 
@@ -252,7 +249,7 @@ class LTX2Pipeline(Pipeline):
             return Text(video, audio, binary)
         return Text(video[1:], audio[1:], binary[1:], negative=Text(video[:1], audio[:1], binary[:1]))
 
-    def image_latents(self, request: Request, grid: Grid) -> mx.array:
+    def image_latents(self, request: Request) -> mx.array:
         """The image's normalized latent, packed (1, h w, C): the first latent frame's tokens."""
         from vidport.runtime.pipelines.ltx2_image import image_pixels
 
@@ -310,18 +307,8 @@ class LTX2Pipeline(Pipeline):
         grids = self.stage_grids(request)
         two_stage = len(grids) > 1
         total = sum(len(s) for s in ([DISTILLED_SIGMAS, STAGE_2_SIGMAS] if two_stage else [range(request.steps)]))
-        video = pack_video(draw("noise"))
-        audio = pack_audio(draw("audio_noise"))
-        token_mask = None
-        if request.task == "i2v":
-            token_mask = first_frame_mask(grids[0])
-            first = self.image_latents(replace(request, height=grids[0].height * self.layout.spatial,
-                                               width=grids[0].width * self.layout.spatial), grids[0])
-            per_frame = first.shape[1]
-            video = mx.concatenate([first, video[:, per_frame:]], axis=1)
-
         dit = self.model("transformer", low_memory=bool(request.extra["low_memory"]))
-        stages: list[StageResult] = []
+        cross = bool(request.extra["use_cross_timestep"])
         intermediates: dict[str, np.ndarray] = {}
 
         def hook(stage: int, grid: Grid, offset: int):
@@ -332,21 +319,15 @@ class LTX2Pipeline(Pipeline):
                                  audio_latents=unpack_audio(a, self.layout.audio_channels)))
             return report
 
+        video, audio, token_mask = self.start(request, grids[0], draw)
         sigmas = DISTILLED_SIGMAS if two_stage else dev_sigmas(request.steps)
-        cross = bool(request.extra["use_cross_timestep"])
-        stages.append(denoise(dit, video, audio, grids[0], text, guidance,
-                              self.schedulers(sigmas, grids[0].tokens, shifted=not two_stage), request.fps,
-                              token_mask, hook(1, grids[0], 0), cross))
+        stages = [denoise(dit, video, audio, grids[0], text, guidance,
+                          self.schedulers(sigmas, grids[0].tokens, shifted=not two_stage), request.fps,
+                          token_mask, hook(1, grids[0], 0), cross)]
         if two_stage:
             upsampled = self.upsample(stages[0].video, grids[0])
             intermediates["upsampled"] = np.array(upsampled)
-            s = STAGE_2_SIGMAS[0]
-            video = pack_video(self.normalize(upsampled))
-            token_mask = first_frame_mask(grids[1]) if request.task == "i2v" else None
-            noised = s * pack_video(draw("stage2_noise")) + (1 - s) * video
-            video = token_mask[..., None] * video + (1 - token_mask[..., None]) * noised if token_mask is not None \
-                else noised
-            audio = s * pack_audio(draw("stage2_audio_noise")) + (1 - s) * stages[0].audio
+            video, audio, token_mask = self.restart(request, grids[1], upsampled, stages[0].audio, draw)
             stages.append(denoise(dit, video, audio, grids[1], text, guidance,
                                   self.schedulers(STAGE_2_SIGMAS, grids[1].tokens, shifted=False), request.fps,
                                   token_mask, hook(2, grids[1], len(DISTILLED_SIGMAS)), cross))
@@ -369,14 +350,35 @@ class LTX2Pipeline(Pipeline):
 
     # ------------------------------------------------------------------ latents in and out
 
+    def start(self, request: Request, grid: Grid, draw: Callable[[str], mx.array]
+              ) -> tuple[mx.array, mx.array, mx.array | None]:
+        """Stage 1's packed video and audio latents (noise; i2v: the image's latent as the first
+        frame) and the i2v token mask."""
+        video, audio = pack_video(draw("noise")), pack_audio(draw("audio_noise"))
+        if request.task != "i2v":
+            return video, audio, None
+        size = {"height": grid.height * self.layout.spatial, "width": grid.width * self.layout.spatial}
+        first = self.image_latents(replace(request, **size))
+        return mx.concatenate([first, video[:, first.shape[1]:]], axis=1), audio, first_frame_mask(grid)
+
+    def restart(self, request: Request, grid: Grid, upsampled: mx.array, audio: mx.array,
+                draw: Callable[[str], mx.array]) -> tuple[mx.array, mx.array, mx.array | None]:
+        """Stage 2's start: the upsampled latents and stage 1's audio re-noised to the first stage-2
+        sigma (i2v: the first frame kept clean)."""
+        s = STAGE_2_SIGMAS[0]
+        video = pack_video(self.normalize(upsampled))
+        token_mask = first_frame_mask(grid) if request.task == "i2v" else None
+        video = keep_masked(token_mask, video, s * pack_video(draw("stage2_noise")) + (1 - s) * video)
+        return video, s * pack_audio(draw("stage2_audio_noise")) + (1 - s) * audio, token_mask
+
     def normalize(self, latents: mx.array) -> mx.array:
         """Raw (B, C, F, h, w) -> the DiT's normalized latents (diffusers' _normalize_latents)."""
-        vae, scale = self.model("vae"), self.model_config("vae").get("scaling_factor", 1.0)
+        vae, scale = self.model("vae"), self.folder.config("vae").get("scaling_factor", 1.0)
         mean, std = (s.reshape(1, -1, 1, 1, 1) for s in (vae.latents_mean, vae.latents_std))
         return (latents - mean) * scale / std
 
     def denormalize(self, latents: mx.array) -> mx.array:
-        vae, scale = self.model("vae"), self.model_config("vae").get("scaling_factor", 1.0)
+        vae, scale = self.model("vae"), self.folder.config("vae").get("scaling_factor", 1.0)
         mean, std = (s.reshape(1, -1, 1, 1, 1) for s in (vae.latents_mean, vae.latents_std))
         return latents * std / scale + mean
 

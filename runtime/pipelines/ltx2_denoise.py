@@ -19,7 +19,7 @@ from typing import Any, Callable
 import mlx.core as mx
 import numpy as np
 
-from vidport.runtime.pipelines.ltx2_latents import Grid, rescale_guidance
+from vidport.runtime.pipelines.ltx2_latents import Grid, keep_masked, rescale_guidance
 
 
 @dataclass(frozen=True)
@@ -140,7 +140,7 @@ def denoise(model: Any, video: mx.array, audio: mx.array, grid: Grid, text: Text
             audio_guided = rescale_guidance(audio_guided, audio_x0, guidance.audio_rescale)
 
         stepped = video_scheduler.step((video - video_guided) / sigma, t, video)
-        video = mask[..., None] * video + (1 - mask[..., None]) * stepped if mask is not None else stepped
+        video = keep_masked(mask, video, stepped)
         audio = audio_scheduler.step((audio - audio_guided) / sigma, t, audio)
         mx.eval(video, audio)
         seconds.append(time.perf_counter() - began)

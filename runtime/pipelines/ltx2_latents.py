@@ -79,6 +79,13 @@ def first_frame_mask(grid: Grid) -> mx.array:
     return mx.array(mask)
 
 
+def keep_masked(mask: mx.array | None, kept: mx.array, new: mx.array) -> mx.array:
+    """Tokens (B, S, C) of `kept` where the token mask (B, S) is 1, of `new` elsewhere."""
+    if mask is None:
+        return new
+    return mask[..., None] * kept + (1 - mask[..., None]) * new
+
+
 def rescale_guidance(guided: mx.array, conditional: mx.array, factor: float) -> mx.array:
     """diffusers' rescale_noise_cfg: pull the guided prediction's spread (unbiased std over all but
     the batch axis, as torch.std) back toward the conditional one by `factor`."""
