@@ -406,18 +406,36 @@ def verdict(records: list[dict], goal_time: float = 1.0) -> dict[str, bool]:
     return met
 
 
-def available_memory() -> int:
-    """Bytes the kernel says are available for new allocations (MemAvailable)."""
+def _meminfo(key: str) -> int | None:
+    """A /proc/meminfo entry in bytes (None off Linux)."""
     try:
         with open("/proc/meminfo") as handle:
             for line in handle:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(f"{key}:"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    import psutil
+    return None
 
-    return psutil.virtual_memory().available
+
+def available_memory() -> int:
+    """Bytes the kernel says are available for new allocations (MemAvailable)."""
+    found = _meminfo("MemAvailable")
+    if found is None:
+        import psutil
+
+        return psutil.virtual_memory().available
+    return found
+
+
+def total_memory() -> int:
+    """The machine's RAM in bytes (MemTotal)."""
+    found = _meminfo("MemTotal")
+    if found is None:
+        import psutil
+
+        return psutil.virtual_memory().total
+    return found
 
 
 def write_json(path: Path | None, report: dict) -> None:

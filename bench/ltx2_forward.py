@@ -37,10 +37,11 @@ SIZES = {
 RELEASE_VAE = {"decoder_causal": False}  # what the LTX-2 release's vae/config.json changes from the defaults
 
 
-def dit_config(size: str) -> dict:
+def dit_config(layers: int) -> dict:
+    """LTX-2.0's DiT config at the released widths with `layers` of its 48 blocks."""
     from fixtures.ltx2_dit import ltx2_config
 
-    return ltx2_config("2.0", **{**LTX2_19B, "num_layers": SIZES[size]["layers"], "rope_type": "split"})
+    return ltx2_config("2.0", **{**LTX2_19B, "num_layers": layers, "rope_type": "split"})
 
 
 def vae_config() -> dict:
@@ -82,7 +83,7 @@ def _mlx_setup(model: str, size: str):
     if model == "dit":
         from vidport.runtime.ltx2.dit import LTX2VideoTransformer3DModel
 
-        net = LTX2VideoTransformer3DModel.from_config(dit_config(size))
+        net = LTX2VideoTransformer3DModel.from_config(dit_config(SIZES[size]["layers"]))
         timestep = mx.array([500.0])
 
         def call():
@@ -109,7 +110,7 @@ def _torch_setup(model: str, size: str):
     if model == "dit":
         from diffusers import LTX2VideoTransformer3DModel
 
-        net = LTX2VideoTransformer3DModel(**dit_config(size)).eval()
+        net = LTX2VideoTransformer3DModel(**dit_config(SIZES[size]["layers"])).eval()
         timestep = torch.tensor([500.0])
 
         def call():
