@@ -49,6 +49,14 @@ def load_weights(folder: Path) -> dict[str, mx.array]:
     return _load_file(folder / "model.safetensors")
 
 
+def weight_files(folder: Path) -> dict[str, Path]:
+    """The file of a converted folder that holds each tensor, for reading part of a model on its own
+    (runtime.streamed_blocks). Every file is opened and its header checked now, nothing read."""
+    index = folder / "model.safetensors.index.json"
+    files = [folder / shard for shard in _shards(index)] if index.exists() else [folder / "model.safetensors"]
+    return {name: path for path in files for name in _load_file(path)}
+
+
 def load_model(folder: str | Path) -> nn.Module:
     """The MLX model of a converted folder; every parameter must be present with its shape."""
     from vidport.runtime.registry import build_model
