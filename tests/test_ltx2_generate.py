@@ -187,3 +187,14 @@ def test_a_video_only_release_makes_video_and_refuses_sound(video_only, tmp_path
     cli = CliRunner().invoke(app, ["generate", "t2v", "--model", str(video_only), "--prompt", "x", "--audio",
                                    "--frames", "9", "--out", str(tmp_path / "x.mp4")])
     assert cli.exit_code != 0 and "video-only" in cli.output
+
+
+def test_low_memory_streams_the_dit_and_gives_the_same_video(converted):
+    """--low-memory: the DiT's blocks read from disk one at a time, the same latents."""
+    settings = dict(task="t2v", prompt="x", frames=9, height=64, width=96, steps=2, seed=4, decode=False)
+    normal = open_pipeline(converted).generate(Request(**settings, extra=SHORT_TEXT))
+    pipe = open_pipeline(converted)
+    low = pipe.generate(Request(**settings, extra={**SHORT_TEXT, "low_memory": True}))
+    assert np.array_equal(np.array(normal.latents), np.array(low.latents))
+    blocks = pipe._models["transformer"].transformer_blocks
+    assert all(hasattr(block, "streamed_weights") for block in blocks)
