@@ -8,9 +8,7 @@ Modes, each in a fresh worker process per run (its peak RSS, VmHWM, is its own):
 - low-memory: `load_streamed`, each block read at its call from the page cache (the files fit in
   RAM here, and the warm-up forward put them there);
 - low-memory, cold: the folder's pages dropped from the page cache before each forward
-  (POSIX_FADV_DONTNEED): every block comes from the disk, as for a model larger than RAM;
-- each low-memory mode also with `prefetch=True` (the next block's bytes read into the page cache
-  on background threads while a block computes).
+  (POSIX_FADV_DONTNEED): every block comes from the disk, as for a model larger than RAM.
 
 Reported: forward seconds (median of the runs, range), the extra time per block over normal, peak
 RSS and MLX's peak memory during the forward (mx.get_peak_memory: weights + activations), and the
@@ -39,9 +37,7 @@ MB = common.MB
 MODES = {
     "normal": "load_model: every weight resident",
     "low-memory": "load_streamed: each block read at its call (from the page cache: the warm-up forward put the files there)",
-    "low-memory-prefetch": "the same with prefetch=True: background threads read the next block's bytes into the page cache",
     "low-memory-cold": "load_streamed, the files' pages dropped before each forward: every block read from the disk",
-    "low-memory-cold-prefetch": "the same with prefetch=True",
 }
 
 
@@ -83,14 +79,14 @@ def _setup(mode: str, size: str, folder: Path):
     from vidport.runtime.loading import load_model
     from vidport.runtime.streamed_blocks import load_streamed
 
-    model = load_model(folder) if mode == "normal" else load_streamed(folder, prefetch=mode.endswith("prefetch"))
+    model = load_model(folder) if mode == "normal" else load_streamed(folder)
     mx.eval(model.parameters())  # load_model's arrays are lazy: read them before the clock
     data = {k: mx.array(v) for k, v in ltx2_forward.inputs(size).items()}
     timestep = mx.array([500.0])
     arguments = ltx2_forward._dit_arguments(size)
 
     def forward() -> dict:
-        if "cold" in mode:
+        if mode == "low-memory-cold":
             drop_page_cache(folder)
         mx.reset_peak_memory()
         start = time.perf_counter()

@@ -15,23 +15,23 @@ the mapped file pages in RSS beside the MLX copy, and numpy has no bfloat16.
 `load_model` reads no tensor either (its arrays are mx.load's, unevaluated), so it builds and
 checks the model here: every file present and whole, every name and shape. The blocks' arrays are
 replaced before anything evaluates them.
+
+No prefetch: reading the next block's bytes into the page cache on background threads while a
+block computes made a forward slower, not faster (bench/ltx2_low_memory.py, 8 blocks of LTX-2 at
+the real widths on 2 cores: +112 ms a block from the page cache and from the disk alike), as
+the threads take CPU from the block and MLX's own read is already parallel.
 """
 from __future__ import annotations
 
-import os
-import threading
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from vidport.converter.core.errors import VidportError
-from vidport.converter.safetensors_io import read_safetensors
 from vidport.runtime.loading import load_model, weight_files
 
 REPAIR = "convert again: vidport convert ... --overwrite"
@@ -44,7 +44,6 @@ class BlockWeights:
     files: dict[Path, list[tuple[str, str]]]  # file -> (name in the file, name in the block)
     shapes: dict[str, tuple[int, ...]]  # name in the block -> shape
     placeholders: dict[str, Any]  # the block's parameter tree, every array empty
-    ranges: tuple[tuple[Path, int, int], ...]  # (file, offset, length): where its bytes lie
 
     def read(self) -> dict[str, Any]:
         """The block's parameter tree, lazy: the bytes are read when the block's output is evaluated."""
@@ -62,47 +61,15 @@ class BlockWeights:
         return tree_unflatten(found)
 
 
-class Prefetcher:
-    """Reads a block's bytes on background threads while the block before it computes, into the
-    page cache: the bytes are dropped (the process keeps one chunk buffer per thread), and MLX's
-    read of that block then copies from memory instead of waiting for the disk."""
-
-    THREADS, CHUNK = 4, 16 * 1024 * 1024
-
-    def __init__(self) -> None:
-        self.pool = ThreadPoolExecutor(self.THREADS, thread_name_prefix="vidport-prefetch")
-        self.pending: list[Future] = []
-        self.local = threading.local()
-
-    def start(self, weights: BlockWeights) -> None:
-        """Begin reading `weights`' bytes; what is still queued for an earlier block is dropped."""
-        for task in self.pending:
-            task.cancel()
-        self.pending = [self.pool.submit(self._read, path, at, min(self.CHUNK, offset + length - at))
-                        for path, offset, length in weights.ranges for at in range(offset, offset + length, self.CHUNK)]
-
-    def _read(self, path: Path, offset: int, length: int) -> None:
-        if getattr(self.local, "buffer", None) is None:
-            self.local.buffer = memoryview(bytearray(self.CHUNK))
-        try:
-            with open(path, "rb", buffering=0) as handle:
-                os.preadv(handle.fileno(), [self.local.buffer[:length]], offset)
-        except OSError:
-            pass  # only a hint: the block's own read names the file
-
-
 class StreamedBlock:
     """Mixed in before a block's own class (`streamed_class`), so the block keeps its parameter
     tree, names and attributes; its call brings its weights in and sends them back out."""
 
-    streamed_weights: BlockWeights  # plain attributes, not parameters (set by load_streamed)
-    streamed_prefetch: Callable[[], None] | None  # starts reading the next block's bytes
+    streamed_weights: BlockWeights  # a plain attribute, not a parameter (set by load_streamed)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         weights = self.streamed_weights
         self.update(weights.read())
-        if self.streamed_prefetch is not None:
-            self.streamed_prefetch()
         try:
             out = super().__call__(*args, **kwargs)
             mx.eval(out)  # the weights are read and used now, while they are in place
@@ -121,18 +88,7 @@ def streamed_class(cls: type) -> type:
     return _CLASSES[cls]
 
 
-def _ranges(tensors: list[tuple[Path, int, int]]) -> tuple[tuple[Path, int, int], ...]:
-    """(file, offset, length) of tensors, those that touch merged."""
-    merged: list[tuple[Path, int, int]] = []
-    for path, start, length in sorted(tensors):
-        if merged and merged[-1][0] == path and merged[-1][1] + merged[-1][2] == start:
-            merged[-1] = (path, merged[-1][1], merged[-1][2] + length)
-        else:
-            merged.append((path, start, length))
-    return tuple(merged)
-
-
-def load_streamed(folder: str | Path, blocks_attr: str = "transformer_blocks", prefetch: bool = False) -> nn.Module:
+def load_streamed(folder: str | Path, blocks_attr: str = "transformer_blocks") -> nn.Module:
     """The MLX model of a converted folder with the blocks of `blocks_attr` (a list attribute of the
     model) streamed from the folder's files. Errors (a file missing or truncated, a name or shape
     that does not fit) come here, before anything runs."""
@@ -142,9 +98,7 @@ def load_streamed(folder: str | Path, blocks_attr: str = "transformer_blocks", p
     if not isinstance(blocks, list) or not blocks or not all(isinstance(b, nn.Module) for b in blocks):
         raise VidportError(f"{folder}: {type(model).__name__} has no list of blocks named '{blocks_attr}'")
     files = weight_files(folder)
-    refs = {name: ref for path in dict.fromkeys(files.values()) for name, ref in read_safetensors(path)[0].items()}
     empty = {dtype: mx.zeros((0,), dtype) for dtype in {v.dtype for _, v in tree_flatten(model.parameters())}}
-    streamed = []
     for index, block in enumerate(blocks):
         parameters = tree_flatten(block.parameters())
         by_file: dict[Path, list[tuple[str, str]]] = {}
@@ -152,16 +106,9 @@ def load_streamed(folder: str | Path, blocks_attr: str = "transformer_blocks", p
             stored = f"{blocks_attr}.{index}.{name}"
             by_file.setdefault(files[stored], []).append((stored, name))
         placeholders = tree_unflatten([(name, empty[value.dtype]) for name, value in parameters])
-        ranges = _ranges([(files[stored], refs[stored].start, refs[stored].nbytes)
-                          for names in by_file.values() for stored, _ in names])
         block.update(placeholders)
         block.__class__ = streamed_class(type(block))
         block.streamed_weights = BlockWeights(by_file, {name: value.shape for name, value in parameters},
-                                              placeholders, ranges)
-        streamed.append(block)
-    prefetcher = Prefetcher() if prefetch else None
-    for index, block in enumerate(streamed):  # the last prefetches the first, for the next call
-        following = streamed[(index + 1) % len(streamed)].streamed_weights
-        block.streamed_prefetch = partial(prefetcher.start, following) if prefetcher else None
+                                              placeholders)
     mx.eval(model.parameters())  # the other weights, resident from now on
     return model

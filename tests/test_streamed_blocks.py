@@ -64,8 +64,7 @@ def _is_empty(block) -> bool:
     return all(v.size == 0 for _, v in tree_flatten(block.parameters()))
 
 
-@pytest.mark.parametrize("prefetch", [False, True])
-def test_streamed_forward_is_the_loaded_forward(converted, prefetch):
+def test_streamed_forward_is_the_loaded_forward(converted):
     """Bit for bit the normally loaded model's outputs, twice (each forward reads the blocks
     again), with STG on the last block; and diffusers' outputs as closely as the port's."""
     from vidport.runtime.loading import load_model
@@ -73,7 +72,7 @@ def test_streamed_forward_is_the_loaded_forward(converted, prefetch):
 
     kwargs = {**_inputs(), "spatio_temporal_guidance_blocks": [2], "perturbation_mask": np.array([0.0], np.float32)}
     loaded = _run(load_model(converted), kwargs)
-    streamed = load_streamed(converted, prefetch=prefetch)
+    streamed = load_streamed(converted)
     for _ in range(2):
         outputs = _run(streamed, kwargs)
         for ours, theirs in zip(outputs, loaded):
@@ -86,30 +85,24 @@ def test_streamed_forward_is_the_loaded_forward(converted, prefetch):
         np.testing.assert_allclose(ours, theirs.numpy(), rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("prefetch", [False, True])
-def test_one_block_is_resident_at_a_time(converted, monkeypatch, prefetch):
+def test_one_block_is_resident_at_a_time(converted, monkeypatch):
     """While block i runs, block i alone holds weights, and MLX's peak stays below two blocks'
     worth above the other weights; after the forward no block holds weights, the other weights
-    are the loaded model's, and MLX holds them and not a block's worth more. Prefetching reads
-    the next block's bytes (the last block's next is the first, for the next forward) into the
-    page cache only."""
+    are the loaded model's, and MLX holds them and not a block's worth more."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
     from vidport.runtime.loading import load_model
     from vidport.runtime.ltx2.dit import LTX2VideoTransformerBlock
-    from vidport.runtime.streamed_blocks import Prefetcher, load_streamed
+    from vidport.runtime.streamed_blocks import load_streamed
 
     reference = dict(tree_flatten(load_model(converted).parameters()))
     block_bytes = min(sum(v.nbytes for k, v in reference.items() if k.startswith(f"transformer_blocks.{i}."))
                       for i in range(CONFIG["num_layers"]))
     other_bytes = sum(v.nbytes for k, v in reference.items() if not k.startswith("transformer_blocks."))
     del reference
-    prefetched = []
-    start = Prefetcher.start
-    monkeypatch.setattr(Prefetcher, "start", lambda self, weights: prefetched.append(weights) or start(self, weights))
     before = mx.get_active_memory()
-    model = load_streamed(converted, prefetch=prefetch)
+    model = load_streamed(converted)
     loaded_bytes = mx.get_active_memory() - before
     assert other_bytes <= loaded_bytes < other_bytes + block_bytes
 
@@ -127,9 +120,6 @@ def test_one_block_is_resident_at_a_time(converted, monkeypatch, prefetch):
     outputs = _run(model, _inputs())
     assert holding == [[0], [1], [2]]
     assert all(_is_empty(b) for b in blocks)
-    following = [blocks[i].streamed_weights for i in (1, 2, 0)]
-    assert [id(w) for w in prefetched] == [id(w) for w in following if prefetch]
-    assert all(sum(length for _, _, length in w.ranges) == block_bytes for w in following)
     # at most the other weights, one block's and this forward's activations (a third of a block)
     assert mx.get_peak_memory() - before < other_bytes + 2 * block_bytes
     assert mx.get_active_memory() - before < other_bytes + block_bytes
