@@ -17,6 +17,9 @@ from vidport.runtime.wan_rope import apply_rotary
 # context of an I2V model as [image tokens | the last 512 text tokens]; so do we.
 TEXT_CONTEXT_LENGTH = 512
 
+# (k, v, (image k, image v) or None), each [batch, tokens, heads, dim_head]
+ContextKV = tuple[mx.array, mx.array, tuple[mx.array, mx.array] | None]
+
 
 class WanAttention(nn.Module):
     def __init__(self, dim: int, heads: int, dim_head: int, eps: float = 1e-5,
@@ -47,28 +50,39 @@ class WanAttention(nn.Module):
         out = out.transpose(0, 2, 1, 3)
         return out.reshape(*out.shape[:2], -1)
 
+    def queries(self, hidden_states: mx.array, rotary_emb: tuple[mx.array, mx.array] | None = None) -> mx.array:
+        """Normalised (and, for self-attention, rotated) queries [batch, tokens, heads, dim_head]."""
+        q = self._heads(self.norm_q(self.to_q(hidden_states)))
+        return q if rotary_emb is None else apply_rotary(q, *rotary_emb)
+
+    def keys_values(self, context: mx.array, rotary_emb: tuple[mx.array, mx.array] | None = None) -> ContextKV:
+        """(k, v, image k/v or None) of what the queries attend to: a causal model caches these.
+        An I2V cross-attention's context is [image tokens | the last 512 text tokens]."""
+        image_kv = None
+        if self.has_image_kv:
+            image_length = context.shape[1] - TEXT_CONTEXT_LENGTH
+            image_context, context = context[:, :image_length], context[:, image_length:]
+            image_kv = (self._heads(self.norm_added_k(self.add_k_proj(image_context))),
+                        self._heads(self.add_v_proj(image_context)))
+        k = self._heads(self.norm_k(self.to_k(context)))
+        v = self._heads(self.to_v(context))
+        if rotary_emb is not None:
+            k = apply_rotary(k, *rotary_emb)
+        return k, v, image_kv
+
+    def output(self, q: mx.array, keys_values: ContextKV) -> mx.array:
+        """Attention of the queries over the keys/values (plus the image ones), projected out."""
+        k, v, image_kv = keys_values
+        out = self._attend(q, k, v)
+        if image_kv is not None:
+            out = out + self._attend(q, *image_kv)
+        return self.to_out[1](self.to_out[0](out))
+
     def __call__(self, hidden_states: mx.array, encoder_hidden_states: mx.array | None = None,
                  attention_mask: None = None,
                  rotary_emb: tuple[mx.array, mx.array] | None = None) -> mx.array:
         """diffusers' argument order; `attention_mask` must be None (Wan never masks)."""
         if attention_mask is not None:
             raise ValueError("WanAttention takes no attention mask")
-        image_context = None
-        if self.has_image_kv:
-            image_length = encoder_hidden_states.shape[1] - TEXT_CONTEXT_LENGTH
-            image_context = encoder_hidden_states[:, :image_length]
-            encoder_hidden_states = encoder_hidden_states[:, image_length:]
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-
-        q = self._heads(self.norm_q(self.to_q(hidden_states)))
-        k = self._heads(self.norm_k(self.to_k(context)))
-        v = self._heads(self.to_v(context))
-        if rotary_emb is not None:
-            q, k = apply_rotary(q, *rotary_emb), apply_rotary(k, *rotary_emb)
-
-        out = self._attend(q, k, v)
-        if image_context is not None:
-            k_img = self._heads(self.norm_added_k(self.add_k_proj(image_context)))
-            v_img = self._heads(self.add_v_proj(image_context))
-            out = out + self._attend(q, k_img, v_img)
-        return self.to_out[1](self.to_out[0](out))
+        return self.output(self.queries(hidden_states, rotary_emb), self.keys_values(context, rotary_emb))

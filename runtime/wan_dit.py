@@ -8,7 +8,7 @@ diffusers does (it keeps those in float32 even for a bfloat16 model).
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -57,15 +57,22 @@ class WanTransformerBlock(nn.Module):
 
     def __call__(self, hidden_states: mx.array, encoder_hidden_states: mx.array, temb: mx.array,
                  rotary_emb: tuple[mx.array, mx.array]) -> mx.array:
+        return self.around(hidden_states, temb, lambda norm: self.attn1(norm, None, None, rotary_emb),
+                           lambda norm: self.attn2(norm, encoder_hidden_states, None, None))
+
+    def around(self, hidden_states: mx.array, temb: mx.array, self_attention: Callable[[mx.array], mx.array],
+               cross_attention: Callable[[mx.array], mx.array]) -> mx.array:
+        """The block around its two attentions, given as functions of their normed input: the
+        causal DiT (runtime.causal_wan) passes ones that read and fill its caches."""
         dtype = hidden_states.dtype
         shift, scale, gate, c_shift, c_scale, c_gate = _modulation(self.scale_shift_table, temb, 6)
 
         norm = (self.norm1(hidden_states.astype(F32)) * (1 + scale) + shift).astype(dtype)
-        attn = self.attn1(norm, None, None, rotary_emb)
+        attn = self_attention(norm)
         hidden_states = (hidden_states.astype(F32) + attn * gate).astype(dtype)
 
         norm = self.norm2(hidden_states.astype(F32)).astype(dtype)
-        hidden_states = hidden_states + self.attn2(norm, encoder_hidden_states, None, None)
+        hidden_states = hidden_states + cross_attention(norm)
 
         norm = (self.norm3(hidden_states.astype(F32)) * (1 + c_scale) + c_shift).astype(dtype)
         ff = self.ffn(norm)
@@ -126,10 +133,13 @@ class WanTransformer3DModel(nn.Module):
         for block in self.blocks:
             x = block(x, context, timestep_proj, rotary_emb)
 
+        return self.unpatchify(self.head(x, temb), grid)
+
+    def head(self, x: mx.array, temb: mx.array) -> mx.array:
+        """The output norm modulated by temb ([B, dim], or [B, tokens, dim] per token), projected."""
         shift, scale = _modulation(self.scale_shift_table, temb[..., None, :], 2)
         x = (self.norm_out(x.astype(F32)) * (1 + scale) + shift).astype(x.dtype)
-        x = self.proj_out(x)
-        return self.unpatchify(x, grid)
+        return self.proj_out(x)
 
     def unpatchify(self, x: mx.array, grid: tuple[int, int, int]) -> mx.array:
         """[B, tokens, p_t * p_h * p_w * C] -> channels-last latents [B, F, H, W, C]."""

@@ -53,11 +53,14 @@ class WanRotaryPosEmbed(nn.Module):
         p_t, p_h, p_w = self._patch_size
         return frames // p_t, height // p_h, width // p_w
 
-    def tables(self, frames: int, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-        """The float32 tables for a post-patch grid of frames x height x width tokens."""
-        if max(frames, height, width) > self.max_seq_len:
-            raise ValueError(f"a {frames}x{height}x{width} token grid exceeds the {self.max_seq_len} rotary positions")
-        return _grid_table(self._cos_parts, frames, height, width), _grid_table(self._sin_parts, frames, height, width)
+    def tables(self, frames: int, height: int, width: int, start_frame: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """The float32 tables for a post-patch grid of frames x height x width tokens whose first
+        frame sits at position `start_frame` (a causal model's block later in the video)."""
+        if max(start_frame + frames, height, width) > self.max_seq_len:
+            raise ValueError(f"a {frames}x{height}x{width} token grid from frame {start_frame} exceeds the "
+                             f"{self.max_seq_len} rotary positions")
+        return (_grid_table(self._cos_parts, frames, height, width, start_frame),
+                _grid_table(self._sin_parts, frames, height, width, start_frame))
 
     def __call__(self, hidden_states: mx.array) -> tuple[mx.array, mx.array]:
         _, frames, height, width, _ = hidden_states.shape
@@ -65,11 +68,11 @@ class WanRotaryPosEmbed(nn.Module):
         return mx.array(cos), mx.array(sin)
 
 
-def _grid_table(parts: list[np.ndarray], frames: int, height: int, width: int) -> np.ndarray:
+def _grid_table(parts: list[np.ndarray], frames: int, height: int, width: int, start_frame: int = 0) -> np.ndarray:
     f_part, h_part, w_part = parts
     shape = (frames, height, width)
     table = np.concatenate([
-        np.broadcast_to(f_part[:frames, None, None], shape + f_part.shape[1:]),
+        np.broadcast_to(f_part[start_frame:start_frame + frames, None, None], shape + f_part.shape[1:]),
         np.broadcast_to(h_part[None, :height, None], shape + h_part.shape[1:]),
         np.broadcast_to(w_part[None, None, :width], shape + w_part.shape[1:]),
     ], axis=-1)
