@@ -283,10 +283,12 @@ SETTLE_S = 0.3
 
 def interleaved(script: str | Path, sides: list[str], calls: list[str], repeat: int, args: list[str] | None = None,
                 one_at_a_time: bool = False, log: Callable[[str], None] = print,
-                extra_calls: list[str] | None = None) -> dict[str, dict]:
+                extra_calls: list[str] | None = None, side_after_side: bool = False) -> dict[str, dict]:
     """Build a worker per side, then run every call `repeat` times on each side, alternating sides
     within each round. With `one_at_a_time` only one worker lives at a time (for models too large
-    to hold twice): the sides are then alternated by rebuilding the worker each round.
+    to hold twice): the sides are then alternated by rebuilding the worker each round, or, with
+    `side_after_side` (where builds and warm-ups cost minutes), one worker per side serves all its
+    rounds and the sides run one after the other, not alternating.
     `extra_calls` run once per side after the timed rounds (profiles); what they return is kept
     under results[side]["extra"][call]."""
     results: dict[str, dict] = {side: {"runs": {c: [] for c in calls}, "extra": {}} for side in sides}
@@ -309,25 +311,37 @@ def interleaved(script: str | Path, sides: list[str], calls: list[str], repeat: 
         log(f"  [{number + 1}/{repeat}] {side} {call}: {measured['wall_s']:.2f} s (cpu {measured['cpu_s']:.2f} s), "
             f"peak RSS {measured['peak_rss'] / MB:.0f} MB")
 
+    def extra(side: str, call: str) -> None:
+        time.sleep(SETTLE_S)
+        found = worker_for(side).call(call)
+        results[side]["extra"][call] = found["extra"]
+        log(f"  {side} {call}: {found['wall_s']:.2f} s")
+
     try:
-        for number in range(repeat):
-            if one_at_a_time:  # side by side, each worker rebuilt per round
-                for side in sides:
+        if one_at_a_time and side_after_side:  # one worker per side serves all its rounds
+            for side in sides:
+                for number in range(repeat):
                     for call in calls:
                         timed(number, side, call)
-                    workers.pop(side).close()
-            else:  # call by call, alternating the sides
-                for call in calls:
+                for call in extra_calls or []:
+                    extra(side, call)
+                workers.pop(side).close()
+        else:
+            for number in range(repeat):
+                if one_at_a_time:  # side by side, each worker rebuilt per round
                     for side in sides:
-                        timed(number, side, call)
-        for call in extra_calls or []:
-            for side in sides:
-                time.sleep(SETTLE_S)
-                found = worker_for(side).call(call)
-                results[side]["extra"][call] = found["extra"]
-                log(f"  {side} {call}: {found['wall_s']:.2f} s")
-                if one_at_a_time:
-                    workers.pop(side).close()
+                        for call in calls:
+                            timed(number, side, call)
+                        workers.pop(side).close()
+                else:  # call by call, alternating the sides
+                    for call in calls:
+                        for side in sides:
+                            timed(number, side, call)
+            for call in extra_calls or []:
+                for side in sides:
+                    extra(side, call)
+                    if one_at_a_time:
+                        workers.pop(side).close()
     finally:
         for worker in workers.values():
             worker.close()

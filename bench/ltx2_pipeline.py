@@ -6,8 +6,11 @@
   stream (release: 2) and an input projection from 3840 x `text_proj_in_factor` (release: 49 Gemma
   states; it runs once per generation, its 2.9 GB float32 weight would not let both sides stay
   resident): 128 text tokens, 24 fps, LTX-2's audio alongside.
-  - dev: LTX2Pipeline's guided step at the full size (CFG as a batch of 2, STG on the last block,
-    modality isolation: 4 DiT batch-passes; guidance 4, stg 1, modality 3, rescale 0.7, audio 7);
+  - dev: LTX2Pipeline's guided step at the full size (guidance 4, stg 1 on the last block,
+    modality 3, rescale 0.7, audio 7): diffusers runs CFG as a batch of 2, STG's and modality
+    isolation's passes, 4 DiT batch-passes; vidport skips STG's pass on LTX-2.0 (a DiT without
+    the perturbed attention of LTX-2.3: that pass equals the conditional one and its term is
+    zero), 3. The single-pass stages compare pass for pass;
   - distilled stage 1 (half the size) and stage 2 (the full size, from re-noised latents): one
     unguided pass each.
   diffusers: `LTX2Pipeline(...)(prompt_embeds=..., num_inference_steps=1, output_type="latent")`,
@@ -23,19 +26,27 @@
 - LTX-2.0's vocoder (hidden 1024) on seconds of stereo mel.
 
 Each model runs in a worker process per side, the sides alternating call by call (bench/_common.py);
-medians of `--repeat` runs with their range, ratios MLX/diffusers and peak RSS. The sides run one
-at a time (each worker rebuilt per round) where both would not fit in MEMORY_CAP.
+medians of `--repeat` runs with their range, ratios MLX/diffusers (wall and CPU time) and peak RSS.
+Where both sides would not fit in MEMORY_CAP at once (the float32 step and VAE), one side runs all
+its rounds, then the other. The load average before and after each model is printed: on a shared
+2-core machine, CPU time is the steadier comparison.
 
     .venv/bin/python bench/ltx2_pipeline.py                     # 2 blocks, 33 frames 384x512; tiled decode; vocoder
     .venv/bin/python bench/ltx2_pipeline.py --quick             # 1 block, 9 frames 256x384, smaller decode
-    .venv/bin/python bench/ltx2_pipeline.py --models step --dtype bfloat16
+    .venv/bin/python bench/ltx2_pipeline.py --models step --dtype bfloat16   # slow: see below
+
+bfloat16: MLX multiplies bfloat16 matrices on this CPU some 60x slower than float32 (a 960 x 4096 by
+4096 x 4096 product: 6.0 s against 0.10 s; torch 0.07 s), so a bfloat16 step takes tens of minutes.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as common  # noqa: E402
@@ -44,8 +55,9 @@ from ltx2_forward import dit_config, vae_config  # noqa: E402
 FPS = 24.0
 RELEASE_BLOCKS = 48
 MEMORY_CAP = 12 * common.GB  # this benchmark's own bound on both sides together
-# GB per side in float32: the step ~1.6 a block + the connectors and the rest; the others measured
-NEED_GB = {"step": lambda layers: 1.6 * layers + 2.3, "vae": lambda layers: 6.0, "vocoder": lambda layers: 1.0}
+# peak GB per side in float32 (measured): the step 1.6 a block + 3.9 (the DiT's embeddings and
+# projections, the connectors, the step's work), the VAE's 4.9 GB of weights + a tile's work
+NEED_GB = {"step": lambda layers: 1.6 * layers + 3.9, "vae": lambda layers: 6.5, "vocoder": lambda layers: 1.0}
 SIZES = {
     "full": {"layers": 2, "text_tokens": 128, "frames": 33, "height": 384, "width": 512,
              "decode": {"frames": 25, "height": 256, "width": 384, "tile": 256, "stride": 192},
@@ -109,8 +121,6 @@ def stage_sigmas(stage: str) -> list[float]:
 
 def text_states(size: str):
     """Stacked Gemma states [negative, prompt] (2, S, 3840 x factor) and their mask (all tokens valid)."""
-    import numpy as np
-
     tokens, width = SIZES[size]["text_tokens"], CONNECTORS["caption_channels"] * CONNECTORS["text_proj_in_factor"]
     rng = np.random.default_rng(0)
     return rng.standard_normal((2, tokens, width), dtype=np.float32), np.ones((2, tokens), np.int64)
@@ -118,8 +128,6 @@ def text_states(size: str):
 
 def stage2_inputs(size: str):
     """Stage 2's starting latents (raw, unpacked: (1, 128, F, h, w)) and audio ((1, 8, L, 16))."""
-    import numpy as np
-
     grid = stage_grid("stage2", size)
     rng = np.random.default_rng(1)
     return (rng.standard_normal((1, 128, grid.frames, grid.height, grid.width), dtype=np.float32),
@@ -127,16 +135,12 @@ def stage2_inputs(size: str):
 
 
 def decode_latents(size: str):
-    import numpy as np
-
     d = SIZES[size]["decode"]
     shape = (1, (d["frames"] - 1) // 8 + 1, d["height"] // 32, d["width"] // 32, 128)
     return np.random.default_rng(2).standard_normal(shape, dtype=np.float32)
 
 
 def mel_input(size: str):
-    import numpy as np
-
     frames = int(SIZES[size]["mel_seconds"] * MEL_FRAMES_PER_S)
     return np.random.default_rng(3).standard_normal((1, 2, frames, 64), dtype=np.float32)
 
@@ -157,8 +161,6 @@ def vocoder_config() -> dict:
 def _mlx_blocks(run_stage, block_class) -> dict:
     """Each stage once more with every DiT block evaluated on its own (its inputs first, outside
     the clock): the step's seconds, the blocks' seconds and the block calls."""
-    import time
-
     import mlx.core as mx
 
     original = block_class.__call__
@@ -233,7 +235,7 @@ def _mlx_step_setup(size: str, dtype: str):
         mx.eval(result.video, result.audio)
 
     calls = {stage: (lambda stage=stage: run_stage(stage)) for stage in STAGES}
-    calls["blocks"] = lambda: _mlx_blocks(run_stage, LTX2VideoTransformerBlock)
+    calls["profile"] = lambda: _mlx_blocks(run_stage, LTX2VideoTransformerBlock)
     release = LTX2TextConnectors.from_config({**CONNECTORS, **RELEASE_CONNECTORS})  # never evaluated: shapes only
     info = {"blas": blas, "parameters": sum(v.size for _, v in tree_flatten(dit.parameters())),
             "block_parameters": sum(v.size for _, v in tree_flatten(dit.transformer_blocks[0].parameters())),
@@ -290,8 +292,6 @@ def _mlx_setup(model: str, size: str, dtype: str):
 def _torch_blocks(run_stage, blocks) -> dict:
     """Each stage once more with forward hooks around every DiT block: the step's seconds, the
     blocks' seconds and the block calls (torch on the CPU runs synchronously)."""
-    import time
-
     spent = {"blocks": 0.0, "calls": 0}
     began = {}
 
@@ -359,7 +359,8 @@ def _torch_step_setup(size: str, dtype: str):
         frames, height, width = grids(size)[stage]
         pipe.scheduler = schedulers["dev" if stage == "dev" else "distilled"]
         sigmas = stage_sigmas(stage)
-        extra = {"latents": upsampled, "audio_latents": stage1_audio, "noise_scale": sigmas[0]} if stage == "stage2" else {}
+        extra = ({"latents": upsampled, "audio_latents": stage1_audio, "noise_scale": sigmas[0]}
+                 if stage == "stage2" else {})
         with torch.no_grad():
             pipe(prompt_embeds=states[1:], prompt_attention_mask=mask[1:], negative_prompt_embeds=states[:1],
                  negative_prompt_attention_mask=mask[:1], height=height, width=width, num_frames=frames,
@@ -368,7 +369,7 @@ def _torch_step_setup(size: str, dtype: str):
                  return_dict=False, **extra)
 
     calls = {stage: (lambda stage=stage: run_stage(stage)) for stage in STAGES}
-    calls["blocks"] = lambda: _torch_blocks(run_stage, dit.transformer_blocks)
+    calls["profile"] = lambda: _torch_blocks(run_stage, dit.transformer_blocks)
     return calls, {"torch": info, "parameters": sum(p.numel() for p in dit.parameters()),
                    "block_parameters": sum(p.numel() for p in dit.transformer_blocks[0].parameters())}
 
@@ -420,7 +421,7 @@ def labels(size: str) -> dict[str, dict[str, str]]:
         grid = stage_grid(stage, size)
         return f"{what}, {frames}x{height}x{width} ({grid.tokens}+{grid.audio_frames} tok)"
 
-    return {"step": {"dev": step("dev", "dev step, 4 passes"), "stage1": step("stage1", "distilled stage 1"),
+    return {"step": {"dev": step("dev", "dev step, 3 / 4 passes"), "stage1": step("stage1", "distilled stage 1"),
                      "stage2": step("stage2", "distilled stage 2")},
             "vae": {"vae": f"tiled VAE decode {d['frames']}x{d['height']}x{d['width']}"},
             "vocoder": {"vocoder": f"vocoder, {s['mel_seconds']:g} s of mel"}}
@@ -433,7 +434,7 @@ def project(results: dict, size: str, dtype: str) -> dict:
     layers, itemsize = SIZES[size]["layers"], 2 if dtype == "bfloat16" else 4
     out = {}
     for side in ("mlx", "torch"):
-        blocks, block_bytes = results[side]["extra"]["blocks"], results[side]["info"]["block_parameters"] * itemsize
+        blocks, block_bytes = results[side]["extra"]["profile"], results[side]["info"]["block_parameters"] * itemsize
         out[side] = {}
         for stage in STAGES:
             measured = results[side]["summary"][stage]
@@ -457,6 +458,8 @@ def project(results: dict, size: str, dtype: str) -> dict:
                   "torch non-block s", "MLX 48-block s", "torch 48-block s", "MLX/torch", "MLX peak GB",
                   "torch peak GB"], rows)
     connectors = results["mlx"]["info"]["release_connector_parameters"] * itemsize / common.GB
+    calls = {side: results[side]["extra"]["profile"]["dev"]["calls"] // layers for side in ("mlx", "torch")}
+    print(f"  dev: {calls['mlx']} DiT calls a step on MLX, {calls['torch']} in diffusers (the CFG pair is one call).")
     print(f"  blocks' share: of one instrumented step (each block timed alone); s/block: that share of the median "
           f"/ {layers}; non-block: the rest (connectors, embeddings, guidance, scheduler, set-up), kept as is.\n"
           f"  peak: measured + {RELEASE_BLOCKS - layers} x {out['mlx']['dev']['block_bytes'] / common.GB:.2f} GB of "
@@ -474,12 +477,12 @@ def run(quick: bool = False, repeat: int = 3, models: list[str] | None = None, d
         one_at_a_time = not sides_fit(model, size, dtype)
         if one_at_a_time:
             print(f"  both sides would not fit in {min(MEMORY_CAP, common.available_memory()) / common.GB:.1f} GB: "
-                  "they run one at a time")
+                  "one side after the other")
         calls = list(names[model])
         runs = min(repeat, MAX_REPEAT.get(model, repeat))
         results = common.interleaved(__file__, ["mlx", "torch"], calls, runs,
                                      ["--size", size, "--model", model, "--dtype", dtype], one_at_a_time=one_at_a_time,
-                                     extra_calls=["blocks"] if model == "step" else [])
+                                     extra_calls=["profile"] if model == "step" else [], side_after_side=True)
         mlx_info, torch_info = results["mlx"]["info"], results["torch"]["info"]
         print(f"  MLX: {mlx_info['blas']}, {mlx_info['parameters'] / 1e6:.0f} M parameters"
               + (f" ({mlx_info['route']})" if "route" in mlx_info else "")
