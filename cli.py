@@ -127,7 +127,9 @@ def convert(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder that vidport wrote."),
     overwrite_any: bool = typer.Option(False, "--overwrite-any", help="Replace whatever --out names (never a source or the working directory)."),
     shard_size: int = typer.Option(5000, "--shard-size", help="Largest weights shard, in MB."),
-    ema: bool = typer.Option(False, "--ema", help="Convert the EMA copies the file keeps (an LDM file's model_ema.*)."),
+    ema: Optional[bool] = typer.Option(None, "--ema/--no-ema", help="Convert the EMA weights the file keeps (an LDM file's "
+                                       "model_ema.*, Self-Forcing's generator_ema), or not; default: the format's choice "
+                                       "(Self-Forcing: EMA, where the file has it; others: not)."),
     cache_style: Optional[str] = typer.Option(None, "--cache-style", help="ttnn: as_tensor | model_cache | tt_dit (file naming; default as_tensor)."),
     ttnn_dtype: Optional[str] = typer.Option(None, "--ttnn-dtype", help="ttnn: bfloat16 | bfloat8_b for linear weights (default bfloat16)."),
     ttnn_grid: Optional[str] = typer.Option(None, "--ttnn-grid", help="ttnn: core grid COLUMNSxROWS for group-norm packing (default 8x8)."),

@@ -46,6 +46,7 @@ class Tensors:
     refs: dict[str, LazyTensor]
     wrappers: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    dropped: list[tuple[str, str, int]] = field(default_factory=list)  # (entry, why, tensors): the spec's `drop`
 
 
 def is_tensor(value: Any) -> bool:
@@ -152,38 +153,60 @@ def _read_folder(folder: Path) -> Source:
 
 @dataclass(frozen=True)
 class EmaCopies:
-    """Where a file keeps EMA copies of the selected weights: the copy of key `k` (after
+    """Where a file keeps EMA weights. Either a copy of each selected weight: key `k`'s (after
     `select_prefix`) is `prefix + k`, with k's dots removed when `dotless` (LDM's LitEma names
-    `model.diffusion_model.a.0.weight`'s copy `model_ema.diffusion_modela0weight`)."""
+    `model.diffusion_model.a.0.weight`'s copy `model_ema.diffusion_modela0weight`); or a whole
+    state dict of its own under one of the entries `descend` names, stepped into in place of the
+    spec's `descend` (Self-Forcing keeps `generator_ema` beside `generator`). `default`: taken,
+    where the file has them, when the user asks for neither the EMA nor the plain weights."""
 
-    prefix: str
+    prefix: str = ""
     dotless: bool = False
+    descend: tuple[str, ...] = ()
+    default: bool = False
 
     def name_of(self, key: str) -> str:
         return self.prefix + (key.replace(".", "") if self.dotless else key)
 
 
+class NoEmaWeights(VidportError):
+    """The file keeps no EMA weights where its format would."""
+
+
 def unwrap(tree: Any, descend: list[str], strip_prefixes: list[str], select_prefixes: list[str] | None = None,
-           ema: EmaCopies | None = None) -> Tensors:
+           ema: EmaCopies | None = None, drop: dict[str, str] | None = None) -> Tensors:
     """Flatten a checkpoint's object tree to named tensors by the spec's unwrap rules.
 
     `descend`: wrapper keys (such as `state_dict`) to step into when present; their siblings
-    (`global_step`, `optimizer`, ...) are skipped and reported. `select_prefixes`: for a file that
+    (`global_step`, `optimizer`, ...) are skipped and reported, or, when `drop` names them, dropped
+    with its reason (a training file's critic). `select_prefixes`: for a file that
     holds several models (an LDM single file: `first_stage_model.`, `cond_stage_model.`, ...),
     keep only the sub-tree under the first of these prefixes that some key carries, prefix
     removed; the rest belongs to other families and is neither mapped nor reported as unmatched.
-    `ema`: take each selected weight's EMA copy instead (an error if the file has none).
+    `ema`: take the EMA weights instead (an error if the file has none).
     `strip_prefixes`: a prefix (such as `module.`) removed when every key carries it.
     """
     wrappers: list[str] = []
     skipped: list[str] = []
+    dropped: list[tuple[str, str, int]] = []
+    if ema is not None and ema.descend:
+        descend = list(ema.descend)
+    stepped: list[str] = []
     while isinstance(tree, dict) and not any(is_tensor(v) for v in tree.values()):
         step = next((k for k in descend if isinstance(tree.get(k), dict)), None)
         if step is None:
             break
         wrappers.append(f"nested under '{step}'")
-        skipped += [f"{k} ({_describe(v)})" for k, v in tree.items() if k != step]
+        stepped.append(step)
+        for key, value in tree.items():
+            if key != step and drop and key in drop:
+                dropped.append((key, drop[key], sum(1 for _ in _tensors_in(value))))
+            elif key != step:
+                skipped.append(f"{key} ({_describe(value)})")
         tree = tree[step]
+    if ema is not None and ema.descend and not stepped:
+        raise NoEmaWeights(f"no EMA weights in this file (no {' or '.join(repr(k) for k in ema.descend)} entry)",
+                           hint="convert without --ema: the weights it holds are the ones to use")
     if not isinstance(tree, dict):
         raise VidportError(f"checkpoint holds a {type(tree).__name__}, not a dict of tensors")
     refs: dict[str, Any] = {}
@@ -191,13 +214,13 @@ def unwrap(tree: Any, descend: list[str], strip_prefixes: list[str], select_pref
     everything = refs
     if select_prefixes:
         refs = _select(refs, select_prefixes, wrappers)
-    if ema is not None:
+    if ema is not None and not ema.descend:
         refs = _ema(refs, everything, ema, wrappers)
     for prefix in strip_prefixes:
         if refs and all(k.startswith(prefix) for k in refs):
             refs = {k[len(prefix):]: v for k, v in refs.items()}
             wrappers.append(f"key prefix '{prefix}'")
-    return Tensors(refs, wrappers, skipped)
+    return Tensors(refs, wrappers, skipped, dropped)
 
 
 def _select(refs: dict[str, Any], prefixes: list[str], wrappers: list[str]) -> dict[str, Any]:
@@ -207,14 +230,16 @@ def _select(refs: dict[str, Any], prefixes: list[str], wrappers: list[str]) -> d
     if not prefix:  # "" as the last choice: the file holds this model alone
         return refs
     selected = {k[len(prefix):]: v for k, v in refs.items() if k.startswith(prefix)}
-    wrappers.append(f"sub-tree '{prefix}' ({len(refs) - len(selected)} other tensors left to other models)")
+    others = len(refs) - len(selected)
+    wrappers.append(f"sub-tree '{prefix}' ({others} other tensors left to other models)" if others
+                    else f"key prefix '{prefix}'")
     return selected
 
 
 def _ema(refs: dict[str, Any], everything: dict[str, Any], ema: EmaCopies, wrappers: list[str]) -> dict[str, Any]:
     lacking = [k for k in refs if ema.name_of(k) not in everything]
     if len(lacking) == len(refs):
-        raise VidportError(f"no EMA weights in this file (no key starts with '{ema.prefix}')",
+        raise NoEmaWeights(f"no EMA weights in this file (no key starts with '{ema.prefix}')",
                            hint="convert without --ema: the weights it holds are the ones to use")
     if lacking:
         raise VidportError(f"{len(lacking)} weight(s) have no EMA copy: {', '.join(lacking[:4])}"
@@ -248,4 +273,4 @@ def _describe(value: Any) -> str:
     return type(value).__name__
 
 
-__all__ = ["Source", "Tensors", "TensorRef", "EmaCopies", "read_checkpoint", "unwrap", "is_tensor"]
+__all__ = ["Source", "Tensors", "TensorRef", "EmaCopies", "NoEmaWeights", "read_checkpoint", "unwrap", "is_tensor"]

@@ -138,9 +138,10 @@ def _naming_assumptions(assumed: dict[str, Any]):
 
 def plan_conversion(source_path: str | Path, target: str, family: str | None = None, dtype: str | None = None,
                     overrides: dict[str, Any] | None = None, catalog: Catalog | None = None,
-                    target_options: dict[str, Any] | None = None, ema: bool = False) -> ConversionPlan:
+                    target_options: dict[str, Any] | None = None, ema: bool | None = None) -> ConversionPlan:
     """`target_options` are the target's own options (TTNN: dtype, grid, cache_style); `ema`
-    converts the EMA copies a source keeps (its spec's `unwrap.ema`) instead of its weights."""
+    converts the EMA weights a source keeps (its spec's `unwrap.ema`) instead of its weights,
+    False its own weights, None what the spec prefers (`ema.default`, where the file has them)."""
     catalog = catalog or load_catalog()
     target_spec = catalog.target(target)
     if dtype is not None and dtype not in NAMED_DTYPES:
@@ -151,8 +152,7 @@ def plan_conversion(source_path: str | Path, target: str, family: str | None = N
     options = resolve_options(target_spec, target_options or {})
     source = read_checkpoint(source_path)
     detected = detect(source, catalog, family)
-    if ema:
-        detected = choose_ema(detected, source)
+    detected, ema = choose_ema(detected, source, ema)
     shapes = {k: tuple(r.shape) for k, r in detected.tensors.refs.items()}
     canonical = map_keys(shapes, detected.spec.rules, detected.spec.path.name)
     check_source_dtypes(canonical, {k: r.dtype for k, r in detected.tensors.refs.items()},
@@ -299,11 +299,13 @@ def write_manifest(folder: Path, plan: ConversionPlan, files: list[Path], dtypes
         "overrides": plan.overrides,
         "assumed": plan.assumed,
         "ema": plan.ema,
+        **({"settings": detected.spec.settings} if detected.spec.settings else {}),
         "sources": [{"path": str(f.absolute()), "bytes": f.stat().st_size, "sha256": file_sha256(f)}
                     for f in plan.source.files],
         "source_wrappers": detected.tensors.wrappers,
         "source_skipped": detected.tensors.skipped,
-        "dropped": [{"key": k, "why": why} for k, why in plan.canonical.dropped],
+        "dropped": [{"key": k, "why": why, "tensors": n} for k, why, n in detected.tensors.dropped]
+                   + [{"key": k, "why": why} for k, why in plan.canonical.dropped],
         "tensors": count,
         "parameters": parameters,
         "files": sorted(f.name for f in files),

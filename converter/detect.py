@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vidport.converter.checkpoint import Source, Tensors, unwrap
+from vidport.converter.checkpoint import NoEmaWeights, Source, Tensors, unwrap
 from vidport.converter.core.errors import VidportError
 from vidport.converter.spec import Catalog, FamilySpec, SourceSpec
 
@@ -28,7 +28,7 @@ def _fits(spec: SourceSpec, source: Source) -> Tensors | None:
     elif spec.folder_class is not None:
         return None
     try:
-        tensors = unwrap(source.tree, spec.descend, spec.strip_prefixes, spec.select_prefixes)
+        tensors = unwrap(source.tree, spec.descend, spec.strip_prefixes, spec.select_prefixes, drop=spec.drop)
     except VidportError:
         return None
     keys = list(tensors.refs)
@@ -87,11 +87,20 @@ def _refuse_other_model(source: Source, catalog: Catalog, family: FamilySpec) ->
                                hint="`vidport models` lists the families vidport converts")
 
 
-def choose_ema(detected: Detected, source: Source) -> Detected:
-    """The same detection with each weight's EMA copy in its place (`--ema`), where the source
-    spec's `unwrap.ema` says the file keeps them."""
+def choose_ema(detected: Detected, source: Source, wanted: bool | None = True) -> tuple[Detected, bool]:
+    """The detection with the EMA weights the source spec's `unwrap.ema` says the file keeps in
+    place of its weights, and whether they were taken: `wanted` True (--ema: an error where there
+    are none), False (--no-ema), or None: the spec's `default`, where the file has them."""
     spec = detected.spec
+    if wanted is False or (wanted is None and (spec.ema is None or not spec.ema.default)):
+        return detected, False
     if spec.ema is None:
         raise VidportError(f"{spec.name}: this source format keeps no EMA copies", hint="convert without --ema")
-    tensors = unwrap(source.tree, spec.descend, spec.strip_prefixes, spec.select_prefixes, ema=spec.ema)
-    return Detected(detected.family, spec, tensors)
+    try:
+        tensors = unwrap(source.tree, spec.descend, spec.strip_prefixes, spec.select_prefixes, ema=spec.ema,
+                         drop=spec.drop)
+    except NoEmaWeights:
+        if wanted:
+            raise
+        return detected, False
+    return Detected(detected.family, spec, tensors), True

@@ -88,8 +88,8 @@ def describe_step(step: Step) -> str:
     return f"{step.name}({step.params})"
 
 
-def _rule_ref(rule: Rule, folder: str) -> RuleRef:
-    return RuleRef(f"{folder}/{rule.where}", rule.source.text, [t.text for t in rule.targets],
+def _rule_ref(rule: Rule) -> RuleRef:
+    return RuleRef(rule.where, rule.source.text, [t.text for t in rule.targets],
                    rule.when.text if rule.when else None)
 
 
@@ -132,10 +132,10 @@ def explain_key(source_path: str | Path, key: str, target: str = "mlx", family: 
     match = spec.rules.over(detected.tensors.refs).match(key)
     if match is None:
         near = max(spec.rules.rules, key=lambda r: difflib.SequenceMatcher(None, key, r.source.text).ratio(), default=None)
-        found.closest = _rule_ref(near, spec.path.parent.name) if near else None
+        found.closest = _rule_ref(near) if near else None
         return found
     rule, _values = match
-    found.rule = _rule_ref(rule, spec.path.parent.name)
+    found.rule = _rule_ref(rule)
     if rule.drops:
         found.dropped = rule.why
         return found
@@ -192,6 +192,6 @@ def _target(plan: ConversionPlan, layout: TargetLayout, rules: RuleSet, canonica
     role_steps = list(layout.steps(canonical))
     rule = _find_rule(rules, where)
     return TargetTensor(out, shape, layout.role(canonical), [describe_step(s) for s in role_steps],
-                        _rule_ref(rule, plan.detected.family.path.parent.name) if rule else None,
+                        _rule_ref(rule) if rule else None,
                         [describe_step(s) for s in recipe.steps[len(role_steps):]],
                         fmt.layout if fmt else None, fmt.dtype if fmt else None)

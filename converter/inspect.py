@@ -44,6 +44,11 @@ def describe(path: str | Path) -> dict[str, Any]:
         if plan.assumed:
             rows["assumed"] = assumption_note(plan.assumed)
         rows["config"] = {k: v for k, v in plan.config.items() if not k.startswith("_")}
+        if found.spec.settings:
+            rows["settings"] = found.spec.settings
+        if plan.ema:
+            rows["weights"] = "EMA (the default of this format; --no-ema converts the others)"
+        tensors = plan.detected.tensors
     except VidportError as err:
         tensors = unwrap(source.tree, COMMON_WRAPPERS, ["module."])
         rows["family"] = f"unknown ({err.message.split(': ', 1)[-1]})"
@@ -53,6 +58,8 @@ def describe(path: str | Path) -> dict[str, Any]:
     rows["dtypes"] = ", ".join(f"{k} x{v}" for k, v in dtypes.most_common())
     rows["wrappers"] = ", ".join(tensors.wrappers) or "none"
     rows["skipped entries"] = ", ".join(tensors.skipped) or "none"
+    if tensors.dropped:
+        rows["dropped entries"] = ", ".join(f"{key} ({count} tensors: {why})" for key, why, count in tensors.dropped)
     rows["files"] = ", ".join(str(f) for f in source.files)
     return rows
 

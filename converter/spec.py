@@ -8,7 +8,7 @@ mappings/targets/<target>.yaml  a target layout: transforms by tensor role
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -125,24 +125,35 @@ OFFICIAL_REFERENCE = {"required": {"official": "str"},
 # its modules (a transformers Gemma3ForConditionalGeneration folder, whose text tower is canonical)
 LIBRARY_REFERENCE = {"required": {"loader": "str", "class": "str", "module": "str"}}
 SOURCE_SCHEMA = {
-    "required": {"spec": "str", "version": "int", "family": "str", "source": "str", "rules": ["list", RULE]},
+    "required": {"spec": "str", "version": "int", "family": "str", "source": "str"},
     "optional": {
+        "rules": ["list", RULE],  # required, from the spec itself or the one it extends
+        "extends": "str",  # another source spec ("wan-dit/native"): every entry not given here is its
         "description": "str",
         "formats": ["list", "str"],
         "reference": ("either", "str", OFFICIAL_REFERENCE, LIBRARY_REFERENCE),
         "unwrap": {"optional": {"descend": ["list", "str"], "strip_prefix": ["list", "str"],
                                 "select_prefix": ("either", "str", ["list", "str"]),
-                                "ema": {"required": {"prefix": "str"},
-                                        "optional": {"dotless": "bool", "reference": {"optional": {"*": "any"}}}}}},
+                                # EMA copies beside each weight (prefix) or a state dict of their own (descend)
+                                "ema": {"optional": {"prefix": "str", "descend": ["list", "str"], "dotless": "bool",
+                                                     "default": "bool", "reference": {"optional": {"*": "any"}}}},
+                                # entries beside the one `descend` steps into, not converted: entry -> why
+                                "drop": {"optional": {"*": "str"}}}},
         "detect": {"optional": {"all": ["list", "pattern"], "none": ["list", "pattern"], "folder_class": "str"}},
         "config": CONFIG,
+        # how the model runs that its classes take no argument for (Self-Forcing: causal, in blocks of
+        # 3 frames): recorded in the manifest, never passed to a model
+        "settings": {"optional": {"*": "any"}},
         "variants": ["list", {"required": {"name": "str", "when": {"optional": {"*": "any"}}},
                               "optional": {"config": {"optional": {"*": "any"}}}}],
     },
 }
 FAMILY_SCHEMA = {
-    "required": {"family": "str", "canonical": "str", "runtime": "str", "reference": "str", "roles": "any"},
+    "required": {"family": "str"},
     "optional": {
+        # required, from the family itself or the one it extends
+        "canonical": "str", "runtime": "str", "reference": "str", "roles": "any",
+        "extends": "str",  # another family ("wan-dit"): every entry not given here is its
         "description": "str",
         "aliases": ["list", "str"],
         "config": CONFIG,
@@ -210,7 +221,7 @@ class Rule:
     steps: tuple[Step, ...]
     why: str | None
     gather: Gather | None
-    where: str  # file:line, for messages
+    where: str  # folder/file.yaml:line of the spec that gives it, for messages
     when: Condition | None = None  # the rule applies only where this holds on the captured values
 
     @property
@@ -266,7 +277,7 @@ class RuleSet:
 def _rules(path: Path, node: yaml.Node | None, data: list[dict] | None) -> RuleSet:
     rules = []
     for item, item_node in zip(data or [], node.value if node is not None else []):
-        where = f"{path.name}:{item_node.start_mark.line + 1}"
+        where = f"{path.parent.name}/{path.name}:{item_node.start_mark.line + 1}"  # the file a spec extends, too
         has_to, drops = "to" in item, bool(item.get("drop"))
         if has_to == drops:
             raise _fail(path, item_node, "a rule needs exactly one of 'to' or 'drop: true'")
@@ -364,11 +375,21 @@ class SourceSpec:
     config: ConfigSpec
     variants: list[Variant]
     reference: str | None  # how the reference library loads this format (from_single_file, ...); "official"
-    ema: EmaCopies | None = None  # where the file keeps EMA copies (chosen with --ema)
+    ema: EmaCopies | None = None  # where the file keeps EMA weights (chosen with --ema)
     ema_reference: dict[str, Any] = field(default_factory=dict)  # the reference loader's arguments for them
+    drop: dict[str, str] = field(default_factory=dict)  # wrapper entries not converted, and why
+    settings: dict[str, Any] = field(default_factory=dict)  # how the model runs, for the manifest
     official: OfficialReference | None = None  # reference: official (the format's own code)
     reference_class: str | None = None  # the library class the source holds, where the canonical is inside it
     reference_module: str | None = None  # the canonical model's path in that class ("model.language_model")
+
+    def with_ema(self) -> "SourceSpec":
+        """This spec as it reads the file's EMA weights where they are a state dict of their own
+        (`unwrap.ema.descend`): that entry stepped into in place of `descend`'s, also by the
+        reference, which reads the file with the spec's `descend`."""
+        if self.ema is None or not self.ema.descend:
+            return self
+        return replace(self, descend=list(self.ema.descend))
 
 
 @dataclass(frozen=True)
@@ -475,8 +496,33 @@ def _reference_loader(data: Any) -> str | None:
     return data
 
 
+SourceOf = dict[str, tuple[Path, yaml.Node]]  # a spec entry -> the file and node that give it
+
+
+def _extended(path: Path, schema: dict, suffix: str, required: tuple[str, ...]) -> tuple[dict, SourceOf]:
+    """A spec, with every entry it does not give itself taken from the spec it `extends`, one
+    level deep: `mappings/` + that name + `suffix` (`wan-dit` + `/family.yaml`, `wan-dit/native` +
+    `.yaml`). A Self-Forcing checkpoint is a Wan DiT in other wrappers: it keeps wan-dit's rules."""
+    data, node = _load(path, schema)
+    origin: SourceOf = {key: (path, _child(node, key)) for key in data}
+    if "extends" in data:
+        base = path.parent.parent / f"{data['extends']}{suffix}"
+        if not base.is_file():
+            raise _fail(path, _child(node, "extends"), f"extends '{data['extends']}': there is no {base}")
+        base_data, base_node = _load(base, schema)
+        if "extends" in base_data:
+            raise _fail(path, _child(node, "extends"), f"extends '{data['extends']}', which extends another (one level only)")
+        origin = {**{key: (base, _child(base_node, key)) for key in base_data}, **origin}
+        data = {**base_data, **data}
+        del data["extends"]
+    missing = [key for key in required if key not in data]
+    if missing:
+        raise _fail(path, node, f"spec lacks required field(s): {', '.join(missing)}")
+    return data, origin
+
+
 def load_source_spec(path: Path) -> SourceSpec:
-    data, node = _load(path, SOURCE_SCHEMA)
+    data, origin = _extended(path, SOURCE_SCHEMA, ".yaml", ("rules",))
     unwrap = data.get("unwrap") or {}
     detect = data.get("detect") or {}
     variants = [Variant(v["name"], v["when"], v.get("config") or {}) for v in data.get("variants") or []]
@@ -488,27 +534,38 @@ def load_source_spec(path: Path) -> SourceSpec:
         detect_all=[compile_pattern(p) for p in detect.get("all", [])],
         detect_none=[compile_pattern(p) for p in detect.get("none", [])],
         folder_class=detect.get("folder_class"),
-        rules=_rules(path, _child(node, "rules"), data["rules"]),
+        rules=_rules(*origin["rules"], data["rules"]),
         config=_config(data.get("config")), variants=variants,
         reference=_reference_loader(data.get("reference")),
-        official=_official_reference(path, _child(node, "reference"), data.get("reference")),
+        official=_official_reference(*origin.get("reference", (path, None)), data.get("reference")),
         reference_class=(data.get("reference") or {}).get("class") if isinstance(data.get("reference"), dict) else None,
         reference_module=(data.get("reference") or {}).get("module") if isinstance(data.get("reference"), dict) else None,
-        ema=EmaCopies(unwrap["ema"]["prefix"], unwrap["ema"].get("dotless", False)) if "ema" in unwrap else None,
+        ema=_ema_copies(origin["unwrap"][0], _child(origin["unwrap"][1], "ema"), unwrap["ema"]) if "ema" in unwrap else None,
         ema_reference=(unwrap.get("ema") or {}).get("reference") or {},
+        drop=dict(unwrap.get("drop") or {}),
+        settings=dict(data.get("settings") or {}),
     )
 
 
+def _ema_copies(path: Path, node: yaml.Node, data: dict[str, Any]) -> EmaCopies:
+    if ("prefix" in data) == ("descend" in data):
+        raise _fail(path, node, "unwrap.ema needs exactly one of 'prefix' (a copy beside each weight) or 'descend' "
+                                "(a state dict of their own)")
+    if "descend" in data and data.get("dotless"):
+        raise _fail(path, node, "unwrap.ema: 'dotless' names copies by 'prefix'")
+    return EmaCopies(data.get("prefix", ""), data.get("dotless", False), tuple(data.get("descend", ())),
+                     data.get("default", False))
+
+
 def load_family_spec(path: Path) -> FamilySpec:
-    data, node = _load(path, FAMILY_SCHEMA)
-    roles_node = _child(node, "roles")
-    _check(path, roles_node, ["list", ROLE], "roles")
+    data, origin = _extended(path, FAMILY_SCHEMA, "/family.yaml", ("canonical", "runtime", "reference", "roles"))
+    _check(*origin["roles"], ["list", ROLE], "roles")
     targets = {}
-    targets_node = _child(node, "targets")
+    targets_file, targets_node = origin.get("targets", (path, None))
     for name, extra in (data.get("targets") or {}).items():
         target_node = _child(targets_node, name)
         targets[name] = TargetExtras(
-            _rules(path, _child(target_node, "rules"), extra.get("rules")),
+            _rules(targets_file, _child(target_node, "rules"), extra.get("rules")),
             [(compile_pattern(g["match"]), g["fn"]) for g in extra.get("generate") or []],
             extra.get("runtime"),
         )

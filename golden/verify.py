@@ -43,6 +43,7 @@ def _build(manifest: dict[str, Any], source: Path, self_mapped: bool = False) ->
     library, class_name = family.canonical.split(":")
     config_file = {"_class_name": class_name, **manifest["config"]}
     options = spec.ema_reference if manifest.get("ema") else {}  # e.g. extract_ema for LDM files
+    spec = spec.with_ema() if manifest.get("ema") else spec  # an EMA state dict of its own is read instead
     return build_reference(spec, family.canonical, source, config_file, self_mapped, **options)
 
 
