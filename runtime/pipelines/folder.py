@@ -41,6 +41,17 @@ class PipelineFolder:
         config = json.loads(scheduler.read_text()) if scheduler.exists() else {}
         return cls(path, manifest, components, config)
 
+    @classmethod
+    def open_mlx(cls, path: str | Path, pipeline: str, title: str) -> "PipelineFolder":
+        """A folder the MLX runtime runs: `pipeline`'s (`title` names it in the error), target mlx."""
+        folder = cls.open(path)
+        if folder.pipeline != pipeline:
+            raise VidportError(f"{folder.path}: a {folder.pipeline} pipeline, not {title} one")
+        if folder.target != "mlx":
+            raise VidportError(f"{folder.path}: converted for target '{folder.target}'; the runtime runs mlx folders",
+                               hint=f"vidport convert {pipeline} SRC --target mlx --out DIR")
+        return folder
+
     @property
     def pipeline(self) -> str:
         return self.manifest["pipeline"]

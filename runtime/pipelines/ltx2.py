@@ -65,13 +65,7 @@ class LTX2Pipeline(Pipeline):
 
     @classmethod
     def from_folder(cls, path: str | Path) -> "LTX2Pipeline":
-        folder = PipelineFolder.open(path)
-        if folder.pipeline != "ltx2":
-            raise VidportError(f"{folder.path}: a {folder.pipeline} pipeline, not an LTX-2 one")
-        if folder.target != "mlx":
-            raise VidportError(f"{folder.path}: converted for target '{folder.target}'; the runtime runs mlx folders",
-                               hint="vidport convert ltx2 SRC --target mlx --out DIR")
-        return cls(folder)
+        return cls(PipelineFolder.open_mlx(path, "ltx2", "an LTX-2"))
 
     def model(self, name: str, low_memory: bool = False) -> Any:
         """A component, loaded on first use; the DiT with `low_memory` keeps its blocks' weights on

@@ -57,13 +57,7 @@ class WanPipeline(Pipeline):
     def from_folder(cls, path: str | Path) -> "WanPipeline":
         """Everything decidable without weights: the folder and that its components fit each other.
         The scheduler (and a class swap or flow shift) is checked with each request."""
-        folder = PipelineFolder.open(path)
-        if folder.pipeline != "wan":
-            raise VidportError(f"{folder.path}: a {folder.pipeline} pipeline, not a Wan one")
-        if folder.target != "mlx":
-            raise VidportError(f"{folder.path}: converted for target '{folder.target}'; the runtime runs mlx folders",
-                               hint="vidport convert wan SRC --target mlx --out DIR")
-        return cls(folder)
+        return cls(PipelineFolder.open_mlx(path, "wan", "a Wan"))
 
     @property
     def task(self) -> str:
