@@ -175,16 +175,21 @@ def _mlx_blocks(run_stage, block_class) -> dict:
         spent["calls"] += 1
         return out
 
-    found = {}
     block_class.__call__ = timed
     try:
-        for stage in STAGES:
-            spent.update(blocks=0.0, calls=0)
-            began = time.perf_counter()
-            run_stage(stage)
-            found[stage] = {"step_s": time.perf_counter() - began, **spent}
+        return _each_stage(run_stage, spent)
     finally:
         block_class.__call__ = original
+
+
+def _each_stage(run_stage, spent: dict) -> dict:
+    """Run every stage once: its step's seconds beside what the block timers in `spent` counted."""
+    found = {}
+    for stage in STAGES:
+        spent.update(blocks=0.0, calls=0)
+        began = time.perf_counter()
+        run_stage(stage)
+        found[stage] = {"step_s": time.perf_counter() - began, **spent}
     return found
 
 
@@ -304,17 +309,11 @@ def _torch_blocks(run_stage, blocks) -> dict:
 
     handles = [h for block in blocks for h in (block.register_forward_pre_hook(before, with_kwargs=True),
                                                block.register_forward_hook(after, with_kwargs=True))]
-    found = {}
     try:
-        for stage in STAGES:
-            spent.update(blocks=0.0, calls=0)
-            start = time.perf_counter()
-            run_stage(stage)
-            found[stage] = {"step_s": time.perf_counter() - start, **spent}
+        return _each_stage(run_stage, spent)
     finally:
         for handle in handles:
             handle.remove()
-    return found
 
 
 def _small_codecs():
