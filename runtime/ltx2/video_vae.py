@@ -210,14 +210,17 @@ class AutoencoderKLLTX2Video(nn.Module):
     def disable_tiling(self) -> None:
         self.tiling = None
 
-    def decode(self, z: mx.array, temb: mx.array | None = None, causal: bool | None = None) -> mx.array:
-        """(B, T, h, w, latent_channels) -> video (B, 1 + 8(T-1), 32h, 32w, 3); `temb` the decode
-        timestep where the decoder is timestep-conditioned; tiled when tiling is on."""
+    def _check_decode(self, z: mx.array, temb: mx.array | None) -> None:
         if z.ndim != 5 or z.shape[-1] != self.latent_channels:
             raise VidportError(f"latents of shape {list(z.shape)}: expected (batch, frames, height, width, "
                                f"{self.latent_channels}), channels last")
         if "time_embedder" in self.decoder and temb is None:
             raise VidportError("this decoder is timestep-conditioned: give the decode timestep (temb)")
+
+    def decode(self, z: mx.array, temb: mx.array | None = None, causal: bool | None = None) -> mx.array:
+        """(B, T, h, w, latent_channels) -> video (B, 1 + 8(T-1), 32h, 32w, 3); `temb` the decode
+        timestep where the decoder is timestep-conditioned; tiled when tiling is on."""
+        self._check_decode(z, temb)
         if self.tiling is not None:
             return decode_tiled(self, z, temb, causal, self.tiling)
         return self.decoder(z, temb, causal=causal)
@@ -227,9 +230,5 @@ class AutoencoderKLLTX2Video(nn.Module):
         """`decode` as chunks of frames (B, n, H, W, 3), in order, each final when yielded, so a
         writer can take a long clip run by run: the model's tiling, or diffusers' defaults with
         temporal runs on where none is set. Checks its input as `decode` does, at the call."""
-        if z.ndim != 5 or z.shape[-1] != self.latent_channels:
-            raise VidportError(f"latents of shape {list(z.shape)}: expected (batch, frames, height, width, "
-                               f"{self.latent_channels}), channels last")
-        if "time_embedder" in self.decoder and temb is None:
-            raise VidportError("this decoder is timestep-conditioned: give the decode timestep (temb)")
+        self._check_decode(z, temb)
         return decode_stream(self, z, temb, causal, self.tiling or Tiling(temporal=True))
