@@ -98,6 +98,7 @@ class Generation:
     sample_rate: int | None = None
     audio_latents: Any = None
     intermediates: dict[str, np.ndarray] = field(default_factory=dict)  # named latents between stages
+    stats: dict[str, float] = field(default_factory=dict)  # a pipeline's own figures (time to first frame, ...)
 
 
 def option(name: str) -> str:

@@ -57,7 +57,13 @@ class WanPipeline(Pipeline):
     def from_folder(cls, path: str | Path) -> "WanPipeline":
         """Everything decidable without weights: the folder and that its components fit each other.
         The scheduler (and a class swap or flow shift) is checked with each request."""
-        return cls(PipelineFolder.open_mlx(path, "wan", "a Wan"))
+        folder = PipelineFolder.open_mlx(path, "wan", "a Wan")
+        if (folder.components["transformer"].get("settings") or {}).get("causal"):
+            raise VidportError(f"{folder.path / 'transformer'}: a causal (Self-Forcing / CausVid) DiT, which runs block "
+                               "by block over a KV cache, not over the whole video",
+                               hint="convert it as a Self-Forcing pipeline: vidport convert self-forcing CKPT --base "
+                                    "WAN_FOLDER --out DIR")
+        return cls(folder)
 
     @property
     def task(self) -> str:

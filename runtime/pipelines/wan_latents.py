@@ -66,32 +66,55 @@ def module_dtype(module) -> mx.Dtype:
     return tree_flatten(module.parameters())[0][1].dtype
 
 
+class FrameDecoder:
+    """The Wan VAE's decode, fed latent frames as they become final (Self-Forcing's blocks): one
+    causal feature cache lives across calls, so a video decoded piece by piece equals its decode
+    in one piece (the VAE decodes one latent frame at a time either way)."""
+
+    def __init__(self, vae):
+        from vidport.runtime.wan_vae import _cache_slots
+
+        self.vae = vae
+        self.cache = [None] * _cache_slots(vae.decoder)
+        self.decoded = 0  # latent frames so far
+
+    def __call__(self, latents: mx.array, progress: Callable[[], None] | None = None) -> np.ndarray:
+        """Denormalized latents (B, n, h, w, C), the next n latent frames -> their float32 frames
+        (B, frames, H, W, 3) in [0, 1]; `progress` hears each latent frame."""
+        from vidport.runtime.wan_vae import _evaluate
+        from vidport.runtime.wan_vae_layers import unpatchify
+
+        vae = self.vae
+        x = vae.post_quant_conv(latents.astype(module_dtype(vae)))
+        chunks = []
+        for i in range(x.shape[1]):
+            first = {"first_chunk": True} if self.decoded == 0 else {}
+            chunks.append(vae.decoder(x[:, i:i + 1], feat_cache=self.cache, feat_idx=[0], **first))
+            _evaluate(chunks[-1], self.cache)
+            self.decoded += 1
+            if progress:
+                progress()
+        video = mx.concatenate(chunks, axis=1)
+        if vae.patch_size:
+            video = unpatchify(video, vae.patch_size)
+        return to_unit_range(video)
+
+
+def to_unit_range(video: mx.array) -> np.ndarray:
+    """VAE output in [-1, 1] -> float32 frames in [0, 1], as diffusers' postprocess."""
+    video = mx.clip(video, -1.0, 1.0)
+    return np.array(mx.clip(video.astype(mx.float32) * 0.5 + 0.5, 0.0, 1.0))
+
+
 def decode_frames(vae, latents: mx.array, progress: ChunkProgress | None = None) -> np.ndarray:
     """Denormalized latents -> float32 frames (B, T, H, W, 3) in [0, 1]. The VAE decodes one latent
     frame at a time through its causal cache; `progress` hears each one. With tiling on, the
     tiled decode runs as one piece."""
-    from vidport.runtime.wan_vae import _cache_slots, _evaluate
-    from vidport.runtime.wan_vae_layers import unpatchify
-
-    latents = latents.astype(module_dtype(vae))
     total = latents.shape[1]
     if vae.tiling is not None:
-        video = vae.decode(latents)
+        video = vae.decode(latents.astype(module_dtype(vae)))
         if progress:
             progress(total, total)
-    else:
-        x = vae.post_quant_conv(latents)
-        cache = [None] * _cache_slots(vae.decoder)
-        chunks = []
-        for i in range(total):
-            first = {"first_chunk": True} if i == 0 else {}
-            chunks.append(vae.decoder(x[:, i:i + 1], feat_cache=cache, feat_idx=[0], **first))
-            _evaluate(chunks[-1], cache)
-            if progress:
-                progress(i + 1, total)
-        video = mx.concatenate(chunks, axis=1)
-        if vae.patch_size:
-            video = unpatchify(video, vae.patch_size)
-        video = mx.clip(video, -1.0, 1.0)
-    frames = mx.clip(video.astype(mx.float32) * 0.5 + 0.5, 0.0, 1.0)
-    return np.array(frames)
+        return to_unit_range(video)
+    decoder = FrameDecoder(vae)
+    return decoder(latents, (lambda: progress(decoder.decoded, total)) if progress else None)
