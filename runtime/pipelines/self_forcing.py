@@ -115,20 +115,10 @@ class SelfForcingPipeline(WanPipeline):
     def validate(self, request: Request) -> None:
         """Refuse what cannot run, from configs alone."""
         task = request.task
+        self.check_frames(request.frames, task)
         check_request(self.layout, task, num_frames=request.frames, height=request.height, width=request.width,
                       has_image=request.image is not None, has_image_encoder=self.has("image_encoder"),
                       steps=request.steps)
-        blocks = self.blocks(request)
-        if blocks < 1 or (self.latent_frames(request.frames) - (task == "i2v")) % self.block_frames:
-            first = 1 + (task == "i2v")
-            fits = [self.frames_for(n, task) for n in range(max(1, blocks), max(1, blocks) + 2)]
-            below = self.frames_for(blocks, task) if blocks >= 1 else None
-            raise VidportError(f"{request.frames} frames: this model generates blocks of {self.block_frames} latent "
-                               f"frames ({self.layout.temporal * self.block_frames} video frames), so it makes "
-                               f"{first} + {self.layout.temporal * self.block_frames}k frames"
-                               + (" (the image's frame first)" if task == "i2v" else ""),
-                               hint="use --frames " + " or ".join(str(f) for f in sorted({*fits, *(() if below is None else (below,))})
-                                                                  if f != request.frames))
         if request.steps > TRAIN_TIMESTEPS:
             raise VidportError(f"{request.steps} steps: at most {TRAIN_TIMESTEPS}",
                                hint=f"the models were distilled for {DEFAULT_STEPS}")
@@ -149,6 +139,19 @@ class SelfForcingPipeline(WanPipeline):
                 raise VidportError(f"{self.folder.path}: no UMT5 text encoder and tokenizer to encode the prompt with",
                                    hint="convert with --base WAN_FOLDER, or pass --prompt-embeds")
         self.check_draws(request)
+
+    def check_frames(self, frames: int, task: str) -> None:
+        """Whole blocks only: 1 + 4 * (3n - 1) frames (i2v: 1 + 4 * 3n, the image's frame first)."""
+        per_block = self.layout.temporal * self.block_frames
+        first = self.frames_for(1, task)
+        if frames >= first and (frames - first) % per_block == 0:
+            return
+        below = first + max(0, (frames - first) // per_block) * per_block
+        fits = sorted({below, below + per_block} - {frames})
+        raise VidportError(f"{frames} frames: this model generates blocks of {self.block_frames} latent frames "
+                           f"({per_block} video frames), so it makes {first} + {per_block}k frames"
+                           + (" (the image's frame first)" if task == "i2v" else ""),
+                           hint="use --frames " + " or ".join(str(f) for f in fits))
 
     def check_draws(self, request: Request) -> None:
         draws = request.draws()
