@@ -134,6 +134,8 @@ def convert(
     ttnn_dtype: Optional[str] = typer.Option(None, "--ttnn-dtype", help="ttnn: bfloat16 | bfloat8_b for linear weights (default bfloat16)."),
     ttnn_grid: Optional[str] = typer.Option(None, "--ttnn-grid", help="ttnn: core grid COLUMNSxROWS for group-norm packing (default 8x8)."),
     motion: Optional[Path] = typer.Option(None, "--motion", help="Pipelines (animatediff): the motion module, a file or Diffusers folder (= --input motion=PATH)."),
+    base: Optional[Path] = typer.Option(None, "--base", help="Pipelines (self-forcing): the Wan 2.1 base that gives the VAE, "
+                                        "text encoder and tokenizer, a Diffusers or release folder (= --input base=PATH)."),
     inputs: list[str] = typer.Option([], "--input", help="Pipelines: another input the pipeline spec declares, NAME=PATH (repeatable)."),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Pipelines: the tokenizer folder (an LDM single file carries none)."),
 ) -> None:
@@ -141,6 +143,7 @@ def convert(
 
     [dim]Example: vidport convert animatediff-motion mm_sd_v15_v2.ckpt --target mlx --out mm-v2-mlx --dtype bfloat16[/]
     [dim]Example: vidport convert animatediff v1-5-pruned-emaonly.safetensors --motion mm_sd_v15_v2.ckpt --tokenizer tokenizer/ --out animatediff-mlx[/]
+    [dim]Example: vidport convert self-forcing self_forcing_dmd.pt --base Wan2.1-T2V-1.3B --out self-forcing-mlx[/]
     """
     from vidport.converter.convert import convert as run, plan_conversion
     from vidport.converter.pipeline_spec import find_pipeline
@@ -148,12 +151,14 @@ def convert(
     options = {k: v for k, v in {"cache_style": cache_style, "dtype": ttnn_dtype, "grid": ttnn_grid}.items() if v}
     try:
         pipeline = find_pipeline(family)
+        if pipeline is not None and not (motion or base or inputs or tokenizer) and model_alone(pipeline, family):
+            pipeline = None
         if pipeline is not None:
-            named = parse_inputs(inputs, {"motion": motion})
+            named = parse_inputs(inputs, {"motion": motion, "base": base})
             return convert_pipeline_command(pipeline, source, named, tokenizer, target, out, dtype, set_, overwrite,
-                                            shard_size, options, overwrite_any=overwrite_any)
-        if motion or inputs or tokenizer:
-            raise VidportError(f"--motion / --input / --tokenizer belong to pipeline conversions; '{family}' is a "
+                                            shard_size, options, overwrite_any=overwrite_any, ema=ema)
+        if motion or base or inputs or tokenizer:
+            raise VidportError(f"--motion / --base / --input / --tokenizer belong to pipeline conversions; '{family}' is a "
                                "model family", hint="vidport models lists the pipelines and their inputs")
         plan = plan_conversion(source, target, family, dtype, parse_overrides(set_), ema=ema, target_options=options)
         console.print(f"[bold]{plan.detected.spec.name}[/] ({plan.source.format}"
@@ -171,6 +176,17 @@ def convert(
         fail(err)
     console.print(f"wrote {manifest['tensors']} tensors ({manifest['parameters'] / 1e6:.2f}M parameters, "
                   f"{manifest['dtype']}) to [bold]{out}[/]; dropped {len(manifest['dropped'])} on purpose")
+
+
+def model_alone(spec, name: str) -> bool:
+    """`vidport convert self-forcing CKPT` without --base: a name that is a pipeline's and a model
+    family's converts the model alone where the pipeline needs inputs besides SOURCE (the wan
+    pipeline, also an alias of wan-dit, needs none: its name converts the pipeline)."""
+    from vidport.converter.spec import load_catalog
+
+    _positional, *others = spec.inputs
+    return (any(not spec.inputs[other].optional for other in others)
+            and any(name == found.name or name in found.aliases for found in load_catalog().families.values()))
 
 
 def parse_inputs(pairs: list[str], shorthands: dict[str, Optional[Path]]) -> dict[str, Path]:
@@ -193,7 +209,7 @@ def parse_inputs(pairs: list[str], shorthands: dict[str, Optional[Path]]) -> dic
 
 def convert_pipeline_command(spec, source: Path, inputs: dict[str, Path], tokenizer: Optional[Path], target: str,
                              out: Path, dtype: Optional[str], set_: list[str], overwrite: bool, shard_size: int,
-                             options: dict[str, Any], overwrite_any: bool = False) -> None:
+                             options: dict[str, Any], overwrite_any: bool = False, ema: Optional[bool] = None) -> None:
     """`vidport convert PIPELINE SOURCE [--input NAME=PATH ...]`: SOURCE is the spec's first input, the
     others come by name; every component, tokenizer and scheduler go into one folder."""
     from vidport.converter.pipeline import convert_pipeline, plan_pipeline
@@ -206,7 +222,7 @@ def convert_pipeline_command(spec, source: Path, inputs: dict[str, Path], tokeni
                            + (" besides SOURCE" if positional in unknown else ""),
                            hint=f"its inputs: SOURCE ({positional})" + (f", {takes}" if takes else ""))
     sources = {positional: source, **inputs}
-    plan = plan_pipeline(spec, sources, target, dtype, parse_overrides(set_), tokenizer, options)
+    plan = plan_pipeline(spec, sources, target, dtype, parse_overrides(set_), tokenizer, options, ema)
     for name, component in plan.components.items():
         console.print(f"[bold]{name}[/]: {component.detected.spec.name} ({component.source.format}"
                       + (f", {component.variant}" if component.variant else "") + f") -> [bold]{target}[/]")

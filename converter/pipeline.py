@@ -127,6 +127,12 @@ def _choose(component: Component, path: Path) -> tuple[str, tuple[str, str]]:
     return component.choices()[0]
 
 
+def _ema(family: str, wanted: bool | None) -> bool | None:
+    """--ema / --no-ema concern the components whose family keeps EMA copies in some source format
+    (Self-Forcing's generator_ema, an LDM file's model_ema.*); the others convert their weights."""
+    return wanted if any(source.ema is not None for source in load_catalog().family(family).sources) else None
+
+
 def _tokenizer(spec: PipelineSpec, sources: dict[str, Path], layouts: dict[str, Layout],
                given: Path | None, components: dict[str, ConversionPlan]) -> Path | None:
     if spec.tokenizer_class is None:
@@ -171,8 +177,9 @@ def _scheduler(spec: PipelineSpec, sources: dict[str, Path], layouts: dict[str, 
 
 def plan_pipeline(pipeline: str | PipelineSpec, sources: dict[str, str | Path], target: str = "mlx",
                   dtype: str | None = None, overrides: dict[str, Any] | None = None, tokenizer: str | Path | None = None,
-                  target_options: dict[str, Any] | None = None) -> PipelinePlan:
-    """`sources` by the spec's input names (sd, motion); `overrides` as COMPONENT.KEY."""
+                  target_options: dict[str, Any] | None = None, ema: bool | None = None) -> PipelinePlan:
+    """`sources` by the spec's input names (sd, motion); `overrides` as COMPONENT.KEY; `ema` as
+    plan_conversion takes it, for the components whose family keeps EMA copies (`_ema`)."""
     spec = pipeline_spec(pipeline) if isinstance(pipeline, str) else pipeline
     for name, entry in spec.inputs.items():
         if sources.get(name) is None and not entry.optional:
@@ -205,8 +212,8 @@ def plan_pipeline(pipeline: str | PipelineSpec, sources: dict[str, str | Path], 
                                f"{layouts[input_name].parts.get(component.name) or component.name} for the {component.name}")
         family, classes[component.name] = _choose(component, path)
         try:
-            components[component.name] = plan_conversion(path, target, family, dtype,
-                                                         per_component[component.name], target_options=target_options)
+            components[component.name] = plan_conversion(path, target, family, dtype, per_component[component.name],
+                                                         target_options=target_options, ema=_ema(family, ema))
         except ConfigNeeded as err:
             raise err.for_component(component.name, family) from err
         except VidportError as err:
