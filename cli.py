@@ -426,6 +426,8 @@ def generate(
     audio: Optional[bool] = typer.Option(None, "--audio/--no-audio", help="LTX-2: make the soundtrack (default: when the folder has its audio VAE and vocoder)."),
     wav: bool = typer.Option(False, "--wav", help="LTX-2: also write the soundtrack as a WAV beside the video."),
     resize: bool = typer.Option(False, "--resize", help="LTX-2 i2v: stretch an image of another aspect ratio to --width x --height."),
+    stream: bool = typer.Option(False, "--stream", help="Self-Forcing, LTX-2: write the video at --out as it grows (a fragmented MP4, "
+                                                        "or PNG frames), to watch while later frames are generated; removed if the run fails."),
     low_memory: bool = typer.Option(False, "--low-memory", help="LTX-2: stream the DiT's blocks from disk, one at a time (slower; for models larger than RAM)."),
     set_: list[str] = typer.Option([], "--set", help="A pipeline-specific setting, KEY=VALUE (e.g. Wan: --set max_sequence_length=256; "
                                                      "LTX-2: --set recipe=distilled)."),
@@ -436,17 +438,20 @@ def generate(
     [dim]Example: vidport generate t2v --model animatediff-mlx --prompt "a cat walking" --frames 16 --steps 25 --seed 1 --out cat.mp4[/]
     [dim]Example: vidport generate i2v --model wan21-i2v-mlx --image first.png --prompt "the cat turns" --out cat.webm[/]
     [dim]Example: vidport generate t2v --model ltx2-mlx --prompt "waves on a beach" --set recipe=distilled --wav --out beach.mp4[/]
+    [dim]Example: vidport generate t2v --model self-forcing-mlx --prompt "a fox in the snow" --stream --out fox.mp4[/]
     """
     from vidport.runtime import configure_cpu
 
     configure_cpu()  # before the runtime's models import mlx
     from vidport.runtime.pipelines.inputs import read_noise, read_prompt_embeds
     from vidport.runtime.pipelines.protocol import Request, open_pipeline
-    from vidport.runtime.video import open_video, write_video, write_wav
+    from vidport.runtime.video import check_live, open_video, write_video, write_wav
 
     flags = {"audio": audio, "resize": resize or None, "low_memory": low_memory or None}
     try:
         check_video_path(out)
+        if stream:
+            check_live(out)
         if prompt is None and prompt_embeds is None:
             raise VidportError("no prompt", hint='--prompt "what the video shows", or --prompt-embeds FILE.npz')
         pipe = open_pipeline(model)
@@ -460,8 +465,11 @@ def generate(
         if wav and not request.extra.get("audio"):
             raise VidportError("--wav: this run makes no soundtrack", hint="drop --wav, or use an LTX-2 folder with audio")
         console.print(f"[bold]{pipe.name} {request.task}[/]: {request_line(request)}", highlight=False)
+        if stream and not pipe.streams_frames:
+            raise VidportError(f"--stream: the {pipe.name} pipeline decodes the video in one piece at the end",
+                               hint="drop --stream (Self-Forcing and LTX-2 stream their frames)")
         if pipe.streams_frames:  # frames go to the file as they are decoded, with the soundtrack
-            request.writer = lambda sound, rate: open_video(out, request.fps, sound, rate)
+            request.writer = lambda sound, rate: open_video(out, request.fps, sound, rate, live=stream)
         result = run_generation(pipe, request)
         written = out if pipe.streams_frames else write_video(out, result.frames, result.fps)
         if wav:
@@ -528,6 +536,7 @@ def print_generation_summary(request, result, written: Path) -> None:
         "time per step": (f"{sum(steps) / len(steps):.2f} s mean (first {steps[0]:.2f} s, fastest {min(steps):.2f} s)" if steps else "-"),
         "denoise": f"{sum(steps):.1f} s",
         "decode": f"{result.decode_seconds:.1f} s",
+        **{name: f"{value:.2f}" for name, value in result.stats.items()},
         "peak memory": f"MLX {mx.get_peak_memory() / 2**30:.2f} GiB; process RSS {psutil.Process().memory_info().rss / 2**30:.2f} GiB now, "
                        f"{rss_peak / 2**30:.2f} GiB peak",
     }

@@ -5,7 +5,9 @@ Frames are uint8 arrays (frames, height, width, 3), or floats in [0, 1]; audio i
 (samples, channels) in [-1, 1]. The writer takes frames chunk by chunk, as a VAE decoding in
 temporal tiles hands them over, so a long video never has to sit in memory whole. Every output is
 written under a temporary name beside the target and renamed on a clean close: a failed run leaves
-nothing at the target. PyAV encodes MP4 and WebM; imageio writes GIF and PNG and reads videos back.
+nothing at the target. A live writer (`live=True`, `vidport generate --stream`) writes at the target
+itself so it can be watched while it grows: a fragmented MP4 flushed frame by frame, or PNG frames,
+removed if the run fails. PyAV encodes MP4 and WebM; imageio writes GIF and PNG and reads videos back.
 """
 from __future__ import annotations
 
@@ -26,6 +28,12 @@ FORMATS = {".mp4": "libx264", ".webm": "libvpx-vp9", ".gif": None}
 # VP9 in constant-quality mode (bit rate 0).
 ENCODER_OPTIONS = {".mp4": {"crf": "18", "preset": "medium", "x264-params": "mbtree=0"},
                    ".webm": {"crf": "24", "b": "0", "row-mt": "1"}}
+# Live MP4: a fragment per frame (the header first, no index at the end to wait for), each flushed
+# to the file as it is muxed; x264 without look-ahead or frame reordering, so a frame's packet is
+# out as soon as it is encoded.
+LIVE_CONTAINER_OPTIONS = {"movflags": "frag_every_frame+empty_moov+default_base_moof", "flush_packets": "1"}
+LIVE_ENCODER_OPTIONS = {"tune": "zerolatency"}
+LIVE_FORMATS = (".mp4", "")
 AUDIO_LAYOUTS = {1: "mono", 2: "stereo"}
 
 
@@ -43,16 +51,17 @@ def write_video(path: str | Path, frames: np.ndarray, fps: float = 8, audio: np.
 
 
 def open_video(path: str | Path, fps: float, audio: np.ndarray | None = None,
-               sample_rate: int | None = None) -> VideoWriter:
-    """A streaming writer by the path's suffix; `audio` (MP4 only) is muxed as AAC at `sample_rate`."""
-    return VideoWriter(path, fps, audio, sample_rate)
+               sample_rate: int | None = None, live: bool = False) -> VideoWriter:
+    """A streaming writer by the path's suffix; `audio` (MP4 only) is muxed as AAC at `sample_rate`;
+    `live`: written at `path` as it grows (MP4 or PNG frames)."""
+    return VideoWriter(path, fps, audio, sample_rate, live)
 
 
 class VideoWriter:
     """Frames in by chunks, one file (or PNG folder) out, renamed into place only on a clean close."""
 
     def __init__(self, path: str | Path, fps: float, audio: np.ndarray | None = None,
-                 sample_rate: int | None = None):
+                 sample_rate: int | None = None, live: bool = False):
         is_folder = str(path).endswith(("/", os.sep))
         self.path = Path(path)
         self.suffix = "" if is_folder else self.path.suffix.lower()
@@ -70,8 +79,18 @@ class VideoWriter:
         self.frames_written, self.audio_written = 0, 0
         self.size: tuple[int, int] | None = None
         self.closed = False
+        self.live = live
+        if live:
+            check_live(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         prefix = f".{self.path.name}."
+        if live:
+            self.temp = self.path
+            if self.suffix:
+                self._open_encoder()
+            else:
+                self.path.mkdir()
+            return
         if not self.suffix:
             self.temp = Path(tempfile.mkdtemp(prefix=prefix, suffix=".partial", dir=self.path.parent))
             return
@@ -90,10 +109,11 @@ class VideoWriter:
             return
         import av
 
-        self.container = av.open(str(self.temp), "w", format=self.suffix[1:])
+        self.container = av.open(str(self.temp), "w", format=self.suffix[1:],
+                                 options=dict(LIVE_CONTAINER_OPTIONS) if self.live else None)
         self.video = self.container.add_stream(FORMATS[self.suffix], rate=Fraction(float(self.fps)).limit_denominator(1001))
         self.video.pix_fmt = "yuv420p"
-        self.video.options = dict(ENCODER_OPTIONS[self.suffix])
+        self.video.options = {**ENCODER_OPTIONS[self.suffix], **(LIVE_ENCODER_OPTIONS if self.live else {})}
         if self.audio is not None:
             self.sound = self.container.add_stream("aac", rate=self.sample_rate)
             self.sound.layout = AUDIO_LAYOUTS[self.audio.shape[1]]
@@ -193,6 +213,8 @@ class VideoWriter:
             self.container.close()
 
     def _move_into_place(self) -> None:
+        if self.live:
+            return
         if self.suffix or not self.path.is_dir():
             os.replace(self.temp, self.path)
             return
@@ -220,6 +242,18 @@ class VideoWriter:
             shutil.rmtree(self.temp, ignore_errors=True)
         else:
             self.temp.unlink(missing_ok=True)
+
+
+def check_live(path: Path) -> None:
+    """A live output is a format readable while it grows, and a new name: written in place, it
+    could not keep an existing file safe from a failed run."""
+    suffix = "" if str(path).endswith(("/", os.sep)) else Path(path).suffix.lower()
+    if suffix not in LIVE_FORMATS:
+        raise VidportError(f"{path}: a {suffix[1:].upper()} cannot be watched while it is written",
+                           hint="stream to .mp4 (fragmented) or to a folder/ of PNG frames")
+    if Path(path).exists():
+        raise VidportError(f"{path}: exists; a live output is written in place, so a failed run would lose it",
+                           hint="remove it first, or write to another name")
 
 
 def check_audio(path: Path, audio: np.ndarray, sample_rate: int | None) -> np.ndarray:

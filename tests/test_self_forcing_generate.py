@@ -203,3 +203,65 @@ def test_causal_and_bidirectional_dits_are_not_swapped(folder, tmp_path):
     manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "pipeline": "wan"}))
     with pytest.raises(VidportError, match="a causal .*DiT"):
         WanPipeline.from_folder(as_wan)
+
+
+def test_stream_grows_a_playable_mp4(folder, tmp_path):
+    """A live MP4 at the target: before the last block's first step, the blocks before it already
+    play from the file (fragments flushed frame by frame); at the end it holds every frame."""
+    import av
+
+    from vidport.runtime.video import open_video
+
+    out = tmp_path / "live.mp4"
+    seen: dict[str, int] = {}
+
+    def on_step(step) -> None:
+        if step.index == 8:  # the third block's first step
+            with av.open(str(out)) as video:
+                seen["frames"] = sum(1 for _ in video.decode(video=0))
+
+    pipe = SelfForcingPipeline.from_folder(folder)
+    pipe.generate(Request(task="t2v", prompt="a cat", frames=33, seed=5,
+                          writer=lambda audio, rate: open_video(out, 16, live=True), **SIZE), on_step=on_step)
+    assert seen["frames"] >= 9 + 12 - 1  # two blocks appended; the last frame's fragment closes with the next
+    with av.open(str(out)) as video:
+        assert sum(1 for _ in video.decode(video=0)) == 33
+
+
+def test_a_failed_live_write_leaves_nothing(tmp_path):
+    from vidport.runtime.video import open_video
+
+    out = tmp_path / "live.mp4"
+    with pytest.raises(RuntimeError):
+        with open_video(out, 16, live=True) as writer:
+            writer.append(np.zeros((4, 32, 48, 3), np.uint8))
+            assert out.exists()
+            raise RuntimeError("the run failed")
+    assert not out.exists()
+    out.write_bytes(b"keep")
+    with pytest.raises(VidportError, match="exists; a live output is written in place"):
+        open_video(out, 16, live=True)
+    assert out.read_bytes() == b"keep"
+    with pytest.raises(VidportError, match="cannot be watched while it is written"):
+        open_video(tmp_path / "live.gif", 16, live=True)
+
+
+def test_generate_command_streams_and_reports(folder, tmp_path):
+    """`vidport generate t2v --stream`: the MP4 of whole blocks, the time to the first frame, the
+    frames per second and the cache's memory printed; a --stream output that exists is refused first."""
+    import av
+    from typer.testing import CliRunner
+
+    from vidport.cli import app
+
+    out = tmp_path / "fox.mp4"
+    args = ["generate", "t2v", "--model", str(folder), "--prompt", "a fox in the snow", "--frames", "21", "--height",
+            "32", "--width", "48", "--seed", "1", "--stream", "--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    for row in ("first frame seconds", "frames per second", "cache MiB", "Self-Forcing few-step"):
+        assert row in result.output
+    with av.open(str(out)) as video:
+        assert sum(1 for _ in video.decode(video=0)) == 21
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code != 0 and "exists; a live output" in again.output
