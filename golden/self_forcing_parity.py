@@ -4,7 +4,7 @@ loaders from the sources the folder was converted from: the DiT from the Self-Fo
 (diffusers' `from_single_file` on the generator's weights), the VAE and UMT5 from the Wan base.
 
 Both sides get the reference's text states, the same starting noise and the same re-noising draws
-(and for i2v the same image); every denoising step's x0 of every block is compared, then the frames.
+(and for i2v the same image, and CLIP's tokens of it where the DiT cross-attends to them); every denoising step's x0 of every block is compared, then the frames.
 The reference recomputes the whole sequence for every pass where ours reads its KV cache."""
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 
-from vidport.converter.core.errors import VidportError
 from vidport.golden.metrics import compare
 from vidport.golden.pipeline_parity import ParityCase, Progress, synthetic_image
 from vidport.runtime.pipelines.protocol import Request
@@ -55,6 +54,25 @@ def _image_pixels(image: Any, height: int, width: int):
     return VideoProcessor(vae_scale_factor=8).preprocess(load_image(image), height=height, width=width)[:, :, None]
 
 
+def _image_tokens(ours: Any, image: Any):
+    """CLIP's penultimate states of the image by diffusers' WanImageToVideoPipeline.encode_image, on
+    transformers' CLIP from the base and the base's image processor settings (transformers' defaults
+    where the base has none, as ours)."""
+    import torch
+    from diffusers import WanImageToVideoPipeline
+    from transformers import CLIPImageProcessor
+
+    from vidport.runtime.pipelines.wan_image import load_image
+
+    settings = ours.folder.path / "image_processor"
+    holder = WanImageToVideoPipeline.__new__(WanImageToVideoPipeline)  # only its image encoding is used
+    holder.image_processor = (CLIPImageProcessor.from_pretrained(str(settings)) if settings.exists()
+                              else CLIPImageProcessor())
+    holder.image_encoder = _component(ours, "image_encoder")
+    with torch.no_grad():
+        return WanImageToVideoPipeline.encode_image(holder, load_image(image), device=torch.device("cpu"))
+
+
 def self_forcing_case(ours: Any, request: Request, source: Path | None, note: Progress) -> ParityCase:
     """The reference and inputs of one Self-Forcing parity run: two blocks at the smallest size the
     models take (a synthetic image for i2v unless one is given); `source` is the Self-Forcing
@@ -65,9 +83,6 @@ def self_forcing_case(ours: Any, request: Request, source: Path | None, note: Pr
     from vidport.reference.self_forcing_sampler import SelfForcingReference
     from vidport.runtime.self_forcing_schedule import denoising_list
 
-    if ours.layout.image_tokens:
-        raise VidportError("pipeline parity does not cover a DiT with CLIP image cross-attention yet",
-                           hint="verify its components: vidport verify DIR --components")
     task = request.task
     mult_h, mult_w = ours.layout.multiple
     filled = {name: value for name, value in PARITY_DEFAULTS.items() if getattr(request, name) is None}
@@ -93,7 +108,8 @@ def self_forcing_case(ours: Any, request: Request, source: Path | None, note: Pr
     given = 1 if task == "i2v" else 0  # the image's latent frame: no noise of its own
     arguments = dict(prompt_embeds=torch.from_numpy(positive), latents=torch.from_numpy(noise[:, :, given:].copy()),
                      renoise=torch.from_numpy(renoise[:, :, :, given:].copy()),
-                     image=_image_pixels(request.image, request.height, request.width) if task == "i2v" else None)
+                     image=_image_pixels(request.image, request.height, request.width) if task == "i2v" else None,
+                     image_embeds=_image_tokens(ours, request.image) if ours.layout.image_tokens else None)
     ours_request = dataclasses.replace(request, prompt_embeds=(positive, None),
                                        noise={"noise": noise, "renoise": renoise})
     settings = {"blocks": ours.blocks(request), "block_frames": ours.block_frames,

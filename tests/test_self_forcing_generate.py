@@ -265,3 +265,16 @@ def test_generate_command_streams_and_reports(folder, tmp_path):
         assert sum(1 for _ in video.decode(video=0)) == 21
     again = CliRunner().invoke(app, args)
     assert again.exit_code != 0 and "exists; a live output" in again.output
+
+
+def test_image_cross_attention_matches_the_reference(tmp_path):
+    """A causal DiT that also cross-attends to CLIP image tokens (16 input channels, image_dim set),
+    with a Wan 2.1 I2V base's image encoder: i2v only, the tokens in the cross-attention cache."""
+    release = write_self_forcing_release(tmp_path / "release", "diffusers", image_encoder=True, in_channels=16)
+    out = tmp_path / "sf-clip"
+    convert_pipeline(plan_pipeline("self-forcing", {"checkpoint": release["checkpoint"], "base": release["base"]},
+                                   overrides=OVERRIDES), out)
+    pipe = SelfForcingPipeline.from_folder(out)
+    assert pipe.tasks == ("i2v",) and pipe.layout.image_tokens
+    report = pipeline_parity(out, "i2v", **SIZE)
+    _assert_parity(report, 2 * 4)
