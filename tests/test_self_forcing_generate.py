@@ -278,3 +278,21 @@ def test_image_cross_attention_matches_the_reference(tmp_path):
     assert pipe.tasks == ("i2v",) and pipe.layout.image_tokens
     report = pipeline_parity(out, "i2v", **SIZE)
     _assert_parity(report, 2 * 4)
+
+
+def test_verify_pipeline_command(folder, tmp_path):
+    """`vidport verify DIR --pipeline`: each task against the reference, per block and step, and a
+    report that names the reference sampler and the blocks."""
+    from typer.testing import CliRunner
+
+    from vidport.cli import app
+
+    report = tmp_path / "report.json"
+    result = CliRunner().invoke(app, ["verify", str(folder), "--pipeline", "--json", str(report)])
+    assert result.exit_code == 0, result.output
+    reports = json.loads(report.read_text())
+    reports = reports if isinstance(reports, list) else reports.get("tasks", [reports])
+    assert {r["task"] for r in reports} == {"t2v", "i2v"}
+    for r in reports:
+        assert r["passed"] and r["settings"]["reference"] == "SelfForcingReference" and r["settings"]["blocks"] == 2
+        assert len(r["steps"]) == 8 and r["worst_step_pcc"] >= 0.9999
