@@ -133,6 +133,9 @@ def convert(
     cache_style: Optional[str] = typer.Option(None, "--cache-style", help="ttnn: as_tensor | model_cache | tt_dit (file naming; default as_tensor)."),
     ttnn_dtype: Optional[str] = typer.Option(None, "--ttnn-dtype", help="ttnn: bfloat16 | bfloat8_b for linear weights (default bfloat16)."),
     ttnn_grid: Optional[str] = typer.Option(None, "--ttnn-grid", help="ttnn: core grid COLUMNSxROWS for group-norm packing (default 8x8)."),
+    quantize: Optional[int] = typer.Option(None, "--quantize", help="mlx: quantize the linears the family declares to BITS (affine 2-8; mxfp4/nvfp4 4, mxfp8 8)."),
+    q_group_size: Optional[int] = typer.Option(None, "--q-group-size", help="--quantize: weights per scale, 32 | 64 | 128 (default: the mode's; affine 64)."),
+    q_mode: Optional[str] = typer.Option(None, "--q-mode", help="--quantize: affine | mxfp4 | mxfp8 | nvfp4 (MLX's formats; default affine)."),
     motion: Optional[Path] = typer.Option(None, "--motion", help="Pipelines (animatediff): the motion module, a file or Diffusers folder (= --input motion=PATH)."),
     base: Optional[Path] = typer.Option(None, "--base", help="Pipelines (self-forcing): the Wan 2.1 base that gives the VAE, "
                                         "text encoder and tokenizer, a Diffusers or release folder (= --input base=PATH)."),
@@ -148,19 +151,25 @@ def convert(
     from vidport.converter.convert import convert as run, plan_conversion
     from vidport.converter.pipeline_spec import find_pipeline
 
+    from vidport.converter.quantize import QuantFormat
+
     options = {k: v for k, v in {"cache_style": cache_style, "dtype": ttnn_dtype, "grid": ttnn_grid}.items() if v}
     try:
+        if quantize is None and (q_group_size or q_mode):
+            raise VidportError("--q-group-size / --q-mode set the format of --quantize", hint="add --quantize BITS")
+        fmt = QuantFormat.parse(quantize, q_group_size, q_mode) if quantize is not None else None
         pipeline = find_pipeline(family)
         if pipeline is not None and not (motion or base or inputs or tokenizer) and model_alone(pipeline, family):
             pipeline = None
         if pipeline is not None:
             named = parse_inputs(inputs, {"motion": motion, "base": base})
             return convert_pipeline_command(pipeline, source, named, tokenizer, target, out, dtype, set_, overwrite,
-                                            shard_size, options, overwrite_any=overwrite_any, ema=ema)
+                                            shard_size, options, overwrite_any=overwrite_any, ema=ema, quantize=fmt)
         if motion or base or inputs or tokenizer:
             raise VidportError(f"--motion / --base / --input / --tokenizer belong to pipeline conversions; '{family}' is a "
                                "model family", hint="vidport models lists the pipelines and their inputs")
-        plan = plan_conversion(source, target, family, dtype, parse_overrides(set_), ema=ema, target_options=options)
+        plan = plan_conversion(source, target, family, dtype, parse_overrides(set_), ema=ema, target_options=options,
+                               quantize=fmt)
         console.print(f"[bold]{plan.detected.spec.name}[/] ({plan.source.format}"
                       + (f", {plan.variant}" if plan.variant else "") + f") -> [bold]{target}[/]")
         print_assumed(plan.assumed)
@@ -176,6 +185,17 @@ def convert(
         fail(err)
     console.print(f"wrote {manifest['tensors']} tensors ({manifest['parameters'] / 1e6:.2f}M parameters, "
                   f"{manifest['dtype']}) to [bold]{out}[/]; dropped {len(manifest['dropped'])} on purpose")
+    print_quantization(manifest)
+
+
+def print_quantization(manifest: dict[str, Any], name: str = "") -> None:
+    """What --quantize did: the format, how many layers took it, which declared ones stayed float."""
+    section = manifest.get("quantization")
+    if section:
+        kept = section["unquantized"]
+        console.print(f"  {name}quantized {len(section['tensors'])} layers to {section['name']}"
+                      + (f"; {len(kept)} kept float ({next(iter(kept.values()))}, ...)" if kept else ""),
+                      highlight=False, soft_wrap=True)
 
 
 def model_alone(spec, name: str) -> bool:
@@ -209,7 +229,8 @@ def parse_inputs(pairs: list[str], shorthands: dict[str, Optional[Path]]) -> dic
 
 def convert_pipeline_command(spec, source: Path, inputs: dict[str, Path], tokenizer: Optional[Path], target: str,
                              out: Path, dtype: Optional[str], set_: list[str], overwrite: bool, shard_size: int,
-                             options: dict[str, Any], overwrite_any: bool = False, ema: Optional[bool] = None) -> None:
+                             options: dict[str, Any], overwrite_any: bool = False, ema: Optional[bool] = None,
+                             quantize=None) -> None:
     """`vidport convert PIPELINE SOURCE [--input NAME=PATH ...]`: SOURCE is the spec's first input, the
     others come by name; every component, tokenizer and scheduler go into one folder."""
     from vidport.converter.pipeline import convert_pipeline, plan_pipeline
@@ -222,7 +243,7 @@ def convert_pipeline_command(spec, source: Path, inputs: dict[str, Path], tokeni
                            + (" besides SOURCE" if positional in unknown else ""),
                            hint=f"its inputs: SOURCE ({positional})" + (f", {takes}" if takes else ""))
     sources = {positional: source, **inputs}
-    plan = plan_pipeline(spec, sources, target, dtype, parse_overrides(set_), tokenizer, options, ema)
+    plan = plan_pipeline(spec, sources, target, dtype, parse_overrides(set_), tokenizer, options, ema, quantize)
     for name, component in plan.components.items():
         console.print(f"[bold]{name}[/]: {component.detected.spec.name} ({component.source.format}"
                       + (f", {component.variant}" if component.variant else "") + f") -> [bold]{target}[/]")

@@ -24,12 +24,16 @@ from vidport.converter.infer import (ConfigNeeded, assume_defaults, check_given_
 from vidport.converter.layouts import TargetLayout, TensorFormat, resolve_options
 from vidport.converter.output import atomic_folder
 from vidport.converter.plan import Mapping, Recipe, check_expected, check_source_dtypes, map_keys
+from vidport.converter.quantize import QuantFormat, QuantPlan
 from vidport.converter.spec import Catalog, RuleSet, TargetSpec, load_catalog
 from vidport.converter.transforms import Shape, run_steps
 from vidport.converter.core.manifest import MANIFEST
 from vidport.converter.core.named import named_object
 
 DEFAULT_SHARD_BYTES = 5 * 1024**3
+# the manifest's `settings_source` where a source spec taken only when its family is named gave the
+# settings: the user asserted them by naming the family; nothing in the source records them
+SETTINGS_ASSERTED = "asserted by naming the family"
 Progress = Callable[[int, int, str], None]
 
 
@@ -57,6 +61,7 @@ class ConversionPlan:
     formats: dict[str, TensorFormat] = field(default_factory=dict)  # output key -> role, layout, dtype
     ema: bool = False  # the source's EMA copies were converted instead of its weights
     assumed: dict[str, Any] = field(default_factory=dict)  # library defaults taken because no variant matched
+    quantization: QuantPlan | None = None  # MLX: the linears written quantized (converter/quantize.py)
 
     @property
     def library(self) -> str:
@@ -138,10 +143,12 @@ def _naming_assumptions(assumed: dict[str, Any]):
 
 def plan_conversion(source_path: str | Path, target: str, family: str | None = None, dtype: str | None = None,
                     overrides: dict[str, Any] | None = None, catalog: Catalog | None = None,
-                    target_options: dict[str, Any] | None = None, ema: bool | None = None) -> ConversionPlan:
+                    target_options: dict[str, Any] | None = None, ema: bool | None = None,
+                    quantize: QuantFormat | None = None) -> ConversionPlan:
     """`target_options` are the target's own options (TTNN: dtype, grid, cache_style); `ema`
     converts the EMA weights a source keeps (its spec's `unwrap.ema`) instead of its weights,
-    False its own weights, None what the spec prefers (`ema.default`, where the file has them)."""
+    False its own weights, None what the spec prefers (`ema.default`, where the file has them);
+    `quantize`: the MLX format of the tensors the family declares quantizable."""
     catalog = catalog or load_catalog()
     target_spec = catalog.target(target)
     if dtype is not None and dtype not in NAMED_DTYPES:
@@ -189,8 +196,40 @@ def plan_conversion(source_path: str | Path, target: str, family: str | None = N
             return ", ".join(canonical.recipes[recipe.inputs[0]].inputs)
 
         check_expected(final.shapes, expected, f"{source.path.name} -> {target} ({detected.spec.name})", origin)
+    quantization = plan_quantization(detected.family, target_spec, canonical, final, quantize) if quantize else None
     return ConversionPlan(source, detected, target_spec, config, variant, canonical, final,
-                          NAMED_DTYPES[dtype] if dtype else None, overrides or {}, options, formats, ema, assumed)
+                          NAMED_DTYPES[dtype] if dtype else None, overrides or {}, options, formats, ema, assumed,
+                          quantization)
+
+
+def plan_quantization(family, target: TargetSpec, canonical: Mapping, final: Mapping,
+                      fmt: QuantFormat) -> QuantPlan:
+    """The weights `fmt` applies to: each target tensor whose role and key the family's `quantize:`
+    declaration selects, unless its shape does not fit the format (then kept, with the reason)."""
+    if target.name != "mlx":
+        raise VidportError(f"--quantize {fmt.bits}: MLX's formats are for the mlx target",
+                           hint="the ttnn target has its own block formats: --ttnn-dtype bfloat8_b")
+    if family.quantize is None:
+        raise VidportError(f"--quantize: the {family.name} family declares nothing to quantize",
+                           hint=f"add a `quantize:` section to {family.path.name}, or convert without --quantize")
+    plan = QuantPlan(fmt)
+    for key, shape in final.shapes.items():
+        recipe = final.recipes[key]
+        if recipe.generate or not recipe.inputs or recipe.inputs[0] not in canonical.recipes:
+            continue
+        if not family.quantize.selects(key, family.role_of(recipe.inputs[0])):
+            continue
+        module = key.rsplit(".", 1)[0]
+        reason = fmt.fits(tuple(shape))
+        if reason is None:
+            plan.modules[module] = fmt
+        else:
+            plan.kept[module] = reason
+    if not plan.modules:
+        raise VidportError(f"--quantize: none of the {family.name} tensors its declaration selects fits {fmt.name}"
+                           + (f" ({next(iter(plan.kept.values()))})" if plan.kept else f" ({family.quantize.why})"),
+                           hint="try another --q-group-size, or convert without --quantize")
+    return plan
 
 
 def _groups(plan: ConversionPlan) -> list[list[str]]:
@@ -257,7 +296,20 @@ def iter_outputs(plan: ConversionPlan, progress: Progress | None = None):
             done += 1
             if progress:
                 progress(done, total, out)
-            yield out, array
+            fmt = _quantized(plan, out)
+            if fmt is None:
+                yield out, array
+            else:
+                module = out.rsplit(".", 1)[0]
+                for suffix, part in fmt.quantize(array).items():
+                    yield f"{module}.{suffix}", part
+
+
+def _quantized(plan: ConversionPlan, key: str) -> QuantFormat | None:
+    """The format `key` is written in, if it is a quantized weight."""
+    if plan.quantization is None or not key.endswith(".weight"):
+        return None
+    return plan.quantization.modules.get(key.rsplit(".", 1)[0])
 
 
 def planned_outputs(plan: ConversionPlan) -> list[tuple[str, np.dtype, Shape]]:
@@ -275,8 +327,29 @@ def planned_outputs(plan: ConversionPlan) -> list[tuple[str, np.dtype, Shape]]:
             dtype = np.dtype(np.float32) if recipe.generate or not sources else np.dtype(refs[sources[0]].dtype)
             if plan.dtype is not None and is_floating(dtype):
                 dtype = plan.dtype
-            layout.append((out, dtype, plan.final.shapes[out]))
+            fmt = _quantized(plan, out)
+            if fmt is None:
+                layout.append((out, dtype, plan.final.shapes[out]))
+            else:
+                module = out.rsplit(".", 1)[0]
+                layout += [(f"{module}.{suffix}", part_dtype, shape)
+                           for suffix, (part_dtype, shape) in fmt.packed(plan.final.shapes[out], dtype).items()]
     return layout
+
+
+def quantized_part(plan: ConversionPlan, key: str) -> bool:
+    """Is `key` one of the packed tensors of a quantized weight (weight, scales, biases)?"""
+    module, _, suffix = key.rpartition(".")
+    return plan.quantization is not None and suffix in ("weight", "scales", "biases") \
+        and module in plan.quantization.modules
+
+
+def parameter_count(plan: ConversionPlan, key: str, array: np.ndarray) -> int:
+    """Parameters a written tensor holds: a quantized weight counts its float shape's, its scales
+    and biases none."""
+    if not quantized_part(plan, key):
+        return int(array.size)
+    return int(np.prod(plan.final.shapes[key])) if key.endswith(".weight") else 0
 
 
 def write_manifest(folder: Path, plan: ConversionPlan, files: list[Path], dtypes: set[str], count: int,
@@ -300,6 +373,8 @@ def write_manifest(folder: Path, plan: ConversionPlan, files: list[Path], dtypes
         "assumed": plan.assumed,
         "ema": plan.ema,
         **({"settings": detected.spec.settings} if detected.spec.settings else {}),
+        **({"settings_source": SETTINGS_ASSERTED} if detected.spec.settings and detected.spec.only_when_named else {}),
+        **({"quantization": plan.quantization.as_json()} if plan.quantization else {}),
         "sources": [{"path": str(f.absolute()), "bytes": f.stat().st_size, "sha256": file_sha256(f)}
                     for f in plan.source.files],
         "source_wrappers": detected.tensors.wrappers,

@@ -26,6 +26,7 @@ from vidport.converter.core.jsonfile import read_json_object
 from vidport.converter.hashing import hash_in_background
 from vidport.converter.infer import ConfigNeeded, public
 from vidport.converter.output import Notice, atomic_folder, copy_files, source_files
+from vidport.converter.quantize import QuantFormat
 from vidport.converter.pipeline_spec import Component, Layout, PipelineSpec, pipeline_spec
 
 SCHEDULER_FILE = "scheduler/scheduler_config.json"
@@ -177,9 +178,11 @@ def _scheduler(spec: PipelineSpec, sources: dict[str, Path], layouts: dict[str, 
 
 def plan_pipeline(pipeline: str | PipelineSpec, sources: dict[str, str | Path], target: str = "mlx",
                   dtype: str | None = None, overrides: dict[str, Any] | None = None, tokenizer: str | Path | None = None,
-                  target_options: dict[str, Any] | None = None, ema: bool | None = None) -> PipelinePlan:
+                  target_options: dict[str, Any] | None = None, ema: bool | None = None,
+                  quantize: QuantFormat | None = None) -> PipelinePlan:
     """`sources` by the spec's input names (sd, motion); `overrides` as COMPONENT.KEY; `ema` as
-    plan_conversion takes it, for the components whose family keeps EMA copies (`_ema`)."""
+    plan_conversion takes it, for the components whose family keeps EMA copies (`_ema`);
+    `quantize` for the components whose family quantizes in pipelines (the denoisers)."""
     spec = pipeline_spec(pipeline) if isinstance(pipeline, str) else pipeline
     for name, entry in spec.inputs.items():
         if sources.get(name) is None and not entry.optional:
@@ -213,7 +216,8 @@ def plan_pipeline(pipeline: str | PipelineSpec, sources: dict[str, str | Path], 
         family, classes[component.name] = _choose(component, path)
         try:
             components[component.name] = plan_conversion(path, target, family, dtype, per_component[component.name],
-                                                         target_options=target_options, ema=_ema(family, ema))
+                                                         target_options=target_options, ema=_ema(family, ema),
+                                                         quantize=_quantize(family, quantize))
         except ConfigNeeded as err:
             raise err.for_component(component.name, family) from err
         except VidportError as err:
@@ -233,6 +237,13 @@ def plan_pipeline(pipeline: str | PipelineSpec, sources: dict[str, str | Path], 
                               if not spec.tokenizer_files or any(relative.match(g) for g in spec.tokenizer_files)]
     return PipelinePlan(spec, target, paths, layouts, components, tokenizer_folder, scheduler, origin, copies,
                         _index_values(spec, paths, layouts), files, absent, classes)
+
+
+def _quantize(family: str, fmt: QuantFormat | None) -> QuantFormat | None:
+    """`--quantize` reaches the components whose family declares `quantize.pipeline` (the DiT, the
+    UNet, the motion module); text encoders and VAEs stay float."""
+    declared = load_catalog().family(family).quantize
+    return fmt if fmt is not None and declared is not None and declared.pipeline else None
 
 
 def _index_values(spec: PipelineSpec, sources: dict[str, Path], layouts: dict[str, Layout]) -> dict[str, Any]:

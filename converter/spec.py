@@ -144,6 +144,9 @@ SOURCE_SCHEMA = {
         # how the model runs that its classes take no argument for (Self-Forcing: causal, in blocks of
         # 3 frames): recorded in the manifest, never passed to a model
         "settings": {"optional": {"*": "any"}},
+        # why this source is taken only where its family is named (a Diffusers Wan folder given as
+        # Self-Forcing's): detection without a family skips it; the naming asserts its `settings`
+        "only_when_named": "str",
         "variants": ["list", {"required": {"name": "str", "when": {"optional": {"*": "any"}}},
                               "optional": {"config": {"optional": {"*": "any"}}}}],
     },
@@ -160,6 +163,11 @@ FAMILY_SCHEMA = {
         # the canonical class's own defaults for values only a source's variant table gives; used,
         # and recorded as assumed, when no variant matches
         "defaults": {"optional": {"*": "any"}},
+        # which tensors a quantized MLX output quantizes (converter/quantize.py): tensors of these
+        # roles whose target key matches `include` (and no `exclude`); `pipeline`: quantized in a
+        # pipeline conversion's --quantize too (the denoisers; encoders and VAEs stay float)
+        "quantize": {"required": {"roles": ["list", "str"], "why": "str"},
+                     "optional": {"include": ["list", "pattern"], "exclude": ["list", "pattern"], "pipeline": "bool"}},
         "targets": {"optional": {"*": {"optional": {"rules": ["list", RULE],
                                                      "generate": ["list", {"required": {"match": "pattern", "fn": "str"}}],
                                                      "runtime": "str"}}}},
@@ -379,6 +387,7 @@ class SourceSpec:
     ema_reference: dict[str, Any] = field(default_factory=dict)  # the reference loader's arguments for them
     drop: dict[str, str] = field(default_factory=dict)  # wrapper entries not converted, and why
     settings: dict[str, Any] = field(default_factory=dict)  # how the model runs, for the manifest
+    only_when_named: str | None = None  # why only a named family takes this source (its settings asserted)
     official: OfficialReference | None = None  # reference: official (the format's own code)
     reference_class: str | None = None  # the library class the source holds, where the canonical is inside it
     reference_module: str | None = None  # the canonical model's path in that class ("model.language_model")
@@ -425,6 +434,24 @@ class TargetExtras:
 
 
 @dataclass
+class QuantizeSpec:
+    """A family's `quantize:` declaration: what quantizes, by role and target key."""
+
+    roles: tuple[str, ...]
+    why: str
+    include: list[Pattern]
+    exclude: list[Pattern]
+    pipeline: bool = False
+
+    def selects(self, key: str, role: str) -> bool:
+        """Does the declaration take the target tensor `key` of `role` (e.g. `linear.weight`)?"""
+        kind, _, param = role.rpartition(".")
+        return (param == "weight" and kind in self.roles
+                and (not self.include or any(p.match(key) is not None for p in self.include))
+                and not any(p.match(key) is not None for p in self.exclude))
+
+
+@dataclass
 class FamilySpec:
     name: str
     description: str
@@ -439,6 +466,7 @@ class FamilySpec:
     sources: list[SourceSpec] = field(default_factory=list)
     role_args: list[dict[str, Any]] = field(default_factory=list)  # parallel to roles: `args:` of each
     defaults: dict[str, Any] = field(default_factory=dict)  # the canonical library's defaults (no variant matched)
+    quantize: QuantizeSpec | None = None
 
     def args_of(self, key: str) -> dict[str, Any]:
         """The `args` of the role declaration that matches `key` (placeholders unresolved)."""
@@ -544,6 +572,7 @@ def load_source_spec(path: Path) -> SourceSpec:
         ema_reference=(unwrap.get("ema") or {}).get("reference") or {},
         drop=dict(unwrap.get("drop") or {}),
         settings=dict(data.get("settings") or {}),
+        only_when_named=data.get("only_when_named"),
     )
 
 
@@ -575,7 +604,15 @@ def load_family_spec(path: Path) -> FamilySpec:
         config=_config(data.get("config")),
         roles=[(compile_pattern(r["match"]), r["role"]) for r in data["roles"]], targets=targets,
         role_args=[dict(r.get("args") or {}) for r in data["roles"]], defaults=data.get("defaults") or {},
+        quantize=_quantize(data.get("quantize")),
     )
+
+
+def _quantize(data: dict[str, Any] | None) -> QuantizeSpec | None:
+    if data is None:
+        return None
+    return QuantizeSpec(tuple(data["roles"]), data["why"], [compile_pattern(p) for p in data.get("include") or ()],
+                        [compile_pattern(p) for p in data.get("exclude") or ()], bool(data.get("pipeline", False)))
 
 
 def load_target_spec(path: Path) -> TargetSpec:

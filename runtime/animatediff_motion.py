@@ -66,6 +66,9 @@ class GEGLU(nn.Module):
         self.proj = nn.Linear(dim, inner * 2)
 
     def __call__(self, x: mx.array) -> mx.array:
+        if isinstance(self.proj, nn.QuantizedLinear):  # one quantized product, halves split after
+            hidden, gate = mx.split(self.proj(x), 2, axis=-1)
+            return geglu(hidden, gate)
         inner = self.proj.weight.shape[0] // 2
         weight, bias = self.proj.weight, self.proj.bias
         hidden = mx.addmm(bias[:inner], x, weight[:inner].T)

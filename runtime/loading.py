@@ -7,6 +7,7 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from vidport.converter.core.errors import VidportError
 from vidport.converter.core.manifest import MANIFEST, read_manifest
@@ -72,9 +73,42 @@ def load_model(folder: str | Path) -> nn.Module:
     except VidportError as err:
         raise VidportError(f"{folder / MANIFEST}: {err.message}", hint=err.hint) from err
     model = build_model(family.runtime, manifest["config"])
+    weights = load_weights(folder)
+    quantize_layers(model, manifest, weights, folder)
     try:
-        model.load_weights(list(load_weights(folder).items()), strict=True)
+        model.load_weights(list(weights.items()), strict=True)
     except ValueError as err:
         raise VidportError(f"{folder}: weights do not fit the model: {err}") from err
     model.eval()
     return model
+
+
+def quantize_layers(model: nn.Module, manifest: dict[str, Any], weights: dict[str, mx.array], folder: Path) -> None:
+    """Make the layers the manifest says are quantized MLX's quantized layers, each in its recorded
+    format, after checking that the packed tensors have exactly the shapes that format gives the
+    layer: bits and group size cannot be read from the packed shapes, so a file whose manifest
+    disagrees with it (4-bit weights recorded as 2-bit, ...) is refused, not misread."""
+    from vidport.converter.quantize import read_quantization
+
+    formats = read_quantization(manifest)
+    modules = dict(model.named_modules())
+    for path, fmt in formats.items():
+        module = modules.get(path)
+        if not isinstance(module, (nn.Linear, nn.Embedding)):
+            raise VidportError(f"{folder}: the manifest quantizes {path}, which is not a linear or embedding layer of "
+                               f"{type(model).__name__}", hint="convert again with this version of vidport")
+        shape = tuple(module.weight.shape)
+        for suffix, (_, packed) in fmt.packed(shape, np.float32).items():
+            got = weights.get(f"{path}.{suffix}")
+            if got is None or tuple(got.shape) != packed:
+                held = "missing" if got is None else f"of shape {list(got.shape)}"
+                raise VidportError(f"{folder}: {path}.{suffix} is {held}; the manifest records {fmt.name} "
+                                   f"({fmt.bits} bits, groups of {fmt.group_size}), which packs a {list(shape)} "
+                                   f"layer into {list(packed)}",
+                                   hint="the manifest and the weights disagree: convert again")
+    stray = sorted(key for key in weights if key.endswith(".scales") and key.rsplit(".", 1)[0] not in formats)
+    if stray:
+        raise VidportError(f"{folder}: {stray[0]} is a quantized layer's scales, but the manifest records no "
+                           f"quantization of {stray[0].rsplit('.', 1)[0]}", hint="convert again")
+    if formats:
+        nn.quantize(model, class_predicate=lambda path, _: formats[path].as_json() if path in formats else False)

@@ -4,8 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from vidport.converter.convert import (ConversionPlan, Progress, canonical_config_file, iter_outputs, planned_outputs,
-                               write_manifest)
+from vidport.converter.convert import (ConversionPlan, Progress, canonical_config_file, iter_outputs, parameter_count,
+                                      planned_outputs, quantized_part, write_manifest)
 from vidport.converter.dtypes import dtype_name
 from vidport.converter.safetensors_io import SafetensorsWriter
 
@@ -18,9 +18,10 @@ def write(plan: ConversionPlan, folder: Path, shard_bytes: int, progress: Progre
     count = parameters = 0
     for name, array in iter_outputs(plan, progress):
         writer.add(name, array)
-        dtypes.add(dtype_name(array.dtype))
+        if not quantized_part(plan, name):  # the manifest's dtype is what the model computes in
+            dtypes.add(dtype_name(array.dtype))
         count += 1
-        parameters += int(array.size)
+        parameters += parameter_count(plan, name, array)
     files = writer.close()
     (folder / "config.json").write_text(json.dumps(canonical_config_file(plan), indent=2))
     return write_manifest(folder, plan, files, dtypes, count, parameters)

@@ -60,10 +60,11 @@ def token_timesteps(mask: mx.array, t: float, patch: tuple[int, int, int], batch
 
 
 def module_dtype(module) -> mx.Dtype:
-    """The dtype a converted model computes in (its first parameter's)."""
+    """The dtype a converted model computes in: its first float parameter's (a quantized layer's
+    packed weight is an integer array)."""
     from mlx.utils import tree_flatten
 
-    return tree_flatten(module.parameters())[0][1].dtype
+    return next(value.dtype for _, value in tree_flatten(module.parameters()) if mx.issubdtype(value.dtype, mx.floating))
 
 
 class FrameDecoder:
