@@ -42,13 +42,14 @@ def _fits(spec: SourceSpec, source: Source) -> Tensors | None:
 def detect(source: Source, catalog: Catalog, family: str | None = None) -> Detected:
     """The one (family, source spec) whose detection rules fit; an error names what was tried."""
     families = [catalog.family(family)] if family else list(catalog.families.values())
-    found = [Detected(f, s, t) for f in families for s in f.sources if (t := _fits(s, source)) is not None]
+    found = [Detected(f, s, t) for f in families for s in _sources(f, named=bool(family))
+             if (t := _fits(s, source)) is not None]
     if len(found) == 1:
         return found[0]
     if len(found) > 1:
         names = ", ".join(d.spec.name for d in found)
         raise VidportError(f"{source.path}: ambiguous: fits {names}", hint="name the family on the command line")
-    tried = ", ".join(s.name for f in families for s in f.sources)
+    tried = ", ".join(s.name for f in families for s in _sources(f, named=bool(family)))
     sample = ", ".join(_keys(source)[:3])
     if family:
         _refuse_other_model(source, catalog, families[0])
@@ -56,6 +57,12 @@ def detect(source: Source, catalog: Catalog, family: str | None = None) -> Detec
         f"{source.path}: not a known {family or 'model'} checkpoint ({source.format}; first keys: {sample})",
         hint=f"source formats tried: {tried}; `vidport models` lists what is supported",
     )
+
+
+def _sources(family: FamilySpec, named: bool) -> list[SourceSpec]:
+    """The family's source specs detection tries: those `only_when_named` (a Diffusers Wan folder read
+    as Self-Forcing's, nothing in it saying so) only where the family was named."""
+    return [spec for spec in family.sources if named or spec.only_when_named is None]
 
 
 def holds_part(source: Source, family: FamilySpec) -> bool:
@@ -75,7 +82,8 @@ def _keys(source: Source) -> list[str]:
 def _refuse_other_model(source: Source, catalog: Catalog, family: FamilySpec) -> None:
     """A file asked for as `family` that is another family's checkpoint, or a model vidport knows
     but does not convert (mappings/unconverted.yaml), is refused with a line saying what it is."""
-    others = [s for f in catalog.families.values() if f.name != family.name for s in f.sources if _fits(s, source) is not None]
+    others = [s for f in catalog.families.values() if f.name != family.name for s in _sources(f, named=False)
+              if _fits(s, source) is not None]
     if others:
         names = ", ".join(sorted({s.family for s in others}))
         raise VidportError(f"{source.path}: this is a {names} checkpoint ({others[0].name}), not {family.name}",

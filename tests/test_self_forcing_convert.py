@@ -2,7 +2,8 @@
 default) out of the trainer's {generator, critic, generator_ema} file, the critic dropped with its
 reason, every weight as diffusers' own conversion of the chosen state dict gives it, and per-layer
 verify against diffusers' WanTransformer3DModel built from that state dict. A plain Wan DiT is not
-taken for a causal one, nor the reverse."""
+taken for a causal one, nor the reverse; a Diffusers transformer/ folder is taken as causal only
+where the family is named (the settings then recorded as asserted)."""
 from __future__ import annotations
 
 import json
@@ -115,6 +116,49 @@ def test_diffusers_form_converts_as_wan_dit(sources, tmp_path):
     assert set(ours) == set(theirs) and all(np.array_equal(ours[k], theirs[k]) for k in ours)
 
 
+def test_diffusers_form_with_the_family_named(sources, tmp_path):
+    """`vidport convert self-forcing transformer/` (or causvid): self-forcing/diffusers, the causal
+    settings recorded as asserted by the naming (nothing in the folder says so), exactly the tensors
+    of the trainer file's conversion; per-layer verify against diffusers' from_pretrained."""
+    out = tmp_path / "named"
+    result = runner.invoke(app, ["convert", "causvid", str(sources["diffusers"]), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "vidport_manifest.json").read_text())
+    assert manifest["family"] == "self-forcing" and manifest["spec"]["name"] == "self-forcing/diffusers"
+    assert manifest["settings"] == SETTINGS and manifest["settings_source"] == "asserted by naming the family"
+    assert manifest["ema"] is False and "causal" not in manifest["config"]
+    convert(plan_conversion(sources["release"], "mlx", "self-forcing", overrides=HEADS), tmp_path / "release")
+    assert "settings_source" not in json.loads((tmp_path / "release" / "vidport_manifest.json").read_text())
+    ours, theirs = _weights(out), _weights(tmp_path / "release")
+    assert set(ours) == set(theirs) and all(np.array_equal(ours[k], theirs[k]) for k in ours)
+    report = verify(out)
+    assert report.passed, report.first_failure
+    assert_names_reference(report, out)
+    assert min(r.local["pcc"] for r in report.layers) >= 0.99999
+
+
+def test_diffusers_form_unnamed_stays_wan_dit(sources, tmp_path):
+    """Detection without a family (inspect) and `wan-dit` read the same folder as a plain,
+    bidirectional Wan DiT: no causal settings; another family named says it is wan-dit's alone."""
+    from vidport.converter.checkpoint import read_checkpoint
+    from vidport.converter.detect import detect
+    from vidport.converter.inspect import describe
+
+    catalog = load_catalog()
+    assert detect(read_checkpoint(sources["diffusers"]), catalog).spec.name == "wan-dit/diffusers"
+    rows = describe(sources["diffusers"])
+    assert (rows["family"], rows["source spec"]) == ("wan-dit", "wan-dit/diffusers") and "settings" not in rows
+    manifest = convert(plan_conversion(sources["diffusers"], "mlx", "wan-dit"), tmp_path / "wan")
+    assert manifest["spec"]["name"] == "wan-dit/diffusers"
+    assert "settings" not in manifest and "settings_source" not in manifest
+    with pytest.raises(VidportError) as err:  # not "a self-forcing, wan-dit checkpoint"
+        plan_conversion(sources["diffusers"], "mlx", "wan-vae")
+    assert err.value.message.endswith("this is a wan-dit checkpoint (wan-dit/diffusers), not wan-vae")
+    ours = catalog.family("self-forcing")
+    assert {s.name: s.settings for s in ours.sources} == {"self-forcing/diffusers": SETTINGS, "self-forcing/native": SETTINGS}
+    assert [s.name for s in ours.sources if s.only_when_named] == ["self-forcing/diffusers"]
+
+
 def test_plain_wan_and_self_forcing_are_not_mistaken(sources):
     """A Wan DiT without the trainer's wrappers is wan-dit's, and the trainer's file is not wan-dit's:
     each refused in one line that names what it is."""
@@ -179,9 +223,10 @@ def test_spec_reuses_wan_dit(tmp_path):
     catalog = load_catalog()
     ours, wan = catalog.family("self-forcing"), catalog.family("wan-dit")
     native = next(s for s in wan.sources if s.name == "wan-dit/native")
-    assert [r.where for r in ours.sources[0].rules.rules] == [r.where for r in native.rules.rules]
-    assert ours.sources[0].rules.rules[0].where.startswith("wan-dit/native.yaml:")
-    assert ours.sources[0].variants == native.variants and ours.roles == wan.roles
+    trainer = next(s for s in ours.sources if s.name == "self-forcing/native")
+    assert [r.where for r in trainer.rules.rules] == [r.where for r in native.rules.rules]
+    assert trainer.rules.rules[0].where.startswith("wan-dit/native.yaml:")
+    assert trainer.variants == native.variants and ours.roles == wan.roles
     assert ours.canonical == wan.canonical and catalog.family("causvid") is ours
 
     root = tmp_path / "mappings"

@@ -91,6 +91,34 @@ def test_ema_choice_and_the_dit_alone(releases, tmp_path):
     assert all(np.array_equal(v, default[k]) for k, v in _weights(alone).items())
 
 
+def test_diffusers_transformer_as_the_checkpoint(releases, tmp_path):
+    """The generator_ema weights re-saved as a Diffusers transformer/ folder: naming the pipeline
+    asserts they are causal (recorded as asserted), and the folder's DiT is exactly the one converted
+    from the trainer's checkpoint; the pipeline runs on it."""
+    from fixtures.self_forcing_pipeline import write_diffusers_transformer
+    from vidport.runtime.pipelines.self_forcing import SelfForcingPipeline
+
+    release = releases["diffusers"]
+    folder = write_diffusers_transformer(tmp_path / "transformer", release["parts"]["generator_ema"], release["config"])
+    out = tmp_path / "from-diffusers"
+    result = runner.invoke(app, ["convert", "self-forcing", str(folder), "--base", str(release["base"]),
+                                 "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    manifest = _manifest(out)
+    assert manifest["inputs"]["checkpoint"]["layout"] == "diffusers-transformer"
+    dit = _manifest(out / "transformer")
+    assert dit["spec"]["name"] == "self-forcing/diffusers" and dit["settings"] == SETTINGS
+    assert dit["settings_source"] == "asserted by naming the family"
+    convert_pipeline(plan_pipeline("self-forcing", {"checkpoint": release["checkpoint"], "base": release["base"]},
+                                   overrides=OVERRIDES), tmp_path / "from-trainer")
+    ours, theirs = _weights(out / "transformer"), _weights(tmp_path / "from-trainer" / "transformer")
+    assert set(ours) == set(theirs) and all(np.array_equal(ours[k], theirs[k]) for k in ours)
+    for part in ("vae", "text_encoder"):
+        assert _weights(out / part).keys() == _weights(tmp_path / "from-trainer" / part).keys()
+    pipeline = SelfForcingPipeline.from_folder(out)  # the runtime reads the asserted settings as causal
+    assert pipeline.causal == SETTINGS and pipeline.block_frames == 3 and pipeline.tasks == ("t2v", "i2v")
+
+
 def test_i2v_base_gives_the_image_encoder(tmp_path):
     """An I2V DiT with image cross-attention and a Wan 2.1 I2V release folder: the CLIP file's
     vision tower is converted beside the rest, its width the DiT's image_dim."""
@@ -105,8 +133,8 @@ REFUSED = {
     # (how the release is made, the command past `vidport convert`, what the one error line says)
     "plain-wan-dit": ({}, ["self-forcing", "{base_dit}", "--base", "{base}"],
                       r"transformer \(self-forcing\): .*this is a wan-dit checkpoint \(wan-dit/native\), not self-forcing"),
-    "diffusers-transformer": ({"base": "diffusers"}, ["self-forcing", "{base}/transformer", "--base", "{base}"],
-                              r"not a source the self-forcing pipeline reads as checkpoint"),
+    "pipeline-as-checkpoint": ({"base": "diffusers"}, ["self-forcing", "{base}", "--base", "{base}"],
+                               r"not a source the self-forcing pipeline reads as checkpoint"),
     "vae-2.2": ({"vae": "2.2"}, ["self-forcing", "{checkpoint}", "--base", "{base}"],
                 r"a Wan 2.2 VAE \(48 latent channels\) cannot pair with a Wan 2.1 / 2.2 A14B DiT \(16 latent channels\)"),
     "text-width": ({"text_dim": 32}, ["self-forcing", "{checkpoint}", "--base", "{base}"],
