@@ -417,6 +417,45 @@ def verify_pipeline_command(folder: Path, task: Optional[str], source: Optional[
         raise typer.Exit(2)
 
 
+@app.command("quantize-report")
+def quantize_report(
+    source: Path = typer.Argument(..., help="The checkpoint file or model folder to quantize."),
+    family: Optional[str] = typer.Option(None, "--family", "-f", help="Model family (default: detected), e.g. wan-dit."),
+    formats: Optional[str] = typer.Option(None, "--formats",
+                                          help="Comma-separated formats: affine-qBITS-gGROUP (BITS 2-8, GROUP 32 | 64 | 128), "
+                                               "mxfp8-g32, mxfp4-g32, nvfp4-g16 (default: affine 8, 6 and 4 bits at "
+                                               "group 64, mxfp8, mxfp4, nvfp4)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for quantize-report.json and quantize-report.html."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | float16 | bfloat16 of what stays float (default: the source's)."),
+    set_: list[str] = typer.Option([], "--set", help="Override an architecture config value (as convert takes it)."),
+) -> None:
+    """Convert SOURCE at each quantized format, verify each layer by layer against the float32 reference,
+    and write a table (rich + JSON) of each format's worst / median layer PCC and SNR and weight bytes, and
+    an HTML page plotting the error by layer depth per format: pick the bits from evidence.
+
+    [dim]Example: vidport quantize-report Wan2.1-T2V-1.3B/transformer --family wan-dit --formats affine-q8-g64,affine-q4-g64,mxfp4-g32 --out wan-q-report[/]
+    """
+    from vidport.runtime import configure_cpu
+
+    configure_cpu(malloc=False)
+    from vidport.golden.quantize_report import DEFAULT_FORMATS, print_table, quantize_report as run, write_html, write_json
+
+    try:
+        names = [name.strip() for name in formats.split(",") if name.strip()] if formats is not None else list(DEFAULT_FORMATS)
+        if not names:
+            raise VidportError("--formats names no format", hint=f"e.g. --formats {','.join(DEFAULT_FORMATS[:3])}")
+        out.mkdir(parents=True, exist_ok=True)
+        with progress_bar("quantize-report") as bar:
+            job = bar.add_task("formats", total=None, item="")
+            results = run(source, family, names, dtype, parse_overrides(set_), lambda item: bar.update(job, item=item))
+    except (VidportError, OSError) as err:
+        fail(err)
+    print_table(results, console)
+    write_json(results, out / "quantize-report.json", source)
+    write_html(results, out / "quantize-report.html", source)
+    console.print(f"wrote {out / 'quantize-report.json'} and {out / 'quantize-report.html'}")
+
+
 @app.command()
 def generate(
     task: str = typer.Argument(..., help="The pipeline's task: t2v (text-to-video), i2v (image-to-video), ti2v (Wan 2.2 TI2V) ..."),
@@ -451,7 +490,9 @@ def generate(
                                                         "or PNG frames), to watch while later frames are generated; removed if the run fails."),
     low_memory: bool = typer.Option(False, "--low-memory", help="LTX-2: stream the DiT's blocks from disk, one at a time (slower; for models larger than RAM)."),
     set_: list[str] = typer.Option([], "--set", help="A pipeline-specific setting, KEY=VALUE (e.g. Wan: --set max_sequence_length=256; "
-                                                     "LTX-2: --set recipe=distilled)."),
+                                                     "LTX-2: --set recipe=distilled; Wan on several processes: --set parallel=cfg|sequence|tensor)."),
+    launch: Optional[str] = typer.Option(None, "--launch", help='Run on several processes through mlx.launch with these arguments, e.g. '
+                                                                '--launch "-n 2 --backend ring" (with --set parallel=PLAN); rank 0 writes --out.'),
 ) -> None:
     """Generate a video with the MLX runtime: text-to-video, or image-to-video from one image. Every
     default is the pipeline's own (shown before the run); a bad request fails before any weight loads.
@@ -460,15 +501,27 @@ def generate(
     [dim]Example: vidport generate i2v --model wan21-i2v-mlx --image first.png --prompt "the cat turns" --out cat.webm[/]
     [dim]Example: vidport generate t2v --model ltx2-mlx --prompt "waves on a beach" --set recipe=distilled --wav --out beach.mp4[/]
     [dim]Example: vidport generate t2v --model self-forcing-mlx --prompt "a fox in the snow" --stream --out fox.mp4[/]
+    [dim]Example: vidport generate t2v --model wan21-mlx --prompt "a cat" --set parallel=tensor --launch "-n 2 --backend ring" --out cat.mp4[/]
     """
     from vidport.runtime import configure_cpu
 
+    if launch is not None:
+        from vidport.runtime.distributed import launch as launch_ranks, strip_option
+
+        try:
+            status = launch_ranks(launch, strip_option(sys.argv[1:], "--launch"), sys.argv[0])
+        except VidportError as err:
+            fail(err)
+        raise typer.Exit(status)
     configure_cpu()  # before the runtime's models import mlx
+    from vidport.runtime.distributed import world
     from vidport.runtime.pipelines.inputs import read_noise, read_prompt_embeds
     from vidport.runtime.pipelines.protocol import Request, open_pipeline
     from vidport.runtime.video import check_live, open_video, write_video, write_wav
 
     flags = {"audio": audio, "resize": resize or None, "low_memory": low_memory or None}
+    rank, checked = world().rank, False
+    console.quiet = rank != 0  # under mlx.launch rank 0 speaks and writes; the others only compute
     try:
         check_video_path(out)
         if stream:
@@ -483,19 +536,30 @@ def generate(
             flow_shift=flow_shift, decode_slice=decode_slice, fps=fps, release_weights=True,
             prompt_embeds=read_prompt_embeds(prompt_embeds) if prompt_embeds is not None else None,
             extra={**{k: v for k, v in flags.items() if v is not None}, **parse_overrides(set_)}))
+        if world().size > 1 and "parallel" not in pipe.settings(request.task):
+            raise VidportError(f"the {pipe.name} pipeline has no parallel plans: under mlx.launch every rank would "
+                               "repeat the whole run", hint="run it as one process (Wan has --set parallel=...)")
+        checked = True
         if wav and not request.extra.get("audio"):
             raise VidportError("--wav: this run makes no soundtrack", hint="drop --wav, or use an LTX-2 folder with audio")
         console.print(f"[bold]{pipe.name} {request.task}[/]: {request_line(request)}", highlight=False)
+        if request.extra.get("parallel"):
+            console.print(f"parallel: {pipe.describe_plan(request)}", highlight=False)
         if stream and not pipe.streams_frames:
             raise VidportError(f"--stream: the {pipe.name} pipeline decodes the video in one piece at the end",
                                hint="drop --stream (Self-Forcing and LTX-2 stream their frames)")
         if pipe.streams_frames:  # frames go to the file as they are decoded, with the soundtrack
             request.writer = lambda sound, rate: open_video(out, request.fps, sound, rate, live=stream)
         result = run_generation(pipe, request)
+        if rank:
+            return
         written = out if pipe.streams_frames else write_video(out, result.frames, result.fps)
         if wav:
             console.print(f"soundtrack: {write_wav(out.with_suffix('.wav'), result.audio, result.sample_rate)}")
     except (VidportError, OSError) as err:
+        if rank and checked:  # a failure of this rank alone (a refusal is rank 0's to say)
+            console.quiet = False
+            err = VidportError(f"rank {rank}: {getattr(err, 'message', err)}", getattr(err, "hint", None))
         fail(err)
     print_generation_summary(request, result, written)
 

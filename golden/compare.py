@@ -3,12 +3,12 @@ reference's own inputs) and global error (the port running freely), and localize
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from vidport.golden.metrics import Threshold, compare, passes
+from vidport.golden.metrics import Threshold, compare, passes, snr_db
 from vidport.reference.probe import Probe
 from vidport.golden.records import Call
 from vidport.golden.tap_mlx import call_with, compute_dtype, from_port, modules_by_name, output_channels_last, port_inputs, tap
@@ -23,10 +23,13 @@ class LayerResult:
     passed: bool
     global_passed: bool | None
     is_probe_output: bool = False
+    quantized: str | None = None  # the format whose thresholds apply: the layer is or holds a quantized one
 
     def as_json(self) -> dict[str, Any]:
-        return {"name": self.name, "module": self.kind, **self.local, "passed": self.passed,
-                "global": self.global_, "global_passed": self.global_passed}
+        snr = snr_db(self.local)
+        return {"name": self.name, "module": self.kind, **self.local, "snr_db": snr if abs(snr) != float("inf") else None,
+                "passed": self.passed, "global": self.global_, "global_passed": self.global_passed,
+                **({"quantized": self.quantized} if self.quantized else {})}
 
 
 @dataclass
@@ -37,6 +40,7 @@ class Report:
     not_in_port: list[str] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
     uncompared_outputs: list[str] = field(default_factory=list)  # probe outputs the reference did not record
+    quantization: str | None = None  # the format of a quantized port (its layers' thresholds: per layer)
 
     @property
     def first_failure(self) -> str | None:
@@ -52,6 +56,10 @@ class Report:
     def worst(self) -> str | None:
         return min(self.layers, key=lambda r: r.local["pcc"]).name if self.layers else None
 
+    def ranked(self) -> list[LayerResult]:
+        """Worst first: the failing layers, then by local PCC (where a quantized port's bits hurt most)."""
+        return sorted(self.layers, key=lambda r: (r.passed, r.local["pcc"]))
+
     @property
     def passed(self) -> bool:
         outputs_ok = all(r.global_passed is not False for r in self.layers if r.is_probe_output)
@@ -63,7 +71,9 @@ class Report:
         --set or were assumed, warnings), then every layer."""
         shown = {key: self.info[key] for key in ("reference", "reference_run", "source", "overrides", "assumed",
                                                  "warnings") if key in self.info}
-        return {"passed": self.passed, "first_failure": self.first_failure, **shown, "dtype": self.dtype,
+        quantized = {"quantization": self.quantization, "worst_layers": [r.name for r in self.ranked()[:10]]} \
+            if self.quantization else {}
+        return {"passed": self.passed, "first_failure": self.first_failure, **shown, "dtype": self.dtype, **quantized,
                 "uncompared_outputs": self.uncompared_outputs, "layers": [r.as_json() for r in self.layers]}
 
 
@@ -90,8 +100,10 @@ def run_port(model: nn.Module, probes: list[Probe]) -> tuple[dict[str, Any], set
 
 
 def compare_port(model: Any, probes: list[Probe], calls: list[Call], threshold: Threshold, dtype: str,
-                 progress=None) -> Report:
-    """`model`: a golden.port.Port (MLX, TTNN emulator or device), or an MLX model (wrapped as one)."""
+                 progress=None, quantized: Callable[[str], tuple[str, Threshold] | None] | None = None) -> Report:
+    """`model`: a golden.port.Port (MLX, TTNN emulator or device), or an MLX model (wrapped as one).
+    `quantized`: a module path -> (format, its thresholds) for the layers of a quantized port that
+    are or hold a quantized layer (None for the others, held to `threshold`)."""
     from vidport.golden.port import as_port
 
     port = as_port(model)
@@ -108,9 +120,12 @@ def compare_port(model: Any, probes: list[Probe], calls: list[Call], threshold: 
             local = {"pcc": 0.0, "cosine": 0.0, "max_abs": float("inf"), "mean_abs": float("inf"),
                      "rel_l2": float("inf"), "ref_rms": 0.0, "finite": False, "error": f"{type(err).__name__}: {err}"}
         global_ = compare(call.output, free[call.name]) if call.name in free else None
-        layers.append(LayerResult(call.name, call.kind, local, global_, passes(local, threshold),
-                                  passes(global_, threshold) if global_ else None, call.name in finals))
+        fmt, applies = (quantized and quantized(call.module)) or (None, threshold)
+        layers.append(LayerResult(call.name, call.kind, local, global_, passes(local, applies),
+                                  passes(global_, applies) if global_ else None, call.name in finals, fmt))
         if progress:
             progress(index + 1, len(calls), call.name)
     recorded = {call.name for call in calls}
-    return Report(dtype, threshold, layers, sorted(set(missing)), uncompared_outputs=sorted(finals - recorded))
+    formats = sorted({r.quantized for r in layers if r.quantized})
+    return Report(dtype, threshold, layers, sorted(set(missing)), uncompared_outputs=sorted(finals - recorded),
+                  quantization=", ".join(formats) or None)

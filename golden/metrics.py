@@ -1,4 +1,4 @@
-"""Per-layer error metrics and the one table of thresholds by dtype."""
+"""Per-layer error metrics and the one table of thresholds: by dtype, and by quantized format."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -10,6 +10,8 @@ import numpy as np
 class Threshold:
     min_pcc: float
     max_abs: float | None  # scaled by max(1, rms of the reference): "at unit-scale activations"
+    # relative L2 error: PCC cannot see a layer whose output is scaled (wrong quantization scales)
+    max_rel_l2: float | None = None
 
 
 # The single place thresholds live.
@@ -19,6 +21,15 @@ THRESHOLDS: dict[str, Threshold] = {
     "bfloat16": Threshold(min_pcc=0.999, max_abs=None),
     # TTNN block-float weights (used by the TTNN path)
     "bfloat8_b": Threshold(min_pcc=0.99, max_abs=None),
+    # MLX quantized formats (converter/quantize.py's names), for the layers that are or hold a quantized
+    # linear, each run on the reference's own inputs (local error); the port's other layers keep their
+    # dtype's. PROVISIONAL
+    "affine-q8-g64": Threshold(min_pcc=0.9998, max_abs=None, max_rel_l2=0.016),
+    "affine-q6-g64": Threshold(min_pcc=0.998, max_abs=None, max_rel_l2=0.06),
+    "affine-q4-g64": Threshold(min_pcc=0.96, max_abs=None, max_rel_l2=0.29),
+    "mxfp8-g32": Threshold(min_pcc=0.996, max_abs=None, max_rel_l2=0.085),
+    "mxfp4-g32": Threshold(min_pcc=0.95, max_abs=None, max_rel_l2=0.32),
+    "nvfp4-g16": Threshold(min_pcc=0.958, max_abs=None, max_rel_l2=0.3),
 }
 
 
@@ -41,6 +52,13 @@ PIPELINE_THRESHOLDS: dict[str, PipelineThreshold] = {
     "float32": PipelineThreshold(min_step_pcc=0.9999, min_psnr=40.0),
     "float16": PipelineThreshold(min_step_pcc=0.99, min_psnr=25.0, min_audio_snr=20.0),
     "bfloat16": PipelineThreshold(min_step_pcc=0.99, min_psnr=25.0, min_audio_snr=20.0),
+    # PROVISIONAL
+    "affine-q8-g64": PipelineThreshold(min_step_pcc=0.9999, min_psnr=45.0),
+    "affine-q6-g64": PipelineThreshold(min_step_pcc=0.999, min_psnr=35.0),
+    "affine-q4-g64": PipelineThreshold(min_step_pcc=0.98, min_psnr=20.0),
+    "mxfp8-g32": PipelineThreshold(min_step_pcc=0.999, min_psnr=30.0),
+    "mxfp4-g32": PipelineThreshold(min_step_pcc=0.97, min_psnr=18.0),
+    "nvfp4-g16": PipelineThreshold(min_step_pcc=0.97, min_psnr=18.0),
 }
 
 
@@ -82,7 +100,15 @@ def passes(metrics: dict[str, float], threshold: Threshold) -> bool:
         return False
     if threshold.max_abs is not None and metrics["max_abs"] > threshold.max_abs * max(1.0, metrics["ref_rms"]):
         return False
+    if threshold.max_rel_l2 is not None and not metrics["rel_l2"] <= threshold.max_rel_l2:
+        return False
     return True
+
+
+def snr_db(metrics: dict[str, float]) -> float:
+    """A layer's signal-to-noise ratio in dB, from its relative L2 error (inf where exact)."""
+    rel = metrics["rel_l2"]
+    return float("inf") if rel == 0 else float(-20.0 * np.log10(rel)) if np.isfinite(rel) else float("-inf")
 
 
 def psnr(reference: np.ndarray, port: np.ndarray, peak: float = 1.0) -> float:

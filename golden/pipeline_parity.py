@@ -19,6 +19,7 @@ import numpy as np
 
 from vidport.converter.core.errors import VidportError
 from vidport.golden.metrics import PipelineThreshold, compare, pipeline_threshold_for, psnr, snr
+from vidport.golden.quantized import pipeline_format
 from vidport.runtime.pipelines.protocol import SETTINGS, Pipeline, Request, Step, open_pipeline, option
 
 Progress = Callable[[int, int | None, str], None]
@@ -44,6 +45,17 @@ class PipelineReport:
     seconds: dict[str, float] = field(default_factory=dict)
     audio_snr: float | None = None  # the waveform against the reference's, where the pipeline makes sound
     intermediates: dict[str, dict[str, float]] = field(default_factory=dict)  # latents between stages
+    quantization: str | None = None  # the denoisers' format, whose thresholds apply
+
+    @property
+    def growth(self) -> dict[str, float] | None:
+        """How the error grows over the steps: 1 - PCC of the first and the last step's latents
+        (each step's input is our previous step's output, so a quantized model's error compounds)."""
+        if not self.steps:
+            return None
+        first, last = self.steps[0].metrics["pcc"], self.steps[-1].metrics["pcc"]
+        return {"first_step_pcc": first, "last_step_pcc": last, "first_step_error": 1.0 - first,
+                "last_step_error": 1.0 - last, "ratio": _finite((1.0 - last) / (1.0 - first)) if first < 1.0 else None}
 
     @property
     def worst_step(self) -> StepRow | None:
@@ -58,9 +70,9 @@ class PipelineReport:
 
     def as_json(self) -> dict[str, Any]:
         worst = self.worst_step
-        return {"task": self.task, "dtype": self.dtype, "passed": self.passed,
+        return {"task": self.task, "dtype": self.dtype, "quantization": self.quantization, "passed": self.passed,
                 "threshold": {"min_step_pcc": self.threshold.min_step_pcc, "min_psnr": self.threshold.min_psnr},
-                "worst_step_pcc": worst.metrics["pcc"] if worst else None,
+                "worst_step_pcc": worst.metrics["pcc"] if worst else None, "growth": self.growth,
                 "psnr": _finite(self.psnr),  # None: identical frames
                 "audio_snr": _finite(self.audio_snr), "intermediates": self.intermediates,
                 "text_encoder": self.text, "settings": self.settings, "seconds": self.seconds,
@@ -190,7 +202,8 @@ def pipeline_parity(folder: str | Path, task: str | None = None, source: str | P
 
     if len(got) != len(captured):
         raise VidportError(f"the port ran {len(got)} steps, the reference {len(captured)}")
-    threshold = pipeline_threshold_for(dtype)
+    quantization = pipeline_format(folder)
+    threshold = pipeline_threshold_for(quantization or dtype)
     rows = []
     for index, ((t, want), have) in enumerate(zip(captured, got)):
         metrics = compare(want["latents"], have.latents)
@@ -216,4 +229,4 @@ def pipeline_parity(folder: str | Path, task: str | None = None, source: str | P
     between = {name: compare(value, ours_between[name])
                for name, value in getattr(case.reference, "intermediates", {}).items() if name in ours_between}
     return PipelineReport(task, dtype, threshold, rows, float(psnr(output.frames[0], result.frames)), case.text,
-                          report_settings, timings, audio_snr, between)
+                          report_settings, timings, audio_snr, between, quantization)

@@ -14,8 +14,9 @@ TITLES = {"t2v": "text-to-video", "i2v": "image-to-video", "ti2v": "text/image-t
 
 def print_pipeline_report(report: PipelineReport, console: Console) -> None:
     s, t = report.settings, report.threshold
+    weights = f"{report.dtype}, {report.quantization}" if report.quantization else report.dtype
     table = Table(title=f"{TITLES.get(report.task, report.task)} parity against {s.get('reference', 'the reference')} "
-                        f"({report.dtype}; step PCC >= {t.min_step_pcc}, frames PSNR >= {t.min_psnr:g} dB)")
+                        f"({weights}; step PCC >= {t.min_step_pcc}, frames PSNR >= {t.min_psnr:g} dB)")
     experts = s.get("experts")  # several models or stages (Wan 2.2 A14B, LTX-2 distilled): which ran each step
     audio = any("audio_pcc" in row.metrics for row in report.steps)  # a pipeline that makes sound
     for column in ("step", "timestep", *(["model"] if experts else []), "PCC", *(["audio PCC"] if audio else []),
@@ -37,6 +38,11 @@ def print_pipeline_report(report: PipelineReport, console: Console) -> None:
     console.print(f"  worst step: {worst.index if worst else '-'} (PCC {worst.metrics['pcc']:.8f}); final frames PSNR "
                   + (f"[green]{report.psnr:.1f} dB[/]" if psnr_ok else f"[red]{report.psnr:.1f} dB[/]")
                   + f"; time: reference {report.seconds.get('reference', 0):.1f} s, mlx {report.seconds.get('mlx', 0):.1f} s")
+    growth = report.growth
+    if growth and report.quantization:
+        ratio = f" (x{growth['ratio']:.1f})" if growth["ratio"] is not None else ""
+        console.print(f"  error growth over the steps: 1 - PCC {growth['first_step_error']:.2e} at the first step, "
+                      f"{growth['last_step_error']:.2e} at the last{ratio}")
     if report.audio_snr is not None:
         ok = report.audio_snr >= t.min_audio_snr
         console.print("  waveform SNR " + (f"[green]{report.audio_snr:.1f} dB[/]" if ok else f"[red]{report.audio_snr:.1f} dB[/]")

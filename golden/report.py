@@ -10,29 +10,38 @@ from rich.console import Console
 from rich.table import Table
 
 from vidport.golden.compare import Report
+from vidport.golden.metrics import THRESHOLDS, Threshold, snr_db
 from vidport.reference.build import SELF_MAPPED
 
 
 def print_report(report: Report, console: Console, limit: int | None = None) -> None:
+    """A quantized port's table lists its worst layers first (where the bits hurt), with each
+    layer's local SNR and the format whose thresholds it was held to; any other in call order."""
     reference = report.info.get("reference")
     against = (" against a [bold red]SELF-MAPPED[/] reference (vidport's own mapping: not an independent check)"
                if reference == SELF_MAPPED else f" against {reference}" if reference else "")
-    table = Table(title=f"per-layer parity{against} ({report.dtype} weights; PCC >= {report.threshold.min_pcc}"
-                        + (f", max abs <= {report.threshold.max_abs:g} x max(1, rms)" if report.threshold.max_abs else "") + ")")
-    for column in ("#", "layer", "module", "PCC", "max abs", "rel L2", "global PCC", ""):
-        table.add_column(column, justify="right" if column in ("#", "PCC", "max abs", "rel L2", "global PCC") else "left")
-    shown = report.layers
+    quantized = report.quantization is not None
+    bounds = (f"; quantized {report.quantization}: {_bounds(THRESHOLDS[report.quantization])}, the other layers "
+              if quantized and report.quantization in THRESHOLDS else "; ")
+    table = Table(title=f"per-layer parity{against} ({report.dtype} weights{bounds}{_bounds(report.threshold)})"
+                        + (", worst first" if quantized else ""))
+    numeric = ("#", "PCC", "max abs", "rel L2", "SNR dB", "global PCC")
+    for column in ("#", "layer", "module", "PCC", "max abs", "rel L2", *(("SNR dB", "held to") if quantized else ()),
+                   "global PCC", ""):
+        table.add_column(column, justify="right" if column in numeric else "left")
+    depth = {row.name: index for index, row in enumerate(report.layers)}
+    ordered = report.ranked() if quantized else report.layers
     first = report.first_failure
+    shown = ordered
     if limit is not None and len(shown) > limit:
-        keep = {r.name for r in shown[-limit:]} | {r.name for r in shown if not r.passed}
+        keep = {r.name for r in (shown[:limit] if quantized else shown[-limit:])} | {r.name for r in shown if not r.passed}
         shown = [r for r in shown if r.name in keep]
-    for index, row in enumerate(report.layers):
-        if row not in shown:
-            continue
+    for row in shown:
         g = f"{row.global_['pcc']:.6f}" if row.global_ else "-"
         mark = "[green]ok[/]" if row.passed else ("[bold red]FIRST FAIL[/]" if row.name == first else "[red]fail[/]")
-        table.add_row(str(index), row.name, row.kind, f"{row.local['pcc']:.6f}", f"{row.local['max_abs']:.2e}",
-                      f"{row.local['rel_l2']:.2e}", g, mark)
+        extra = (f"{snr_db(row.local):.1f}", row.quantized or report.dtype) if quantized else ()
+        table.add_row(str(depth[row.name]), row.name, row.kind, f"{row.local['pcc']:.6f}", f"{row.local['max_abs']:.2e}",
+                      f"{row.local['rel_l2']:.2e}", *extra, g, mark)
     console.print(table)
     if limit is not None and len(report.layers) > len(shown):
         console.print(f"({len(report.layers) - len(shown)} passing layers not shown; --all shows every layer)")
@@ -49,6 +58,12 @@ def print_report(report: Report, console: Console, limit: int | None = None) -> 
     reference_note = " against a SELF-MAPPED reference" if reference == SELF_MAPPED else ""
     console.print(f"{verdict}{reference_note}: {sum(r.passed for r in report.layers)}/{len(report.layers)} layers "
                   f"within threshold; first failing layer: {first or 'none'}; worst layer: {report.worst}")
+
+
+def _bounds(threshold: Threshold) -> str:
+    return (f"PCC >= {threshold.min_pcc}"
+            + (f", max abs <= {threshold.max_abs:g} x max(1, rms)" if threshold.max_abs else "")
+            + (f", rel L2 <= {threshold.max_rel_l2:g}" if threshold.max_rel_l2 else ""))
 
 
 def write_json(report: Report, path: Path) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 from vidport.converter.core.errors import VidportError
 from vidport.golden.compare import Report, compare_port
 from vidport.golden.metrics import threshold_for
+from vidport.golden.quantized import layer_thresholds
 from vidport.reference.probe import Probe
 from vidport.golden.records import Call
 from vidport.golden.store import load_golden, save_golden
@@ -181,9 +182,10 @@ def verify(converted: Path, source: Path | None = None, golden: Path | None = No
                 "config": manifest["config"], "reference": reference}
         if save_to is not None:
             save_golden(save_to, probes, calls, {**info, "dtype": "float32"})
+    quantized = layer_thresholds(manifest)  # before the port loads: a format with no measured thresholds is refused
     port = open_port(converted, manifest, device)  # by the manifest's target: MLX, TTNN (emulator / device)
     dtype = weights_dtype(converted, manifest)
-    report = compare_port(port, probes, calls, threshold_for(dtype), dtype, progress)
+    report = compare_port(port, probes, calls, threshold_for(dtype), dtype, progress, quantized)
     warnings = []
     if info.get("reference") == SELF_MAPPED:
         warnings.append("the reference is SELF-MAPPED: built through vidport's own mapping, so a wrong rule in "
