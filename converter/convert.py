@@ -6,7 +6,7 @@ import datetime
 import importlib
 import json
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
@@ -24,7 +24,7 @@ from vidport.converter.infer import (ConfigNeeded, assume_defaults, check_given_
 from vidport.converter.layouts import TargetLayout, TensorFormat, resolve_options
 from vidport.converter.output import atomic_folder
 from vidport.converter.plan import Mapping, Recipe, check_expected, check_source_dtypes, map_keys
-from vidport.converter.quantize import QuantFormat, QuantPlan
+from vidport.converter.quantize import MODES, BlockPlan, QuantFormat, QuantPlan
 from vidport.converter.spec import Catalog, RuleSet, TargetSpec, load_catalog
 from vidport.converter.transforms import Shape, run_steps
 from vidport.converter.core.manifest import MANIFEST
@@ -62,6 +62,7 @@ class ConversionPlan:
     ema: bool = False  # the source's EMA copies were converted instead of its weights
     assumed: dict[str, Any] = field(default_factory=dict)  # library defaults taken because no variant matched
     quantization: QuantPlan | None = None  # MLX: the linears written quantized (converter/quantize.py)
+    block_quantization: BlockPlan | None = None  # TTNN: the tensors --quantize writes in a block format
 
     @property
     def library(self) -> str:
@@ -148,7 +149,8 @@ def plan_conversion(source_path: str | Path, target: str, family: str | None = N
     """`target_options` are the target's own options (TTNN: dtype, grid, cache_style); `ema`
     converts the EMA weights a source keeps (its spec's `unwrap.ema`) instead of its weights,
     False its own weights, None what the spec prefers (`ema.default`, where the file has them);
-    `quantize`: the MLX format of the tensors the family declares quantizable."""
+    `quantize`: the format of the tensors the family declares quantizable (MLX's, or on a target with
+    block formats, TTNN, its bits pick one: 8 bfloat8_b, 4 bfloat4_b)."""
     catalog = catalog or load_catalog()
     target_spec = catalog.target(target)
     if dtype is not None and dtype not in NAMED_DTYPES:
@@ -196,10 +198,64 @@ def plan_conversion(source_path: str | Path, target: str, family: str | None = N
             return ", ".join(canonical.recipes[recipe.inputs[0]].inputs)
 
         check_expected(final.shapes, expected, f"{source.path.name} -> {target} ({detected.spec.name})", origin)
-    quantization = plan_quantization(detected.family, target_spec, canonical, final, quantize) if quantize else None
+    quantization = block = None
+    if quantize is not None and target_spec.block_formats:
+        block = plan_block_formats(detected.family, target_spec, canonical, final, formats, quantize)
+    elif quantize is not None:
+        quantization = plan_quantization(detected.family, target_spec, canonical, final, quantize)
     return ConversionPlan(source, detected, target_spec, config, variant, canonical, final,
                           NAMED_DTYPES[dtype] if dtype else None, overrides or {}, options, formats, ema, assumed,
-                          quantization)
+                          quantization, block)
+
+
+def _declared(family, bits: int):
+    """The family's `quantize:` declaration, refusing a family that declares nothing (or nothing
+    worth quantizing: `roles: []`, with its reason)."""
+    if family.quantize is None:
+        raise VidportError(f"--quantize: the {family.name} family declares nothing to quantize",
+                           hint=f"add a `quantize:` section to {family.path.name}, or convert without --quantize")
+    if not family.quantize.roles:
+        raise VidportError(f"--quantize {bits}: the {family.name} family has nothing to quantize: "
+                           f"{family.quantize.why}", hint="convert it without --quantize")
+    return family.quantize
+
+
+def _selected(family, canonical: Mapping, final: Mapping):
+    """(target key, shape) of each tensor the family's declaration selects, by role and key."""
+    for key, shape in final.shapes.items():
+        recipe = final.recipes[key]
+        if recipe.generate or not recipe.inputs or recipe.inputs[0] not in canonical.recipes:
+            continue
+        if family.quantize.selects(key, family.role_of(recipe.inputs[0])):
+            yield key, tuple(shape)
+
+
+def plan_block_formats(family, target: TargetSpec, canonical: Mapping, final: Mapping,
+                       formats: dict[str, TensorFormat], fmt: QuantFormat) -> BlockPlan:
+    """--quantize BITS on a target with block-float formats (TTNN: 8 -> bfloat8_b, 4 -> bfloat4_b):
+    the tensors the family declares take that dtype in `formats` (updated here); MLX's modes and
+    group sizes are refused, since the block (16 values of a tile's face row) is fixed."""
+    takes = ", ".join(f"{bits} ({dtype})" for bits, dtype in sorted(target.block_formats.items(), reverse=True))
+    if fmt.mode != "affine" or fmt.group_size != MODES["affine"]["default_group"]:
+        raise VidportError(f"--quantize on the {target.name} target: --q-mode / --q-group-size ({fmt.name}) are "
+                           f"MLX's formats; {target.name} has its own block formats, one exponent per 16 values",
+                           hint=f"--quantize {takes}, without --q-mode / --q-group-size")
+    if fmt.bits not in target.block_formats:
+        raise VidportError(f"--quantize {fmt.bits}: the {target.name} target has no {fmt.bits}-bit block format",
+                           hint=f"--quantize {takes}")
+    _declared(family, fmt.bits)
+    plan = BlockPlan(fmt.bits, target.block_formats[fmt.bits])
+    for key, _shape in _selected(family, canonical, final):
+        if formats[key].layout != "TILE":
+            plan.kept[key] = f"stored {formats[key].layout}; block formats are tiled"
+            continue
+        formats[key] = replace(formats[key], dtype=plan.dtype)
+        plan.tensors.append(key)
+    if not plan.tensors:
+        raise VidportError(f"--quantize {fmt.bits}: none of the {family.name} tensors its declaration selects "
+                           f"takes {plan.dtype}" + (f" ({next(iter(plan.kept.values()))})" if plan.kept else ""),
+                           hint="convert without --quantize")
+    return plan
 
 
 def plan_quantization(family, target: TargetSpec, canonical: Mapping, final: Mapping,
@@ -208,19 +264,12 @@ def plan_quantization(family, target: TargetSpec, canonical: Mapping, final: Map
     declaration selects, unless its shape does not fit the format (then kept, with the reason)."""
     if target.name != "mlx":
         raise VidportError(f"--quantize {fmt.bits}: MLX's formats are for the mlx target",
-                           hint="the ttnn target has its own block formats: --ttnn-dtype bfloat8_b")
-    if family.quantize is None:
-        raise VidportError(f"--quantize: the {family.name} family declares nothing to quantize",
-                           hint=f"add a `quantize:` section to {family.path.name}, or convert without --quantize")
+                           hint=f"the {target.name} target stores the model's own dtypes: convert without --quantize")
+    _declared(family, fmt.bits)
     plan = QuantPlan(fmt)
-    for key, shape in final.shapes.items():
-        recipe = final.recipes[key]
-        if recipe.generate or not recipe.inputs or recipe.inputs[0] not in canonical.recipes:
-            continue
-        if not family.quantize.selects(key, family.role_of(recipe.inputs[0])):
-            continue
+    for key, shape in _selected(family, canonical, final):
         module = key.rsplit(".", 1)[0]
-        reason = fmt.fits(tuple(shape))
+        reason = fmt.fits(shape)
         if reason is None:
             plan.modules[module] = fmt
         else:

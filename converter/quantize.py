@@ -115,6 +115,21 @@ class QuantPlan:
                 "unquantized": dict(sorted(self.kept.items()))}
 
 
+@dataclass
+class BlockPlan:
+    """What --quantize BITS does on a target with block-float formats (TTNN): the selected
+    tensors' keys, written in `dtype` instead of their role's, and the declared ones kept, why."""
+
+    bits: int
+    dtype: str
+    tensors: list[str] = field(default_factory=list)
+    kept: dict[str, str] = field(default_factory=dict)
+
+    def as_json(self) -> dict[str, Any]:
+        return {"bits": self.bits, "dtype": self.dtype, "tensors": sorted(self.tensors),
+                "unquantized": dict(sorted(self.kept.items()))}
+
+
 def read_quantization(manifest: dict[str, Any]) -> dict[str, QuantFormat]:
     """Module path -> format, from a converted folder's manifest (empty when not quantized)."""
     section = manifest.get("quantization") or {}

@@ -187,6 +187,9 @@ TARGET_SCHEMA = {
                                                 "optional": {"choices": ["list", "any"], "format": "str", "help": "str"}}}},
                  # roles this target does not store, with the reason (e.g. recomputed buffers)
                  "omit_roles": {"optional": {"*": "str"}},
+                 # --quantize BITS -> the target's own block-float dtype for the tensors a family's
+                 # `quantize:` declaration selects (TTNN: "8": bfloat8_b)
+                 "block_formats": {"optional": {"*": "str"}},
                  # named function (canonical class, config) -> the nested parameter tree of tt-metal's preprocessing
                  "model_tree": "str"},
 }
@@ -498,6 +501,7 @@ class TargetSpec:
     options: dict[str, TargetOption] = field(default_factory=dict)
     omit_roles: dict[str, str] = field(default_factory=dict)  # role -> why the target leaves it out
     model_tree: str | None = None  # named function for the model_cache style's module tree
+    block_formats: dict[int, str] = field(default_factory=dict)  # --quantize BITS -> dtype (TTNN)
 
     def format_for(self, role: str) -> RoleFormat | None:
         kind = role.split(".")[0]
@@ -638,7 +642,8 @@ def load_target_spec(path: Path) -> TargetSpec:
         raise _fail(path, _child(node, "expected"), "expected must be 'runtime' or 'canonical'")
     return TargetSpec(data["target"], data["version"], path, roles, data["expected"], data["shapes"], data["writer"],
                       data.get("weights_stem", {}), data.get("metadata", {}), formats, options,
-                      data.get("omit_roles") or {}, data.get("model_tree"))
+                      data.get("omit_roles") or {}, data.get("model_tree"),
+                      {int(bits): dtype for bits, dtype in (data.get("block_formats") or {}).items()})
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """Read and write ttnn ``.tensorbin`` files with numpy alone, byte for byte as ttnn 0.81.1 does.
 
 Why: vidport must write TTNN weight caches on machines where ``ttnn`` cannot be imported (CPython
-3.11, macOS), and its TTNN host emulator must round to bfloat16 / bfloat8_b exactly as ttnn's host
-conversion does.  The reference is ``ttnn.dump_tensor(path, ttnn.from_torch(t, dtype, layout=...))``
+3.11, macOS), and its TTNN host emulator must round to bfloat16 / bfloat8_b / bfloat4_b exactly as
+ttnn's host conversion does.  The reference is ``ttnn.dump_tensor(path, ttnn.from_torch(t, dtype, layout=...))``
 (``ttnn.as_tensor(..., cache_file_name=...)`` and ``ttnn.Tensor(array, dtype, layout=...)`` write the
 same bytes); ``tests/test_tensorbin.py`` checks the equality against the installed ttnn.
 
@@ -18,9 +18,11 @@ File layout (ttnn 0.81.1), all little-endian:
 * then the shard bytes: row-major data as is; TILE data padded with zeros to 32x32 tiles, tiles in
   row-major order, each tile as four 16x16 faces (top-left, top-right, bottom-left, bottom-right),
   each face row-major.  bfloat8_b tiles are 64 shared-exponent bytes (one per 16-value face row,
-  faces in that order) followed by 1024 sign+7-bit-mantissa bytes in the same value order.
-  float32 values are stored bit for bit (NaN payloads kept); bfloat16 is rounded to nearest even
-  with every NaN made 0x7FC0; bfloat8_b rounding is described at :func:`_bfp8_encode`.
+  faces in that order) followed by 1024 sign+7-bit-mantissa bytes in the same value order;
+  bfloat4_b tiles are the same 64 exponent bytes followed by 512 bytes of sign+3-bit-mantissa
+  nibbles, two values a byte, the first in the low nibble.  float32 values are stored bit for bit
+  (NaN payloads kept); bfloat16 is rounded to nearest even with every NaN made 0x7FC0; the block
+  formats' rounding is described at :func:`_bfp_encode`.
 
 The FlatBuffer is produced by a small port of the C++ ``FlatBufferBuilder`` (back-to-front build,
 alignment padding, vtable de-duplication) fed in exactly the order ttnn's ``to_flatbuffer`` uses:
@@ -36,15 +38,17 @@ import numpy as np
 from vidport.converter.core.errors import VidportError
 
 SUPPORTED_TTNN_VERSIONS: tuple[str, ...] = ("0.81.1",)
-DTYPES: tuple[str, ...] = ("bfloat16", "float32", "bfloat8_b")
+DTYPES: tuple[str, ...] = ("bfloat16", "float32", "bfloat8_b", "bfloat4_b")
 LAYOUTS: tuple[str, ...] = ("TILE", "ROW_MAJOR")
 
 TILE = 32  # tile height and width
-FACE = 16  # face height and width; bfloat8_b shares one exponent per face row of 16 values
+FACE = 16  # face height and width; the block formats share one exponent per face row of 16 values
+# the block-float formats: mantissa bits per value (hidden bit included; a sign bit besides)
+BLOCK_MANTISSA = {"bfloat8_b": 7, "bfloat4_b": 3}
 DATA_ALIGNMENT = 64  # the data region starts on this boundary (header_size is padded to it)
 
 # enum values of the 0.81.1 schema (ttnn.flatbuffer.DataType / PageConfig union / TensorBuffer union)
-_DTYPE_CODES = {"bfloat16": 0, "float32": 1, "bfloat8_b": 3}
+_DTYPE_CODES = {"bfloat16": 0, "float32": 1, "bfloat8_b": 3, "bfloat4_b": 4}
 _DTYPE_NAMES = {code: name for name, code in _DTYPE_CODES.items()}
 _PAGE_ROW_MAJOR, _PAGE_TILE = 1, 2
 _INLINE_FILE_STORAGE = 1
@@ -56,7 +60,7 @@ class TensorbinFormatError(VidportError, ValueError):
 
 
 # ---------------------------------------------------------------------------------------------
-# bfloat16 and bfloat8_b rounding (ttnn host conversion, bit for bit)
+# bfloat16, bfloat8_b and bfloat4_b rounding (ttnn host conversion, bit for bit)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -81,14 +85,14 @@ def to_bfloat16(array: np.ndarray) -> np.ndarray:
     return bits.view(np.float32).reshape(np.shape(array))
 
 
-def _bfp8_encode(groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _bfp_encode(groups: np.ndarray, width: int = 7) -> tuple[np.ndarray, np.ndarray]:
     """Blocks of 16 float32 bit patterns (..., 16) -> (shared exponent (...), sign|mantissa (..., 16)).
 
-    Follows tt-metal's ``convert_u32_to_bfp<Bfp8_b>`` as ttnn 0.81.1 behaves: the block exponent is
-    the largest raw float32 exponent; each value gets its hidden bit, is shifted right by its
-    exponent deficit, rounded to 7 bits (hidden bit included; nearest, ties to even) and saturated
-    at 127; zeros and denormals become +0 (measured: ttnn flushes denormals).  Inf/NaN have
-    exponent 255 and come back as NaN.
+    Follows tt-metal's ``convert_u32_to_bfp<Bfp8_b | Bfp4_b>`` as ttnn 0.81.1 behaves: the block
+    exponent is the largest raw float32 exponent; each value gets its hidden bit, is shifted right
+    by its exponent deficit, rounded to `width` bits (7 for bfloat8_b, 3 for bfloat4_b; hidden bit
+    included; nearest, ties to even) and saturated; zeros and denormals become +0 (measured: ttnn
+    flushes denormals).  Inf/NaN have exponent 255 and come back as NaN.
     """
     groups = groups.astype(np.uint32)
     exp = (groups >> 23) & 0xFF
@@ -96,40 +100,45 @@ def _bfp8_encode(groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     mantissa = (groups & 0x7F_FFFF) | 0x80_0000
     shift = np.minimum(shared[..., None] - exp, 31)
     mantissa = mantissa >> shift
-    round_bits = mantissa & 0x1_FFFF  # 24 bits -> 7 (hidden bit included): 17 bits go
-    mantissa = mantissa >> 17
-    round_up = (round_bits > 0x1_0000) | ((round_bits == 0x1_0000) & ((mantissa & 1) == 1))
-    mantissa = np.minimum(mantissa + round_up, 127)
+    dropped = 24 - width  # 24 bits (hidden bit included) -> width
+    half = np.uint32(1 << (dropped - 1))
+    round_bits = mantissa & np.uint32((1 << dropped) - 1)
+    mantissa = mantissa >> dropped
+    round_up = (round_bits > half) | ((round_bits == half) & ((mantissa & 1) == 1))
+    mantissa = np.minimum(mantissa + round_up, (1 << width) - 1)
     sign = np.where(mantissa == 0, 0, groups >> 31)
-    byte = (sign << 7) | mantissa
+    byte = (sign << width) | mantissa
     byte = np.where(exp == 0, 0, byte)  # zeros and denormals are flushed to +0
     return shared.astype(np.uint8), byte.astype(np.uint8)
 
 
-def _bfp8_decode_tables() -> tuple[np.ndarray, np.ndarray]:
-    """Per data byte: sign|normalized-mantissa bits, and the exponent decrement of normalizing."""
-    byte = np.arange(256, dtype=np.uint32)
-    mantissa = byte & 0x7F
-    shift = np.zeros(256, dtype=np.uint32)
-    for bit in range(6):  # shift until the leading one reaches bit 6
-        shift += (mantissa > 0) & (mantissa < (1 << (6 - bit)))
-    fixed = ((byte >> 7) << 31) | (((mantissa << (shift + 1)) & 0x7F) << 16)
+def _bfp_decode_tables(width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per data value (sign|mantissa of `width` bits): sign|normalized-mantissa bits, and the
+    exponent decrement of normalizing."""
+    byte = np.arange(1 << (width + 1), dtype=np.uint32)
+    mask = (1 << width) - 1
+    mantissa = byte & mask
+    shift = np.zeros(len(byte), dtype=np.uint32)
+    for bit in range(width - 1):  # shift until the leading one reaches bit width - 1
+        shift += (mantissa > 0) & (mantissa < (1 << (width - 1 - bit)))
+    fixed = ((byte >> width) << 31) | (((mantissa << (shift + 1)) & mask) << (23 - width))
     return fixed, shift
 
 
-_BFP8_FIXED, _BFP8_SHIFT = _bfp8_decode_tables()
+_BFP_TABLES = {width: _bfp_decode_tables(width) for width in BLOCK_MANTISSA.values()}
 
 
-def _bfp8_decode(shared: np.ndarray, data: np.ndarray) -> np.ndarray:
-    """Inverse of :func:`_bfp8_encode` as tt-metal's ``convert_bfp_to_u32`` computes it.
+def _bfp_decode(shared: np.ndarray, data: np.ndarray, width: int = 7) -> np.ndarray:
+    """Inverse of :func:`_bfp_encode` as tt-metal's ``convert_bfp_to_u32`` computes it.
 
     A zero mantissa gives (signed) zero; otherwise the mantissa is normalized and the exponent is
     ``shared - shift``, wrapping like the C++ uint32 arithmetic (only its low 9 bits reach the word).
     """
+    fixed, shifts = _BFP_TABLES[width]
     data = data.astype(np.intp)
-    exp = (shared.astype(np.uint32)[..., None] - _BFP8_SHIFT[data]) & 0x1FF
-    bits = _BFP8_FIXED[data] | (exp << 23)
-    bits = np.where((data & 0x7F) == 0, _BFP8_FIXED[data], bits)
+    exp = (shared.astype(np.uint32)[..., None] - shifts[data]) & 0x1FF
+    bits = fixed[data] | (exp << 23)
+    bits = np.where((data & ((1 << width) - 1)) == 0, fixed[data], bits)
     return bits.astype(np.uint32).view(np.float32)
 
 
@@ -141,6 +150,13 @@ def to_bfloat8_b(array: np.ndarray) -> np.ndarray:
     raises a block exponent).  So rows are padded to a multiple of 16 and cut into blocks; the
     result equals ``ttnn.to_torch(ttnn.from_torch(t, ttnn.bfloat8_b, layout=TILE))``.
     """
+    return to_block_float(array, "bfloat8_b")
+
+
+def to_block_float(array: np.ndarray, dtype: str) -> np.ndarray:
+    """Values after ttnn's float32 -> `dtype` (bfloat8_b or bfloat4_b, TILE) -> float32 host
+    round trip, same shape (the blocks as :func:`to_bfloat8_b` says)."""
+    bits = BLOCK_MANTISSA[dtype]
     values = np.asarray(array, dtype=np.float32)
     shape = values.shape
     rows = values.reshape(-1, shape[-1] if values.ndim else 1)
@@ -148,7 +164,7 @@ def to_bfloat8_b(array: np.ndarray) -> np.ndarray:
     padded = np.zeros((rows.shape[0], -(-width // FACE) * FACE), dtype=np.float32)
     padded[:, :width] = rows
     groups = _bits(padded).reshape(rows.shape[0], -1, FACE)
-    decoded = _bfp8_decode(*_bfp8_encode(groups)).reshape(padded.shape)
+    decoded = _bfp_decode(*_bfp_encode(groups, bits), bits).reshape(padded.shape)
     return np.ascontiguousarray(decoded[:, :width]).reshape(shape)
 
 
@@ -200,16 +216,22 @@ def _encode_data(values: np.ndarray, dtype: str, layout: str) -> bytes:
         return tiles.tobytes()
     if dtype == "bfloat16":
         return _bfloat16_bits(tiles).tobytes()
-    shared, data = _bfp8_encode(_bits(tiles).reshape(len(tiles), 4 * FACE, FACE))
-    return np.concatenate([shared, data.reshape(len(tiles), -1)], axis=1).tobytes()
+    shared, data = _bfp_encode(_bits(tiles).reshape(len(tiles), 4 * FACE, FACE), BLOCK_MANTISSA[dtype])
+    data = data.reshape(len(tiles), -1)
+    if dtype == "bfloat4_b":  # two values a byte, the first in the low nibble
+        data = data[:, 0::2] | (data[:, 1::2] << 4)
+    return np.concatenate([shared, data], axis=1).tobytes()
 
 
 def _decode_data(raw: bytes, shape: tuple[int, ...], dtype: str, layout: str) -> np.ndarray:
-    if dtype == "bfloat8_b":
-        tiles = np.frombuffer(raw, dtype=np.uint8).reshape(-1, 4 * FACE + TILE * TILE)
+    if dtype in BLOCK_MANTISSA:
+        width = BLOCK_MANTISSA[dtype]
+        tiles = np.frombuffer(raw, dtype=np.uint8).reshape(-1, 4 * FACE + _block_data_bytes(dtype))
         shared = tiles[:, : 4 * FACE]
-        data = tiles[:, 4 * FACE :].reshape(-1, 4 * FACE, FACE)
-        values = _bfp8_decode(shared, data)
+        data = tiles[:, 4 * FACE :]
+        if dtype == "bfloat4_b":
+            data = np.stack([data & 0xF, data >> 4], axis=-1).reshape(len(tiles), -1)
+        values = _bfp_decode(shared, data.reshape(-1, 4 * FACE, FACE), width)
     elif dtype == "bfloat16":
         values = (np.frombuffer(raw, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
     else:
@@ -221,9 +243,14 @@ def _decode_data(raw: bytes, shape: tuple[int, ...], dtype: str, layout: str) ->
 
 def _data_size(shape: tuple[int, ...], dtype: str, layout: str) -> int:
     count = int(np.prod(padded_shape(shape, layout), dtype=np.int64))
-    if dtype == "bfloat8_b":
-        return count // (TILE * TILE) * (4 * FACE + TILE * TILE)
+    if dtype in BLOCK_MANTISSA:
+        return count // (TILE * TILE) * (4 * FACE + _block_data_bytes(dtype))
     return count * (4 if dtype == "float32" else 2)
+
+
+def _block_data_bytes(dtype: str) -> int:
+    """Bytes of one tile's values in a block format (its 64 exponent bytes aside)."""
+    return TILE * TILE * (BLOCK_MANTISSA[dtype] + 1) // 8
 
 
 # ---------------------------------------------------------------------------------------------
@@ -399,8 +426,8 @@ def _check(dtype: str, layout: str) -> None:
         raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     if layout not in LAYOUTS:
         raise ValueError(f"layout {layout!r} is not one of {', '.join(LAYOUTS)}")
-    if dtype == "bfloat8_b" and layout != "TILE":
-        raise ValueError("bfloat8_b needs layout 'TILE' (ttnn refuses row-major block floats)")
+    if dtype in BLOCK_MANTISSA and layout != "TILE":
+        raise ValueError(f"{dtype} needs layout 'TILE' (ttnn refuses row-major block floats)")
 
 
 def encode_tensorbin(array: np.ndarray, dtype: str, layout: str) -> bytes:
@@ -417,8 +444,8 @@ def write_tensorbin(path: str | Path, array: np.ndarray, dtype: str, layout: str
     """Write ``array`` (float32 logical values) as ttnn 0.81.1's ``dump_tensor`` would.
 
     Same bytes as ``ttnn.dump_tensor(path, ttnn.from_torch(torch.from_numpy(array), dtype=...,
-    layout=...))`` for a host tensor; ``dtype`` in {"bfloat16", "float32", "bfloat8_b"}, ``layout``
-    in {"TILE", "ROW_MAJOR"} (bfloat8_b needs TILE).  Non-float32 input is cast to float32 first.
+    layout=...))`` for a host tensor; ``dtype`` in {"bfloat16", "float32", "bfloat8_b", "bfloat4_b"},
+    ``layout`` in {"TILE", "ROW_MAJOR"} (the block formats need TILE).  Non-float32 input is cast to float32 first.
     """
     Path(path).write_bytes(encode_tensorbin(array, dtype, layout))
 
@@ -493,7 +520,7 @@ def _parse(raw: bytes) -> dict:
     tensor_layout = r.ref(spec, 1, "tensor_layout")
     code = r.field(tensor_layout, 0, "B")
     if code not in _DTYPE_NAMES:
-        raise ValueError(f"data type code {code} is not one of bfloat16/float32/bfloat8_b")
+        raise ValueError(f"data type code {code} is not one of {'/'.join(_DTYPE_CODES)}")
     page_type = r.field(tensor_layout, 1, "B")
     if page_type == _PAGE_TILE:
         tile = r.ref(r.ref(tensor_layout, 2, "page_config"), 0, "tile")
@@ -536,7 +563,7 @@ def read_tensorbin(path: str | Path) -> tuple[np.ndarray, dict]:
         raise TensorbinFormatError(
             f"{path}: not a .tensorbin of a supported format version ({exc}); supported: ttnn {versions}",
             hint=f"this reader knows the ttnn {versions} layout for single-device host tensors "
-            "(bfloat16, float32 or bfloat8_b; TILE or ROW_MAJOR); re-dump the tensor with that ttnn",
+            "(bfloat16, float32, bfloat8_b or bfloat4_b; TILE or ROW_MAJOR); re-dump the tensor with that ttnn",
         ) from exc
     info = {
         "dtype": parsed["dtype"],

@@ -26,7 +26,7 @@ from vidport.converter.core.errors import VidportError, listing
 from vidport.converter.core.named import named_object
 from vidport.converter.infer import public
 
-DTYPE_NAMES = {"bfloat16": "BFLOAT16", "bfloat8_b": "BFLOAT8_B", "float32": "FLOAT32"}  # ttnn.DataType.name
+DTYPE_NAMES = {"bfloat16": "BFLOAT16", "bfloat8_b": "BFLOAT8_B", "bfloat4_b": "BFLOAT4_B", "float32": "FLOAT32"}  # ttnn.DataType.name
 
 
 class AsTensor:

@@ -24,7 +24,7 @@ from vidport.converter.dtypes import is_floating
 from vidport.converter.core.errors import VidportError
 from vidport.converter.targets.cache_styles import STYLES
 from vidport.converter.ttnn_support import PINNED_TTNN_VERSION, import_ttnn
-from vidport.converter.core.tensorbin import DTYPES, LAYOUTS, padded_shape, write_tensorbin
+from vidport.converter.core.tensorbin import BLOCK_MANTISSA, DTYPES, LAYOUTS, padded_shape, write_tensorbin
 
 TTNN_MANIFEST = "ttnn_manifest.json"
 FORMAT = "vidport-ttnn/1"
@@ -53,10 +53,11 @@ def check_formats(plan: ConversionPlan) -> None:
     """Every output has a dtype and layout ttnn stores (before any tensor is read)."""
     for name in plan.final.recipes:
         fmt = plan.formats.get(name)
-        if fmt is None or fmt.dtype not in DTYPES or fmt.layout not in LAYOUTS or (fmt.dtype, fmt.layout) == ("bfloat8_b", "ROW_MAJOR"):
+        if fmt is None or fmt.dtype not in DTYPES or fmt.layout not in LAYOUTS or (fmt.dtype in BLOCK_MANTISSA and fmt.layout == "ROW_MAJOR"):
             found = f"{fmt.dtype} {fmt.layout}" if fmt else "no format"
             raise VidportError(f"{name}: {found} is not a TTNN storage format (role {fmt.role if fmt else '?'})",
-                               hint=f"dtype one of {', '.join(DTYPES)}; layout one of {', '.join(LAYOUTS)}; bfloat8_b needs TILE")
+                               hint=f"dtype one of {', '.join(DTYPES)}; layout one of {', '.join(LAYOUTS)}; "
+                                    f"{' and '.join(BLOCK_MANTISSA)} need TILE")
 
 
 def write(plan: ConversionPlan, folder: Path, shard_bytes: int, progress: Progress | None) -> dict:
@@ -84,7 +85,9 @@ def write(plan: ConversionPlan, folder: Path, shard_bytes: int, progress: Progre
     options = {k: v for k, v in plan.options.items() if "." not in k}
     manifest = write_manifest(folder, plan, [folder / TTNN_MANIFEST, folder / "config.json"], {plan.options["dtype"]},
                               len(tensors), parameters,
-                              {"ttnn": {**options, "manifest": TTNN_MANIFEST, "encoder": encoder_name}})
+                              {"ttnn": {**options, "manifest": TTNN_MANIFEST, "encoder": encoder_name,
+                                        **({"quantize": plan.block_quantization.as_json()}
+                                           if plan.block_quantization else {})}})
     style_info = style.finish(folder, list(tensors), [s["sha256"] for s in manifest["sources"]])
     ttnn_manifest = {
         "format": FORMAT,
