@@ -35,7 +35,7 @@ from vidport.converter.core.errors import VidportError, closest
 PLANS = ("cfg", "sequence", "tensor")
 DEFAULT_TIMEOUT = 300.0
 # mlx.launch's warning for a rank that exited non-zero or was killed (mlx/_distributed_utils/launch.py)
-FAILED_RANK = re.compile(r"Node with rank (\d+) (?:exited with code|was killed)")
+FAILED_RANK = re.compile(r"Node with rank (\d+) (exited with code (-?\d+)|was killed)")
 
 
 class Watchdog:
@@ -177,7 +177,8 @@ def launch(launcher_args: str, argv: list[str], program: str | Path) -> int:
     """Run `program argv` on the processes `launcher_args` describes (mlx.launch's own options, e.g.
     "-n 2 --backend ring" or "--hostfile hosts.json"), with this interpreter named explicitly (as
     mlx.launch needs for a non-Python command); its output passes through. Returns 1 if any rank
-    failed (mlx.launch itself returns 0 then), else mlx.launch's status."""
+    failed (mlx.launch itself returns 0 then), else mlx.launch's status. A rank that was killed
+    cannot say so itself: that gets one line here."""
     launcher = Path(sys.executable).with_name("mlx.launch")
     if not launcher.exists():
         found = shutil.which("mlx.launch")
@@ -187,10 +188,16 @@ def launch(launcher_args: str, argv: list[str], program: str | Path) -> int:
         launcher = Path(found)
     command = [str(launcher), *shlex.split(launcher_args), "--python", sys.executable, "--", str(program), *argv]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, errors="replace")
-    failed = False
+    failures = []
     for line in process.stderr:
-        failed = failed or FAILED_RANK.search(line) is not None
+        found = FAILED_RANK.search(line)
+        if found:
+            failures.append(found)
         sys.stderr.write(line)
         sys.stderr.flush()
     status = process.wait()
-    return status or int(failed)
+    first = failures[0] if failures else None
+    if first is not None and (first[3] is None or int(first[3]) < 0):  # the rank could not say why itself
+        how = f"was killed by signal {-int(first[3])}" if first[3] else "was killed"
+        sys.stderr.write(f"error: rank {first[1]} {how}; mlx.launch stopped the other ranks; no output written\n")
+    return status or int(bool(failures))

@@ -27,6 +27,7 @@ import mlx.core as mx
 import numpy as np
 
 from vidport.converter.core.errors import VidportError
+from vidport.runtime.parallel_wan import WanPlan, weight_report
 from vidport.runtime.pipelines.folder import PipelineFolder
 from vidport.runtime.pipelines.protocol import DecodeCallback, Generation, Pipeline, Request, Step, StepCallback
 from vidport.runtime.pipelines.wan_checks import WanLayout, check_components, check_request, layout_of
@@ -52,6 +53,7 @@ class WanPipeline(Pipeline):
         self.model_index = json.loads(index_file.read_text()) if index_file.exists() else {}
         self.layout: WanLayout = layout_of(folder.configs(), self.model_index)
         self._models: dict[str, Any] = {}
+        self._plan: WanPlan | None = None  # the run's parallel plan; None: one process
 
     @classmethod
     def from_folder(cls, path: str | Path) -> "WanPipeline":
@@ -84,7 +86,9 @@ class WanPipeline(Pipeline):
             from vidport.runtime.loading import load_model
 
             self.folder.config(name)  # a clear error where the component is missing
-            self._models[name] = load_model(self.folder.path / name)
+            is_dit = name in ("transformer", "transformer_2") and self._plan is not None
+            self._models[name] = self._plan.load(self.folder.path / name) if is_dit else load_model(
+                self.folder.path / name)
         return self._models[name]
 
     def has(self, name: str) -> bool:
@@ -99,7 +103,8 @@ class WanPipeline(Pipeline):
 
     def settings(self, task: str) -> set[str]:
         common = {"prompt", "negative_prompt", "frames", "steps", "guidance", "guidance_2", "height", "width", "seed",
-                  "noise", "scheduler", "flow_shift", "fps", "prompt_embeds", "max_sequence_length"}
+                  "noise", "scheduler", "flow_shift", "fps", "prompt_embeds", "max_sequence_length",
+                  "parallel", "collective_timeout", "dump_steps"}
         return common | {"image"} if task != "t2v" else common
 
     def defaults(self, task: str) -> Request:
@@ -169,6 +174,29 @@ class WanPipeline(Pipeline):
                                "(1, latent channels, latent frames, height/s, width/s)",
                                hint="save the noise for the same --frames/--height/--width, or drop --noise")
         self.scheduler_for(request)
+        self.plan(request).check([self.folder.config(name) for name in ("transformer", "transformer_2")
+                                  if self.has(name)], self.tokens(request), request.guidance > 1.0)
+
+    # ------------------------------------------------------------------ parallel runs
+
+    def plan(self, request: Request) -> WanPlan:
+        """The request's parallel plan over this process's ranks (runtime.parallel_wan)."""
+        from vidport.runtime.distributed import parse_plan, parse_timeout, world
+        from vidport.runtime.parallel_wan import wan_plan
+
+        ranks = world()
+        ranks.watchdog.timeout = parse_timeout(request.extra.get("collective_timeout"))
+        return wan_plan(parse_plan(request.extra.get("parallel")), ranks)
+
+    def describe_plan(self, request: Request) -> str:
+        """The plan in one line, printed at the start of a run."""
+        return self.plan(request).describe(self.folder.config("transformer"))
+
+    def tokens(self, request: Request) -> int:
+        """Patch tokens of the DiT's input for this request's size."""
+        _, _, frames, height, width = self.latent_shape(request.frames, request.height, request.width)
+        p_t, p_h, p_w = self.layout.patch
+        return (frames // p_t) * (height // p_h) * (width // p_w)
 
     # ------------------------------------------------------------------ sizes
 
@@ -243,12 +271,20 @@ class WanPipeline(Pipeline):
         """diffusers' WanPipeline (t2v, also a TI2V model without an image) or
         WanImageToVideoPipeline (i2v, ti2v). `release_weights`: the text and image encoders go once
         encoded, A14B's high-noise expert once the low-noise one takes over (timesteps only fall),
-        so one 14B expert is resident at a time; the next run reads them again."""
+        so one 14B expert is resident at a time; the next run reads them again.
+        `extra`: `parallel` (runtime.parallel_wan; rank 0 alone decodes), `collective_timeout`, and
+        the debug setting `dump_steps=DIR`: rank 0 saves each step's latents (step_NNN.npy) and the
+        frames (frames.npy), every rank its DiT weight bytes (rankR_weights.json)."""
         from vidport.runtime.schedulers import from_config
 
         draws = request.draws()
-        seed = secrets.randbits(31) if request.seed is None else int(request.seed)
+        plan = self._plan = self.plan(request)
+        ranks, dump = plan.world, request.extra.get("dump_steps")
+        seed = ranks.agree(secrets.randbits(31) if request.seed is None else int(request.seed))
         dtype = module_dtype(self.model("transformer"))
+        if dump:
+            Path(dump).mkdir(parents=True, exist_ok=True)
+            (Path(dump) / f"rank{ranks.rank}_weights.json").write_text(json.dumps(weight_report(self.model("transformer"))))
         guided = request.guidance > 1.0
         context, negative = self._text_states(request, guided)
         context, negative = context.astype(dtype), negative.astype(dtype) if guided else None
@@ -282,12 +318,11 @@ class WanPipeline(Pipeline):
                 self._models.pop("transformer", None)
             model, scale = self.model(expert), request.guidance if expert == "transformer" else guidance_2
             x, timestep = self._model_input(latents, condition, mask, t)
-            prediction = model(x.astype(dtype), timestep, context, image_context)
-            if negative is not None:
-                unconditional = model(x.astype(dtype), timestep, negative, image_context)
-                prediction = unconditional + scale * (prediction - unconditional)
+            prediction = plan.predict(model, x.astype(dtype), timestep, context, negative, image_context, scale)
             latents = scheduler.step(prediction, t, latents)
-            mx.eval(latents)
+            ranks.evaluate(latents, what=f"step {index + 1}")
+            if dump and ranks.is_main:
+                np.save(Path(dump) / f"step_{index:03d}.npy", np.array(latents.transpose(0, 4, 1, 2, 3)))
             seconds.append(time.perf_counter() - began)
             if on_step:
                 on_step(Step(index, len(timesteps), float(t), latents.transpose(0, 4, 1, 2, 3),
@@ -297,11 +332,13 @@ class WanPipeline(Pipeline):
 
         result = Generation(None, latents.transpose(0, 4, 1, 2, 3), None if "noise" in draws else seed,
                             [float(t) for t in timesteps], request.fps, config["_class_name"], seconds)
-        if request.decode:
+        if request.decode and ranks.is_main:  # the other ranks only compute
             if request.release_weights:
                 for name in ("transformer", "transformer_2"):
                     self._models.pop(name, None)
             began = time.perf_counter()
             result.frames = decode_frames(self.model("vae"), stats.denormalize(latents), on_decode)[0]
             result.decode_seconds = time.perf_counter() - began
+            if dump:
+                np.save(Path(dump) / "frames.npy", result.frames)
         return result
