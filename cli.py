@@ -133,7 +133,7 @@ def convert(
     cache_style: Optional[str] = typer.Option(None, "--cache-style", help="ttnn: as_tensor | model_cache | tt_dit (file naming; default as_tensor)."),
     ttnn_dtype: Optional[str] = typer.Option(None, "--ttnn-dtype", help="ttnn: bfloat16 | bfloat8_b for linear weights (default bfloat16)."),
     ttnn_grid: Optional[str] = typer.Option(None, "--ttnn-grid", help="ttnn: core grid COLUMNSxROWS for group-norm packing (default 8x8)."),
-    quantize: Optional[int] = typer.Option(None, "--quantize", help="mlx: quantize the linears the family declares to BITS (affine 2-8; mxfp4/nvfp4 4, mxfp8 8)."),
+    quantize: Optional[int] = typer.Option(None, "--quantize", help="Quantize the linears the family declares: mlx to BITS (affine 2-8; mxfp4/nvfp4 4, mxfp8 8); ttnn 8 = bfloat8_b, 4 = bfloat4_b."),
     q_group_size: Optional[int] = typer.Option(None, "--q-group-size", help="--quantize: weights per scale, 32 | 64 | 128 (default: the mode's; affine 64)."),
     q_mode: Optional[str] = typer.Option(None, "--q-mode", help="--quantize: affine | mxfp4 | mxfp8 | nvfp4 (MLX's formats; default affine)."),
     motion: Optional[Path] = typer.Option(None, "--motion", help="Pipelines (animatediff): the motion module, a file or Diffusers folder (= --input motion=PATH)."),
@@ -438,12 +438,15 @@ def quantize_report(
     from vidport.runtime import configure_cpu
 
     configure_cpu(malloc=False)
-    from vidport.golden.quantize_report import DEFAULT_FORMATS, print_table, quantize_report as run, write_html, write_json
+    from vidport.golden.quantize_report import (DEFAULT_FORMATS, parse_format, print_table, quantize_report as run,
+                                                write_html, write_json)
 
     try:
         names = [name.strip() for name in formats.split(",") if name.strip()] if formats is not None else list(DEFAULT_FORMATS)
         if not names:
             raise VidportError("--formats names no format", hint=f"e.g. --formats {','.join(DEFAULT_FORMATS[:3])}")
+        for name in names:
+            parse_format(name)  # every name checked before the first conversion
         out.mkdir(parents=True, exist_ok=True)
         with progress_bar("quantize-report") as bar:
             job = bar.add_task("formats", total=None, item="")

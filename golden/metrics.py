@@ -21,15 +21,37 @@ THRESHOLDS: dict[str, Threshold] = {
     "bfloat16": Threshold(min_pcc=0.999, max_abs=None),
     # TTNN block-float weights (used by the TTNN path)
     "bfloat8_b": Threshold(min_pcc=0.99, max_abs=None),
+    # --quantize 4 on TTNN: the motion module fixture measures 0.982 for its whole forward on the host
+    # emulator (tests/test_quantize_families.py); a layer's own error is below that
+    "bfloat4_b": Threshold(min_pcc=0.95, max_abs=None),
     # MLX quantized formats (converter/quantize.py's names), for the layers that are or hold a quantized
     # linear, each run on the reference's own inputs (local error); the port's other layers keep their
-    # dtype's. PROVISIONAL
-    "affine-q8-g64": Threshold(min_pcc=0.9998, max_abs=None, max_rel_l2=0.016),
-    "affine-q6-g64": Threshold(min_pcc=0.998, max_abs=None, max_rel_l2=0.06),
-    "affine-q4-g64": Threshold(min_pcc=0.96, max_abs=None, max_rel_l2=0.29),
-    "mxfp8-g32": Threshold(min_pcc=0.996, max_abs=None, max_rel_l2=0.085),
-    "mxfp4-g32": Threshold(min_pcc=0.95, max_abs=None, max_rel_l2=0.32),
-    "nvfp4-g16": Threshold(min_pcc=0.958, max_abs=None, max_rel_l2=0.3),
+    # dtype's. Measured on the small Wan DiT fixtures (T2V, I2V, TI2V; g128 on a 128-wide one): the worst
+    # layer's PCC / relative L2 over the models (an attention or a feed-forward, below its linears: the
+    # issue's "about 0.9999 / 0.99 per linear" is the linears' own); thresholds allow 3x the worst
+    # 1 - PCC (at most +0.1) and 1.75x its relative L2 (at most +0.25): relative L2 also catches a
+    # scaled output PCC cannot see (tests/test_quantize_verify.py plants x1.5 on one layer's scales).
+    "affine-q8-g32": Threshold(min_pcc=0.99989, max_abs=None, max_rel_l2=0.015),  # measured worst 0.99996 / 0.0084
+    "affine-q8-g64": Threshold(min_pcc=0.99988, max_abs=None, max_rel_l2=0.016),  # measured worst 0.99996 / 0.00882
+    "affine-q8-g128": Threshold(min_pcc=0.99989, max_abs=None, max_rel_l2=0.015),  # measured worst 0.99996 / 0.00849
+    "affine-q6-g32": Threshold(min_pcc=0.9984, max_abs=None, max_rel_l2=0.057),  # measured worst 0.99949 / 0.0321
+    "affine-q6-g64": Threshold(min_pcc=0.9978, max_abs=None, max_rel_l2=0.067),  # measured worst 0.99928 / 0.0378
+    "affine-q6-g128": Threshold(min_pcc=0.9975, max_abs=None, max_rel_l2=0.072),  # measured worst 0.99918 / 0.0409
+    "affine-q5-g32": Threshold(min_pcc=0.9936, max_abs=None, max_rel_l2=0.12),  # measured worst 0.99790 / 0.0651
+    "affine-q5-g64": Threshold(min_pcc=0.9901, max_abs=None, max_rel_l2=0.15),  # measured worst 0.99673 / 0.0829
+    "affine-q5-g128": Threshold(min_pcc=0.9912, max_abs=None, max_rel_l2=0.14),  # measured worst 0.99709 / 0.0765
+    "affine-q4-g32": Threshold(min_pcc=0.961, max_abs=None, max_rel_l2=0.29),  # measured worst 0.98722 / 0.161
+    "affine-q4-g64": Threshold(min_pcc=0.961, max_abs=None, max_rel_l2=0.29),  # measured worst 0.98703 / 0.164
+    "affine-q4-g128": Threshold(min_pcc=0.96, max_abs=None, max_rel_l2=0.29),  # measured worst 0.98692 / 0.164
+    "affine-q3-g32": Threshold(min_pcc=0.86, max_abs=None, max_rel_l2=0.54),  # measured worst 0.95441 / 0.305
+    "affine-q3-g64": Threshold(min_pcc=0.85, max_abs=None, max_rel_l2=0.55),  # measured worst 0.95176 / 0.311
+    "affine-q3-g128": Threshold(min_pcc=0.85, max_abs=None, max_rel_l2=0.57),  # measured worst 0.95306 / 0.321
+    "affine-q2-g32": Threshold(min_pcc=0.7, max_abs=None, max_rel_l2=0.89),  # measured worst 0.80912 / 0.634
+    "affine-q2-g64": Threshold(min_pcc=0.7, max_abs=None, max_rel_l2=0.93),  # measured worst 0.80129 / 0.672
+    "affine-q2-g128": Threshold(min_pcc=0.7, max_abs=None, max_rel_l2=0.93),  # measured worst 0.80879 / 0.671
+    "mxfp4-g32": Threshold(min_pcc=0.933, max_abs=None, max_rel_l2=0.37),  # measured worst 0.97789 / 0.21
+    "mxfp8-g32": Threshold(min_pcc=0.9965, max_abs=None, max_rel_l2=0.085),  # measured worst 0.99885 / 0.0484
+    "nvfp4-g16": Threshold(min_pcc=0.958, max_abs=None, max_rel_l2=0.3),  # measured worst 0.98624 / 0.169
 }
 
 
@@ -52,13 +74,17 @@ PIPELINE_THRESHOLDS: dict[str, PipelineThreshold] = {
     "float32": PipelineThreshold(min_step_pcc=0.9999, min_psnr=40.0),
     "float16": PipelineThreshold(min_step_pcc=0.99, min_psnr=25.0, min_audio_snr=20.0),
     "bfloat16": PipelineThreshold(min_step_pcc=0.99, min_psnr=25.0, min_audio_snr=20.0),
-    # PROVISIONAL
-    "affine-q8-g64": PipelineThreshold(min_step_pcc=0.9999, min_psnr=45.0),
-    "affine-q6-g64": PipelineThreshold(min_step_pcc=0.999, min_psnr=35.0),
-    "affine-q4-g64": PipelineThreshold(min_step_pcc=0.98, min_psnr=20.0),
-    "mxfp8-g32": PipelineThreshold(min_step_pcc=0.999, min_psnr=30.0),
-    "mxfp4-g32": PipelineThreshold(min_step_pcc=0.97, min_psnr=18.0),
-    "nvfp4-g16": PipelineThreshold(min_step_pcc=0.97, min_psnr=18.0),
+    # Quantized denoisers (golden/quantized.py: the folder's format) against the float32 reference:
+    # measured on the small Wan 2.1 T2V pipeline (UniPC, guidance 5, 4 and 10 steps; worst step PCC /
+    # frames PSNR in the comments); thresholds allow 10x the worst 1 - PCC and 12 dB less PSNR
+    # (AnimateDiff's guidance 7.5 and longer schedules compound more). Formats not listed here are
+    # refused by `verify --pipeline` until measured.
+    "affine-q8-g64": PipelineThreshold(min_step_pcc=0.9999, min_psnr=46.0),  # 0.999991 / 58.2 dB
+    "affine-q6-g64": PipelineThreshold(min_step_pcc=0.998, min_psnr=36.0),  # 0.999871 / 48.9 dB
+    "affine-q4-g64": PipelineThreshold(min_step_pcc=0.97, min_psnr=23.0),  # 0.997877 / 35.4 dB
+    "mxfp8-g32": PipelineThreshold(min_step_pcc=0.997, min_psnr=33.0),  # 0.999780 / 45.1 dB
+    "mxfp4-g32": PipelineThreshold(min_step_pcc=0.96, min_psnr=21.0),  # 0.996341 / 33.6 dB
+    "nvfp4-g16": PipelineThreshold(min_step_pcc=0.98, min_psnr=22.0),  # 0.998112 / 34.6 dB
 }
 
 

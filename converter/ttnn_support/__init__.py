@@ -20,7 +20,7 @@ Nothing else is needed: ttnn finds its runtime files itself and writes no cache 
 Under the mock cluster, host-only work is real and exact:
 
 * works: ``ttnn.Tensor(numpy_or_torch, dtype, layout=...)``, ``ttnn.from_torch(t, dtype=...,
-  layout=...)`` (bfloat16/float32 in TILE or ROW_MAJOR, bfloat8_b in TILE only), ``ttnn.to_torch``,
+  layout=...)`` (bfloat16/float32 in TILE or ROW_MAJOR, bfloat8_b and bfloat4_b in TILE only), ``ttnn.to_torch``,
   ``ttnn.to_layout`` on host tensors, ``ttnn.dump_tensor``, ``ttnn.load_tensor(path)`` and
   ``ttnn.as_tensor(..., cache_file_name=...)`` with no device (it writes
   ``<name>_dtype_<DTYPE>_layout_<LAYOUT>.tensorbin``, the same bytes as from_torch + dump_tensor).
