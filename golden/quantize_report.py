@@ -38,8 +38,10 @@ def parse_format(name: str) -> QuantFormat:
     mode = found["mode"] or "affine"
     if mode not in MODES:
         raise VidportError(f"{name}: {mode} is not one of MLX's modes", hint=f"choose {', '.join(MODES)}")
-    fmt = QuantFormat.parse(int(found["bits"]) if found["bits"] else None, int(found["group"]), mode)
-    return fmt
+    table = MODES[mode]
+    if int(found["group"]) not in table["group_size"]:
+        raise VidportError(f"{name}: {mode} takes groups of {' or '.join(map(str, table['group_size']))}")
+    return QuantFormat.parse(int(found["bits"]) if found["bits"] else None, int(found["group"]), mode)
 
 
 @dataclass
