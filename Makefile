@@ -23,8 +23,12 @@ $(VENV)/.installed: requirements.txt requirements-nodeps.txt pyproject.toml
 	@$(PY) -c 'from vidport.runtime import configure_cpu; print("vidport: MLX BLAS:", configure_cpu(malloc=False).blas)'
 	@touch $@
 
+# CI (CI=true) runs every suite, the ones marked slow included; a local `make test` leaves those out
+# (make test-all runs them too)
+PYTEST_MARKS := $(if $(filter true 1 yes,$(CI)),-m "",)
+
 test: venv
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(PYTEST_MARKS)
 
 test-all: venv
 	$(PY) -m pytest -q -m ""
