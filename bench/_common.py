@@ -522,16 +522,16 @@ def write_random_shards(folder: Path, shapes: dict[str, tuple[int, ...]], shards
 
 
 def cached_checkpoint(script: str | Path, name: str, size: str, rebuild: bool = False,
-                      timeout: float = 1800) -> tuple[Path, dict]:
+                      timeout: float = 1800, args: list[str] | None = None) -> tuple[Path, dict]:
     """A conversion benchmark's checkpoint folder bench-output/NAME (built on first use by
-    `script --build`, cached afterwards) and its description."""
+    `script --build FOLDER --size SIZE [args]`, cached afterwards) and its description."""
     OUTPUT.mkdir(exist_ok=True)
     folder = OUTPUT / name
     info_file = folder / "bench-info.json"
     if rebuild or not info_file.exists():
         print(f"building {folder.relative_to(ROOT)} (once; cached afterwards) ...", flush=True)
         start = time.perf_counter()
-        run_child(script, ["--build", str(folder), "--size", size], timeout=timeout)
+        run_child(script, ["--build", str(folder), "--size", size, *(args or [])], timeout=timeout)
         print(f"  built in {time.perf_counter() - start:.1f} s", flush=True)
     return folder, json.loads(info_file.read_text())
 
@@ -604,7 +604,7 @@ def run_routes(script: str | Path, source: Path, routes: list[str], repeat: int)
         summaries[route] = {**worst, "wall_s": statistics.median(walls), "cpu_s": statistics.median(r["cpu_s"] for r in found),
                             "load_or_plan_s": statistics.median(r["load_or_plan_s"] for r in found),
                             "wall_min_s": walls[0], "wall_max_s": walls[-1], "walls_s": [r["wall_s"] for r in found],
-                            "runs": len(found)}
+                            "plans_s": [r["load_or_plan_s"] for r in found], "runs": len(found)}
     return summaries
 
 
