@@ -74,17 +74,19 @@ PIPELINE_THRESHOLDS: dict[str, PipelineThreshold] = {
     "float32": PipelineThreshold(min_step_pcc=0.9999, min_psnr=40.0),
     "float16": PipelineThreshold(min_step_pcc=0.99, min_psnr=25.0, min_audio_snr=20.0),
     "bfloat16": PipelineThreshold(min_step_pcc=0.99, min_psnr=25.0, min_audio_snr=20.0),
-    # Quantized denoisers (golden/quantized.py: the folder's format) against the float32 reference:
-    # measured on the small Wan 2.1 T2V pipeline (UniPC, guidance 5, 4 and 10 steps; worst step PCC /
-    # frames PSNR in the comments); thresholds allow 10x the worst 1 - PCC and 12 dB less PSNR
-    # (AnimateDiff's guidance 7.5 and longer schedules compound more). Formats not listed here are
-    # refused by `verify --pipeline` until measured.
-    "affine-q8-g64": PipelineThreshold(min_step_pcc=0.9999, min_psnr=46.0),  # 0.999991 / 58.2 dB
-    "affine-q6-g64": PipelineThreshold(min_step_pcc=0.998, min_psnr=36.0),  # 0.999871 / 48.9 dB
-    "affine-q4-g64": PipelineThreshold(min_step_pcc=0.97, min_psnr=23.0),  # 0.997877 / 35.4 dB
-    "mxfp8-g32": PipelineThreshold(min_step_pcc=0.997, min_psnr=33.0),  # 0.999780 / 45.1 dB
-    "mxfp4-g32": PipelineThreshold(min_step_pcc=0.96, min_psnr=21.0),  # 0.996341 / 33.6 dB
-    "nvfp4-g16": PipelineThreshold(min_step_pcc=0.98, min_psnr=22.0),  # 0.998112 / 34.6 dB
+    # Quantized denoisers (golden/quantized.py: the folder's format) against the float32 reference,
+    # measured on the small pipelines: Wan 2.1 T2V (UniPC, guidance 5, 4 and 10 steps) and AnimateDiff
+    # (DDIM, guidance 7.5, 5 and 10 steps; its UNet and motion module quantized). The comments give the
+    # worst step PCC / frames PSNR of each (Wan; AnimateDiff); thresholds allow 3x the worst 1 - PCC
+    # (at most 0.1 more) and 6 dB under the worst PSNR. The fixtures' layers are 16-64 wide, where a
+    # group holds a whole row: real widths quantize better. Formats not listed here are refused by
+    # `verify --pipeline` until measured.
+    "affine-q8-g64": PipelineThreshold(min_step_pcc=0.9995, min_psnr=38.0),  # 0.999991 / 58.2; 0.999845 / 44.9
+    "affine-q6-g64": PipelineThreshold(min_step_pcc=0.992, min_psnr=26.0),  # 0.999871 / 48.9; 0.997458 / 32.8
+    "affine-q4-g64": PipelineThreshold(min_step_pcc=0.86, min_psnr=15.0),  # 0.997877 / 35.4; 0.966240 / 21.8
+    "mxfp8-g32": PipelineThreshold(min_step_pcc=0.975, min_psnr=22.0),  # 0.999780 / 45.1; 0.992208 / 28.1
+    "mxfp4-g32": PipelineThreshold(min_step_pcc=0.78, min_psnr=10.0),  # 0.996341 / 33.6; 0.883808 / 16.8
+    "nvfp4-g16": PipelineThreshold(min_step_pcc=0.82, min_psnr=12.0),  # 0.998112 / 34.6; 0.922107 / 18.1
 }
 
 

@@ -75,18 +75,22 @@ class UNetMotionModel(UNet2DConditionModel):
 def load_unet_motion(unet_folder: str | Path, adapter_folder: str | Path) -> UNetMotionModel:
     """The motion UNet from an sd15-unet and an animatediff-motion MLX conversion (strict load)."""
     from vidport.converter.core.manifest import read_manifest
-    from vidport.runtime.loading import load_weights
+    from vidport.runtime.loading import load_weights, quantize_layers
 
     folders = {"sd15-unet": Path(unet_folder), "animatediff-motion": Path(adapter_folder)}
-    configs = {}
+    manifests = {}
     for family, folder in folders.items():
         manifest = read_manifest(folder)
         if manifest["family"] != family or manifest["target"]["name"] != "mlx":
             raise VidportError(f"{folder}: a {manifest['family']} conversion for {manifest['target']['name']}, "
                                f"expected {family} for mlx")
-        configs[family] = manifest["config"]
-    model = UNetMotionModel.from_configs(configs["sd15-unet"], configs["animatediff-motion"])
-    weights = {**load_weights(folders["sd15-unet"]), **load_weights(folders["animatediff-motion"])}
+        manifests[family] = manifest
+    model = UNetMotionModel.from_configs(manifests["sd15-unet"]["config"], manifests["animatediff-motion"]["config"])
+    weights = {}
+    for family, folder in folders.items():  # each conversion's quantized layers, as its manifest records them
+        own = load_weights(folder)
+        quantize_layers(model, manifests[family], own, folder)
+        weights.update(own)
     try:
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as err:

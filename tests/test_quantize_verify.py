@@ -158,3 +158,32 @@ def test_every_format_has_thresholds():
     """The formats MLX offers that the fixtures measured have both tables' entries."""
     for name in FORMATS:
         assert THRESHOLDS[name].max_rel_l2 is not None and name in PIPELINE_THRESHOLDS
+
+
+def test_pipeline_verify_quantized_animatediff(tmp_path):
+    """An AnimateDiff folder converted with --quantize 8: the UNet's and the motion module's block
+    linears are quantized layers (the motion UNet loads both conversions' formats), the VAE and text
+    encoder stay float, and the generation meets the 8-bit pipeline thresholds against diffusers."""
+    import mlx.nn as nn
+
+    from fixtures.motion import write_original_motion_module
+    from fixtures.pipelines import write_sd_pipeline_folder
+    from vidport.converter.pipeline import convert_pipeline, plan_pipeline
+    from vidport.golden.pipeline_parity import pipeline_parity
+    from vidport.runtime.pipelines.protocol import open_pipeline
+
+    sd, motion = tmp_path / "sd15-small", tmp_path / "mm.ckpt"
+    write_sd_pipeline_folder(sd)
+    write_original_motion_module(motion, "v2", seed=3)
+    out = tmp_path / "ad-q8"
+    manifest = convert_pipeline(plan_pipeline("animatediff", {"sd": sd, "motion": motion}, "mlx",
+                                              quantize=QuantFormat.parse(8)), out)
+    quantized_parts = {name for name in manifest["components"]
+                       if json.loads((out / name / "vidport_manifest.json").read_text()).get("quantization")}
+    assert quantized_parts == {"unet", "motion_adapter"}
+    unet = open_pipeline(out).model("unet")
+    layers = [m for _, m in unet.named_modules() if isinstance(m, nn.QuantizedLinear)]
+    assert layers and all(m.bits == 8 and m.group_size == 64 for m in layers)
+    report = pipeline_parity(out, "t2v")
+    assert report.passed and report.threshold == PIPELINE_THRESHOLDS["affine-q8-g64"]
+    assert report.worst_step.metrics["pcc"] < 0.999999  # quantized: not the float32 result
