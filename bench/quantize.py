@@ -37,6 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as common  # noqa: E402
+import wan_forward  # noqa: E402
 from wan_forward import WAN_1_3B  # noqa: E402
 
 ROOT, OUTPUT, MB, GB = common.ROOT, common.OUTPUT, common.MB, common.GB
@@ -56,18 +57,8 @@ FORMATS = {
 REFERENCE = "diffusers"
 
 
-def latent_shape(size: str) -> tuple[int, int, int, int]:
-    s = SIZES[size]
-    return 16, (s["frames"] - 1) // 4 + 1, s["height"] // 8, s["width"] // 8
-
-
 def inputs(size: str):
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    latents = rng.standard_normal((1, *latent_shape(size)), dtype=np.float32)  # NCFHW, diffusers' layout
-    text = rng.standard_normal((1, SIZES[size]["text_tokens"], WAN_1_3B["text_dim"]), dtype=np.float32)
-    return latents, text
+    return wan_forward.inputs(size, SIZES)
 
 
 def converted(source: Path, fmt: str) -> Path:
@@ -222,7 +213,7 @@ def run(quick: bool = False, repeat: int = 3, convert_repeat: int = 3, layers: i
 
     size = "quick" if quick else "full"
     s, formats = SIZES[size], formats or list(FORMATS)
-    c, f, h, w = latent_shape(size)
+    c, f, h, w = wan_forward.latent_shape(size, SIZES)
     tokens = f * (h // 2) * (w // 2)
     source, info = source_checkpoint(layers, rebuild)
     print(f"source: {source.relative_to(ROOT)}: {info['bytes'] / MB:.0f} MB float32, {info['parameters'] / 1e6:.0f} M "

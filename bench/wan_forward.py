@@ -41,18 +41,19 @@ SIZES = {
 }
 
 
-def latent_shape(size: str) -> tuple[int, int, int, int]:
-    """(channels, latent frames, latent height, latent width)."""
-    s = SIZES[size]
+def latent_shape(size: str, sizes: dict | None = None) -> tuple[int, int, int, int]:
+    """(channels, latent frames, latent height, latent width) of a size in `sizes` (default SIZES)."""
+    s = (sizes or SIZES)[size]
     return 16, (s["frames"] - 1) // 4 + 1, s["height"] // 8, s["width"] // 8
 
 
-def inputs(size: str):
+def inputs(size: str, sizes: dict | None = None):
+    """The DiT's inputs at that size: latents (NCFHW, diffusers' layout) and text states, seeded."""
     import numpy as np
 
     rng = np.random.default_rng(0)
-    latents = rng.standard_normal((1, *latent_shape(size)), dtype=np.float32)  # NCFHW, diffusers' layout
-    text = rng.standard_normal((1, SIZES[size]["text_tokens"], WAN_1_3B["text_dim"]), dtype=np.float32)
+    latents = rng.standard_normal((1, *latent_shape(size, sizes)), dtype=np.float32)
+    text = rng.standard_normal((1, (sizes or SIZES)[size]["text_tokens"], WAN_1_3B["text_dim"]), dtype=np.float32)
     return latents, text
 
 
