@@ -82,6 +82,7 @@ def test_pipeline_folder_verifies_component_by_component(converted):
     assert reports["vae"]["reference"].startswith("diffusers:AutoencoderKLLTX2Video")
 
 
+@pytest.mark.slow  # heavy; CI runs it (make test under CI=true)
 def test_a_planted_fault_in_one_component_fails_the_folder(converted, tmp_path):
     """One tensor of the vocoder scaled in the converted folder: the folder's verify fails, naming it."""
     import shutil
@@ -109,6 +110,7 @@ def test_diffusers_release_is_one_folder(release, tmp_path):
     assert (tmp_path / "out" / "tokenizer" / "tokenizer.json").exists()
 
 
+@pytest.mark.slow  # heavy; CI runs it (make test under CI=true)
 def test_ltx23_release_is_one_folder(release, tmp_path):
     """An LTX-2.3 single file: its DiT, connectors and vocoder are the 2.3 forms (the vocoder is the
     bandwidth-extension class, chosen by the component's alternatives), and the folder verifies."""

@@ -160,6 +160,7 @@ def test_every_format_has_thresholds():
         assert THRESHOLDS[name].max_rel_l2 is not None and name in PIPELINE_THRESHOLDS
 
 
+@pytest.mark.slow  # heavy; CI runs it (make test under CI=true)
 def test_pipeline_verify_quantized_animatediff(tmp_path):
     """An AnimateDiff folder converted with --quantize 8: the UNet's and the motion module's block
     linears are quantized layers (the motion UNet loads both conversions' formats), the VAE and text

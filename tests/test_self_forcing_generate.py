@@ -267,6 +267,7 @@ def test_generate_command_streams_and_reports(folder, tmp_path):
     assert again.exit_code != 0 and "exists; a live output" in again.output
 
 
+@pytest.mark.slow  # heavy; CI runs it (make test under CI=true)
 def test_image_cross_attention_matches_the_reference(tmp_path):
     """A causal DiT that also cross-attends to CLIP image tokens (16 input channels, image_dim set),
     with a Wan 2.1 I2V base's image encoder: i2v only, the tokens in the cross-attention cache."""

@@ -68,6 +68,7 @@ def test_parity(wan_folders, kind, task):
     assert report.settings["reference"] == ("WanPipeline" if task == "t2v" else "WanImageToVideoPipeline")
 
 
+@pytest.mark.slow  # heavy; CI runs it (make test under CI=true)
 def test_a14b_switches_experts_where_diffusers_does(wan_folders, monkeypatch):
     """The low-noise expert takes over below boundary_ratio x 1000 (t=900 at ratio 0.9 is still
     the high-noise expert's, compared in float32 as torch does). Ignoring the switch, or moving it
