@@ -188,12 +188,12 @@ def convert(
     print_quantization(manifest)
 
 
-def print_quantization(manifest: dict[str, Any], name: str = "") -> None:
+def print_quantization(manifest: dict[str, Any]) -> None:
     """What --quantize did: the format, how many layers took it, which declared ones stayed float."""
     section = manifest.get("quantization")
     if section:
         kept = section["unquantized"]
-        console.print(f"  {name}quantized {len(section['tensors'])} layers to {section['name']}"
+        console.print(f"  quantized {len(section['tensors'])} layers to {section['name']}"
                       + (f"; {len(kept)} kept float ({next(iter(kept.values()))}, ...)" if kept else ""),
                       highlight=False, soft_wrap=True)
 

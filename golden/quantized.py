@@ -43,15 +43,10 @@ def layer_thresholds(manifest: dict[str, Any]) -> Callable[[str], tuple[str, Thr
 def pipeline_format(folder: Path) -> str | None:
     """The format of a pipeline folder's quantized components (the denoisers), None if all float;
     several formats: the loosest, by its pipeline thresholds."""
-    from vidport.converter.core.manifest import MANIFEST, read_manifest
+    from vidport.runtime.pipelines.folder import PipelineFolder
 
-    names = set()
-    for entry in (read_manifest(folder).get("components") or {}).values():
-        component = folder / entry["folder"]
-        if (component / MANIFEST).exists():
-            section = read_manifest(component).get("quantization")
-            if section:
-                names.add(section["name"])
+    names = {manifest["quantization"]["name"] for manifest in PipelineFolder.open(folder).components.values()
+             if manifest.get("quantization")}
     for name in names:
         if name not in PIPELINE_THRESHOLDS:
             raise VidportError(f"{folder}: no pipeline thresholds measured for {name}",

@@ -48,6 +48,10 @@ class CausalWanCache:
                              "blocks run in order, each starting where the written ones end")
         if self._held and frame_tokens != self._frame_tokens:
             raise ValueError(f"{frame_tokens} tokens a frame, the cached frames have {self._frame_tokens}")
+        self.check_window(frames)
+
+    def check_window(self, frames: int) -> None:
+        """A window must leave room for a block of `frames` beside the sinks."""
         if self.local_attn_size is not None and frames > self.local_attn_size - self.sink_size:
             raise ValueError(f"a block of {frames} frames does not fit a window of {self.local_attn_size} frames "
                              f"with {self.sink_size} sink frames")

@@ -182,9 +182,7 @@ class SelfForcingPipeline(WanPipeline):
         window, sinks = request.extra["local_attn_size"], int(request.extra["sink_size"])
         try:
             cache = CausalWanCache(None if window in (None, -1) else int(window), sinks)
-            if cache.local_attn_size is not None and self.block_frames > cache.local_attn_size - sinks:
-                raise ValueError(f"a block of {self.block_frames} frames does not fit a window of "
-                                 f"{cache.local_attn_size} frames with {sinks} sink frames")
+            cache.check_window(self.block_frames)
         except ValueError as err:
             raise VidportError(f"--set local_attn_size={window} sink_size={sinks}: {err}",
                                hint=f"a window of at least {self.block_frames} + sink_size latent frames, or -1 "
