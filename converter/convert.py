@@ -164,8 +164,6 @@ def plan_conversion(source_path: str | Path, target: str, family: str | None = N
     detected, ema = choose_ema(detected, source, ema)
     shapes = {k: tuple(r.shape) for k, r in detected.tensors.refs.items()}
     canonical = map_keys(shapes, detected.spec.rules, detected.spec.path.name)
-    check_source_dtypes(canonical, {k: r.dtype for k, r in detected.tensors.refs.items()},
-                        detected.family.role_of, catalog.float_roles, source.path.name)
     config, variant, assumed = resolve_config(detected, source, canonical.shapes, overrides or {})
 
     with _naming_assumptions(assumed):
@@ -173,6 +171,8 @@ def plan_conversion(source_path: str | Path, target: str, family: str | None = N
         extras = fam.targets.get(target_spec.name)
         rules, what = extras.rules if extras else RuleSet([]), f"{fam.path.name} (target {target})"
         layout = TargetLayout(target_spec, fam, public(config), options)
+        check_source_dtypes(canonical, {k: r.dtype for k, r in detected.tensors.refs.items()},
+                            layout.role, catalog.float_roles, source.path.name)
         kept = {k: s for k, s in canonical.shapes.items() if layout.omitted(k) is None}
         canonical.dropped += [(k, layout.omitted(k) or "") for k in canonical.shapes if k not in kept]
         final = map_keys(kept, rules, what, pre_steps=layout.steps, identity_default=True)
@@ -200,9 +200,9 @@ def plan_conversion(source_path: str | Path, target: str, family: str | None = N
         check_expected(final.shapes, expected, f"{source.path.name} -> {target} ({detected.spec.name})", origin)
     quantization = block = None
     if quantize is not None and target_spec.block_formats:
-        block = plan_block_formats(detected.family, target_spec, canonical, final, formats, quantize)
+        block = plan_block_formats(layout, target_spec, canonical, final, formats, quantize)
     elif quantize is not None:
-        quantization = plan_quantization(detected.family, target_spec, canonical, final, quantize)
+        quantization = plan_quantization(layout, target_spec, canonical, final, quantize)
     return ConversionPlan(source, detected, target_spec, config, variant, canonical, final,
                           NAMED_DTYPES[dtype] if dtype else None, overrides or {}, options, formats, ema, assumed,
                           quantization, block)
@@ -220,17 +220,18 @@ def _declared(family, bits: int):
     return family.quantize
 
 
-def _selected(family, canonical: Mapping, final: Mapping):
+def _selected(layout: TargetLayout, canonical: Mapping, final: Mapping):
     """(target key, shape) of each tensor the family's declaration selects, by role and key."""
+    family = layout.family
     for key, shape in final.shapes.items():
         recipe = final.recipes[key]
         if recipe.generate or not recipe.inputs or recipe.inputs[0] not in canonical.recipes:
             continue
-        if family.quantize.selects(key, family.role_of(recipe.inputs[0])):
+        if family.quantize.selects(key, layout.role(recipe.inputs[0])):
             yield key, tuple(shape)
 
 
-def plan_block_formats(family, target: TargetSpec, canonical: Mapping, final: Mapping,
+def plan_block_formats(layout: TargetLayout, target: TargetSpec, canonical: Mapping, final: Mapping,
                        formats: dict[str, TensorFormat], fmt: QuantFormat) -> BlockPlan:
     """--quantize BITS on a target with block-float formats (TTNN: 8 -> bfloat8_b, 4 -> bfloat4_b):
     the tensors the family declares take that dtype in `formats` (updated here); MLX's modes and
@@ -243,9 +244,10 @@ def plan_block_formats(family, target: TargetSpec, canonical: Mapping, final: Ma
     if fmt.bits not in target.block_formats:
         raise VidportError(f"--quantize {fmt.bits}: the {target.name} target has no {fmt.bits}-bit block format",
                            hint=f"--quantize {takes}")
+    family = layout.family
     _declared(family, fmt.bits)
     plan = BlockPlan(fmt.bits, target.block_formats[fmt.bits])
-    for key, _shape in _selected(family, canonical, final):
+    for key, _shape in _selected(layout, canonical, final):
         if formats[key].layout != "TILE":
             plan.kept[key] = f"stored {formats[key].layout}; block formats are tiled"
             continue
@@ -258,16 +260,17 @@ def plan_block_formats(family, target: TargetSpec, canonical: Mapping, final: Ma
     return plan
 
 
-def plan_quantization(family, target: TargetSpec, canonical: Mapping, final: Mapping,
+def plan_quantization(layout: TargetLayout, target: TargetSpec, canonical: Mapping, final: Mapping,
                       fmt: QuantFormat) -> QuantPlan:
     """The weights `fmt` applies to: each target tensor whose role and key the family's `quantize:`
     declaration selects, unless its shape does not fit the format (then kept, with the reason)."""
     if target.name != "mlx":
         raise VidportError(f"--quantize {fmt.bits}: MLX's formats are for the mlx target",
                            hint=f"the {target.name} target stores the model's own dtypes: convert without --quantize")
+    family = layout.family
     _declared(family, fmt.bits)
     plan = QuantPlan(fmt)
-    for key, shape in _selected(family, canonical, final):
+    for key, shape in _selected(layout, canonical, final):
         module = key.rsplit(".", 1)[0]
         reason = fmt.fits(shape)
         if reason is None:

@@ -168,16 +168,16 @@ class TargetLayout:
     whether the target omits it, with every placeholder resolved."""
 
     def __init__(self, target: "TargetSpec", family: "FamilySpec", config: dict[str, Any], options: dict[str, Any]):
-        self.target, self.family = target, family
+        self.target, self.family, self.config = target, family, config
         self.base = {**{f"config.{k}": v for k, v in config.items()}, **options}
 
     def _context(self, key: str) -> dict[str, Any]:
-        args = self.family.args_of(key)
+        args = self.family.args_of(key, self.config)
         return {**self.base, **{k: substitute(v, self.base, f"{self.family.path.name}: role args of {key}")
                                 for k, v in args.items()}}
 
     def role(self, key: str) -> str:
-        return self.family.role_of(key)
+        return self.family.role_of(key, self.config)
 
     def omitted(self, key: str) -> str | None:
         """Why the target leaves this key out (its role is listed under `omit_roles`), or None."""

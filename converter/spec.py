@@ -173,7 +173,10 @@ FAMILY_SCHEMA = {
                                                      "runtime": "str"}}}},
     },
 }
-ROLE = {"required": {"match": "pattern", "role": "str"}, "optional": {"args": {"optional": {"*": "any"}}}}
+# `if_config`: the declaration holds only for a model whose config has these values (a UNet's
+# proj_in/proj_out are 1x1 convolutions or linears by `use_linear_projection`)
+ROLE = {"required": {"match": "pattern", "role": "str"},
+        "optional": {"args": {"optional": {"*": "any"}}, "if_config": {"optional": {"*": "any"}}}}
 ROLES_SCHEMA = {"required": {"float": ["list", "str"]}}  # mappings/roles.yaml
 UNCONVERTED_SCHEMA = {"required": {"models": ["list", {  # mappings/unconverted.yaml
     "required": {"name": "str", "about": "str",
@@ -468,22 +471,29 @@ class FamilySpec:
     targets: dict[str, TargetExtras]
     sources: list[SourceSpec] = field(default_factory=list)
     role_args: list[dict[str, Any]] = field(default_factory=list)  # parallel to roles: `args:` of each
+    role_conditions: list[dict[str, Any]] = field(default_factory=list)  # parallel to roles: `if_config:` of each
     defaults: dict[str, Any] = field(default_factory=dict)  # the canonical library's defaults (no variant matched)
     quantize: QuantizeSpec | None = None
 
-    def args_of(self, key: str) -> dict[str, Any]:
-        """The `args` of the role declaration that matches `key` (placeholders unresolved)."""
-        for (pattern, _), args in zip(self.roles, self.role_args or [{}] * len(self.roles)):
-            if pattern.match(key) is not None:
-                return args
-        return {}
+    def _declaration(self, key: str, config: dict[str, Any]) -> int | None:
+        """Index of the first role declaration matching `key` whose `if_config` the config meets."""
+        conditions = self.role_conditions or [{}] * len(self.roles)
+        for index, ((pattern, _), condition) in enumerate(zip(self.roles, conditions)):
+            if pattern.match(key) is not None and all(config.get(k) == v for k, v in condition.items()):
+                return index
+        return None
 
-    def role_of(self, key: str) -> str:
+    def args_of(self, key: str, config: dict[str, Any]) -> dict[str, Any]:
+        """The `args` of the role declaration that matches `key` (placeholders unresolved)."""
+        index = self._declaration(key, config)
+        return dict(self.role_args[index]) if index is not None and self.role_args else {}
+
+    def role_of(self, key: str, config: dict[str, Any]) -> str:
         """The tensor's role, e.g. `conv2d.weight`: the declared module kind plus the key's last segment."""
-        for pattern, role in self.roles:
-            if pattern.match(key) is not None:
-                return f"{role}.{key.rsplit('.', 1)[-1]}"
-        raise VidportError(f"{self.path}: no role declared for canonical key {key}")
+        index = self._declaration(key, config)
+        if index is None:
+            raise VidportError(f"{self.path}: no role declared for canonical key {key}")
+        return f"{self.roles[index][1]}.{key.rsplit('.', 1)[-1]}"
 
 
 @dataclass
@@ -607,7 +617,8 @@ def load_family_spec(path: Path) -> FamilySpec:
         canonical=data["canonical"], runtime=data["runtime"], reference=data["reference"], path=path,
         config=_config(data.get("config")),
         roles=[(compile_pattern(r["match"]), r["role"]) for r in data["roles"]], targets=targets,
-        role_args=[dict(r.get("args") or {}) for r in data["roles"]], defaults=data.get("defaults") or {},
+        role_args=[dict(r.get("args") or {}) for r in data["roles"]],
+        role_conditions=[dict(r.get("if_config") or {}) for r in data["roles"]], defaults=data.get("defaults") or {},
         quantize=_quantize(data.get("quantize")),
     )
 

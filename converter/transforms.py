@@ -55,15 +55,23 @@ def _reshape_shape(shape: Shape, dims: list[int]) -> Shape:
     return tuple(out)
 
 
+def _axis(axis: int, rank: int, what: str, shape: Shape) -> int:
+    """A numpy-style axis (negative counts from the end) of a `rank`-d tensor; one outside it is an
+    error, never wrapped (a wrapped axis would squeeze or split the wrong dimension silently)."""
+    if not -rank <= axis < rank:
+        raise ValueError(f"{what}: axis {axis} is out of range for a {len(shape)}-d tensor of shape {list(shape)}")
+    return axis % rank
+
+
 def _squeeze_shape(shape: Shape, axes: list[int]) -> Shape:
-    axes = [a % len(shape) for a in axes]
+    axes = [_axis(a, len(shape), "squeeze", shape) for a in axes]
     if any(shape[a] != 1 for a in axes):
         raise ValueError(f"cannot squeeze axes {axes} of shape {list(shape)}: not of size 1")
     return tuple(n for i, n in enumerate(shape) if i not in axes)
 
 
 def _split_sizes(shape: Shape, params: dict) -> list[int]:
-    axis = params.get("axis", 0) % len(shape)
+    axis = _axis(params.get("axis", 0), len(shape), "split", shape)
     if "sizes" in params:
         sizes = list(params["sizes"])
     else:
@@ -83,7 +91,7 @@ def _split(array: np.ndarray, **params: Any) -> list[np.ndarray]:
 
 
 def _split_shape(shape: Shape, **params: Any) -> list[Shape]:
-    axis = params.get("axis", 0) % len(shape)
+    axis = _axis(params.get("axis", 0), len(shape), "split", shape)
     return [tuple(n if i != axis else size for i, n in enumerate(shape)) for size in _split_sizes(shape, params)]
 
 
@@ -94,7 +102,7 @@ def _transpose_shape(shape: Shape) -> Shape:
 
 
 def _unsqueeze_shape(shape: Shape, axis: int) -> Shape:
-    axis = axis if axis >= 0 else len(shape) + 1 + axis
+    axis = _axis(axis, len(shape) + 1, "unsqueeze", shape)
     return tuple(shape[:axis]) + (1,) + tuple(shape[axis:])
 
 

@@ -58,7 +58,8 @@ class UNet2DConditionModel(nn.Module):
         super().__init__()
         channels = config.block_out_channels
         count = len(channels)
-        args = BlockArgs(config.time_embed_dim, config.groups, config.eps, config.cross_attention_dim)
+        args = BlockArgs(config.time_embed_dim, config.groups, config.eps, config.cross_attention_dim,
+                         config.linear_projection)
         motion = motion or [None] * count
         self.conv_in = Conv2d(config.in_channels, channels[0], 3, padding=1)
         self.time_proj = Timesteps(channels[0], config.flip_sin_to_cos, config.freq_shift)

@@ -1,5 +1,6 @@
 """The UNet's spatial transformer in MLX, mirroring diffusers' `Transformer2DModel` (continuous
-input, 1x1-conv projections as SD 1.x uses) and its `BasicTransformerBlock`: self-attention over
+input; 1x1-conv projections as SD 1.x uses, or linears with `use_linear_projection` as SD 2.x
+and some SD 1.5 fine-tunes use) and its `BasicTransformerBlock`: self-attention over
 pixels, cross-attention to the text tokens, GEGLU feed-forward."""
 from __future__ import annotations
 
@@ -50,21 +51,23 @@ class BasicTransformerBlock(nn.Module):
 
 
 class Transformer2DModel(nn.Module):
-    """Group norm, 1x1 conv in, transformer blocks over the H*W pixels, 1x1 conv out, residual.
+    """Group norm, projection in, transformer blocks over the H*W pixels, projection out, residual.
+    The projections are 1x1 convolutions, or linears (`linear_projection`) applied to the
+    flattened pixels, as diffusers does; on channels-last maps the two compute the same.
 
     The feature map is channels-last; the text tokens keep their (batch, tokens, dim) layout."""
 
     channels_last = ("hidden_states",)
 
     def __init__(self, heads: int, dim_head: int, in_channels: int, layers: int, cross_attention_dim: int,
-                 groups: int):
+                 groups: int, linear_projection: bool = False):
         super().__init__()
         inner = heads * dim_head
         self.norm = GroupNorm(groups, in_channels, eps=1e-6)
-        self.proj_in = Conv2d(in_channels, inner, 1)
+        self.proj_in = nn.Linear(in_channels, inner) if linear_projection else Conv2d(in_channels, inner, 1)
         self.transformer_blocks = [BasicTransformerBlock(inner, heads, dim_head, cross_attention_dim)
                                    for _ in range(layers)]
-        self.proj_out = Conv2d(inner, in_channels, 1)
+        self.proj_out = nn.Linear(inner, in_channels) if linear_projection else Conv2d(inner, in_channels, 1)
 
     def __call__(self, hidden_states: mx.array, encoder_hidden_states: mx.array | None = None) -> mx.array:
         batch, height, width, _ = hidden_states.shape

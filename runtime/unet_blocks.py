@@ -105,6 +105,7 @@ class BlockArgs:
     groups: int
     eps: float
     cross_attention_dim: int
+    linear_projection: bool = False
 
 
 class _Block(nn.Module):
@@ -124,8 +125,8 @@ class _Block(nn.Module):
 
 
 def _attentions(args: BlockArgs, channels: int, count: int, heads: int, layers: int) -> list[Transformer2DModel]:
-    return [Transformer2DModel(heads, channels // heads, channels, layers, args.cross_attention_dim, args.groups)
-            for _ in range(count)]
+    return [Transformer2DModel(heads, channels // heads, channels, layers, args.cross_attention_dim, args.groups,
+                               args.linear_projection) for _ in range(count)]
 
 
 class DownBlock(_Block):

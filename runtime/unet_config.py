@@ -10,7 +10,6 @@ from vidport.converter.core.errors import VidportError
 # Options that change the architecture or the numerics, and the one value the port implements.
 FIXED: dict[str, Any] = {
     "mid_block_type": "UNetMidBlock2DCrossAttn",
-    "use_linear_projection": False,
     "act_fn": "silu",
     "center_input_sample": False,
     "class_embed_type": None,
@@ -63,6 +62,7 @@ class UNetConfig:
     eps: float
     flip_sin_to_cos: bool
     freq_shift: float
+    linear_projection: bool = False  # diffusers' use_linear_projection: proj_in/proj_out are linears
 
     @property
     def time_embed_dim(self) -> int:
@@ -101,4 +101,5 @@ def read_unet_config(config: dict[str, Any]) -> UNetConfig:
         heads=tuple(per_block(heads, blocks, "attention_head_dim")),
         cross_attention_dim=cross, groups=config.get("norm_num_groups", 32), eps=config.get("norm_eps", 1e-5),
         flip_sin_to_cos=config.get("flip_sin_to_cos", True), freq_shift=config.get("freq_shift", 0),
+        linear_projection=bool(config.get("use_linear_projection", False)),
     )

@@ -162,3 +162,46 @@ def test_sdxl_motion_module_on_sd15_unet_is_refused(unet_mlx, motion_sources, tm
         load_unet_motion(unet_mlx, tmp_path / "sdxl-mm")
     with pytest.raises(VidportError, match="expected animatediff-motion"):
         load_unet_motion(unet_mlx, unet_mlx)
+
+
+@pytest.fixture(scope="module")
+def linear_projection_unet(tmp_path_factory):
+    """A Diffusers unet/ folder with `use_linear_projection: true` (SD 2.x-style projections, also
+    found in some SD 1.5 fine-tunes): proj_in / proj_out are 2-D linears, not 1x1 convolutions."""
+    from diffusers import UNet2DConditionModel
+
+    from fixtures.sd import randomize
+
+    folder = tmp_path_factory.mktemp("unet-linear-projection") / "unet"
+    randomize(UNet2DConditionModel(**SD_UNET_CONFIG, use_linear_projection=True), 7).save_pretrained(str(folder))
+    return folder
+
+
+def test_linear_projection_converts_and_verifies(linear_projection_unet, tmp_path):
+    """The proj_in / proj_out roles follow the config, not the key: linears convert as linears and
+    the MLX UNet built from the config matches diffusers layer by layer."""
+    plan = plan_conversion(linear_projection_unet, "mlx", "sd15-unet")
+    assert plan.config["use_linear_projection"] is True
+    convert(plan, tmp_path / "out")
+    report = verify(tmp_path / "out")
+    assert report.passed, report.first_failure
+    projections = [r for r in report.layers if r.name.endswith(("proj_in", "proj_out"))]
+    assert {r.kind for r in projections} == {"Linear"}
+    assert len(projections) == 2 * (3 * 2 + 1 + 3 * 3)  # the down, mid and up spatial transformers
+    assert min(r.local["pcc"] for r in projections) >= 0.99999
+
+
+def test_linear_projection_ttnn_stores_linears(linear_projection_unet, tmp_path):
+    """On TTNN the linear projections are [in, out] TILE linears, equal to diffusers' weight.T."""
+    import json
+
+    from diffusers import UNet2DConditionModel
+
+    from vidport.converter.core.tensorbin import read_tensorbin
+
+    convert(plan_conversion(linear_projection_unet, "ttnn", "sd15-unet"), tmp_path / "tt")
+    entry = json.loads((tmp_path / "tt" / "ttnn_manifest.json").read_text())["tensors"]["mid_block.attentions.0.proj_in.weight"]
+    assert entry["role"] == "linear.weight" and entry["layout"] == "TILE"
+    stored, _ = read_tensorbin(tmp_path / "tt" / entry["file"])
+    expected = UNet2DConditionModel.from_pretrained(linear_projection_unet).state_dict()["mid_block.attentions.0.proj_in.weight"]
+    np.testing.assert_allclose(stored.astype(np.float32), expected.T.to(torch.bfloat16).float().numpy())

@@ -46,6 +46,13 @@ def test_transforms_compose_and_predict_shapes():
     assert shape_steps([squeeze], (8, 4, 1, 1)) == (8, 4)
     with pytest.raises(ValueError, match="not of size 1"):
         shape_steps([squeeze], (8, 4, 3, 3))
+    # an axis past the rank is an error, never wrapped onto another axis ((1, 5) squeezed at 2 is not (5,))
+    assert shape_steps([parse_step({"squeeze": [-2]})], (1, 5)) == (5,)
+    for step, shape in (({"squeeze": [2]}, (1, 5)), ({"squeeze": [-3]}, (1, 5)), ({"unsqueeze": 3}, (1, 5)),
+                        ({"split": {"axis": 2, "parts": 1}}, (1, 5))):
+        with pytest.raises(ValueError, match="out of range"):
+            shape_steps([parse_step(step)], shape)
+    np.testing.assert_array_equal(run_steps([parse_step({"unsqueeze": -1})], np.ones((2, 3))), np.ones((2, 3, 1)))
     with pytest.raises(ValueError, match="unknown transform"):
         parse_step("flip_everything")
 
@@ -111,7 +118,7 @@ def test_shipped_specs_load():
     family = catalog.family("animatediff-motion")
     assert {s.source for s in family.sources} >= {"original", "diffusers"}
     assert {"mlx", "diffusers"} <= set(catalog.targets)
-    assert family.role_of("down_blocks.0.motion_modules.0.norm.weight") == "group_norm.weight"
+    assert family.role_of("down_blocks.0.motion_modules.0.norm.weight", {}) == "group_norm.weight"
     assert catalog.target("mlx").steps_for("conv2d.weight")[0].name == "permute"
     with pytest.raises(VidportError, match="unknown model family"):
         catalog.family("animatedif")
