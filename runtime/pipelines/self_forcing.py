@@ -15,7 +15,9 @@ official `CausalInferencePipeline` runs it:
   (the official `initial_latent` with `independent_first_frame`); the generated blocks follow it.
   A DiT with image cross-attention also gets the CLIP image tokens.
 - a rolling cache (`--set local_attn_size=N sink_size=S`, in latent frames, as the official options)
-  bounds memory for long videos.
+  bounds memory for long videos;
+- on several processes (`--set parallel=tensor|sequence` under mlx.launch: runtime.parallel_causal_wan)
+  every rank runs the same loop on its share of the DiT; rank 0 alone decodes and writes.
 
 Noise from a seed, or every draw from a file (`noise` (1, C, F, h, w): each block's starting noise;
 `renoise` (steps - 1, 1, C, F, h, w): the fresh noise of each re-noising, frame by frame), so runs
@@ -23,6 +25,7 @@ are reproducible and comparable with the reference (golden/self_forcing_parity.p
 """
 from __future__ import annotations
 
+import json
 import secrets
 import time
 from contextlib import nullcontext
@@ -33,6 +36,8 @@ import mlx.core as mx
 import numpy as np
 
 from vidport.converter.core.errors import VidportError
+from vidport.runtime.parallel_causal_wan import CausalPlan, cache_report
+from vidport.runtime.parallel_wan import weight_report
 from vidport.runtime.pipelines.folder import PipelineFolder
 from vidport.runtime.pipelines.protocol import DecodeCallback, Generation, Request, Step, StepCallback
 from vidport.runtime.pipelines.wan import TEXT_LENGTH, WanPipeline
@@ -81,7 +86,8 @@ class SelfForcingPipeline(WanPipeline):
         if name == "transformer" and name not in self._models:
             from vidport.runtime.causal_wan import CausalWanTransformer
 
-            self._models[name] = CausalWanTransformer.load(self.folder.path / name)
+            path = self.folder.path / name  # under a parallel plan, as this rank holds it
+            self._models[name] = self._plan.load(path) if self._plan else CausalWanTransformer.load(path)
         return super().model(name)
 
     # ------------------------------------------------------------------ the protocol
@@ -93,7 +99,8 @@ class SelfForcingPipeline(WanPipeline):
 
     def settings(self, task: str) -> set[str]:
         common = {"prompt", "frames", "steps", "height", "width", "seed", "noise", "fps", "prompt_embeds",
-                  "max_sequence_length", "timestep_shift", "local_attn_size", "sink_size"}
+                  "max_sequence_length", "timestep_shift", "local_attn_size", "sink_size", "parallel",
+                  "collective_timeout", "dump_steps"}
         return common | {"image"} if task == "i2v" else common
 
     def defaults(self, task: str) -> Request:
@@ -139,6 +146,26 @@ class SelfForcingPipeline(WanPipeline):
                 raise VidportError(f"{self.folder.path}: no UMT5 text encoder and tokenizer to encode the prompt with",
                                    hint="convert with --base WAN_FOLDER, or pass --prompt-embeds")
         self.check_draws(request)
+        self.plan(request).check(self.folder.config("transformer"), self.call_tokens(request))
+
+    # ------------------------------------------------------------------ parallel runs
+
+    def plan(self, request: Request) -> CausalPlan:
+        """The request's parallel plan over this process's ranks (runtime.parallel_causal_wan)."""
+        from vidport.runtime.distributed import parse_plan, parse_timeout, world
+        from vidport.runtime.parallel_causal_wan import causal_plan
+
+        ranks = world()
+        ranks.watchdog.timeout = parse_timeout(request.extra.get("collective_timeout"))
+        return causal_plan(parse_plan(request.extra.get("parallel")), ranks)
+
+    def call_tokens(self, request: Request) -> tuple[int, ...]:
+        """Patch tokens of each kind of DiT call at this request's size: a block of latent frames,
+        and for i2v the image's frame."""
+        _, _, _, height, width = self.latent_shape(request.frames, request.height, request.width)
+        _, p_h, p_w = self.layout.patch
+        frame = (height // p_h) * (width // p_w)
+        return (self.block_frames * frame, frame) if request.task == "i2v" else (self.block_frames * frame,)
 
     def check_frames(self, frames: int, task: str) -> None:
         """Whole blocks only: 1 + 4 * (3n - 1) frames (i2v: 1 + 4 * 3n, the image's frame first)."""
@@ -207,10 +234,18 @@ class SelfForcingPipeline(WanPipeline):
 
     def run(self, request: Request, on_step: StepCallback | None = None,
             on_decode: DecodeCallback | None = None) -> Generation:
-        seed = secrets.randbits(31) if request.seed is None else int(request.seed)
+        """The official loop. `extra`: `parallel` (runtime.parallel_causal_wan; rank 0 alone decodes
+        and writes), `collective_timeout`, and the debug setting `dump_steps=DIR`: rank 0 saves each
+        step's x0 (step_NNN.npy, blocks in turn) and the frames (frames.npy), every rank its DiT
+        weight and KV cache bytes (rankR_weights.json)."""
+        plan = self._plan = self.plan(request)
+        ranks, dump = plan.world, request.extra.get("dump_steps")
+        seed = ranks.agree(secrets.randbits(31) if request.seed is None else int(request.seed))
         began = time.perf_counter()
         model = self.model("transformer")
         dtype = module_dtype(model)
+        if dump:
+            Path(dump).mkdir(parents=True, exist_ok=True)
         context = self._text_states(request, guided=False)[0].astype(dtype)
         if request.release_weights:
             self._models.pop("text_encoder", None)
@@ -219,7 +254,8 @@ class SelfForcingPipeline(WanPipeline):
         noise, renoise = self._draws(request, seed)
         schedule = FewStepSchedule.official(request.steps, float(request.extra["timestep_shift"]))
         cache = self.new_cache(request)
-        decoder = FrameDecoder(self.model("vae")) if request.decode else None
+        decode_here = request.decode and ranks.is_main  # the other ranks only compute
+        decoder = FrameDecoder(self.model("vae")) if decode_here else None
         latent_total = noise.shape[1]
         blocks = self.blocks(request)
         written = 0  # latent frames generated (or given) so far
@@ -239,11 +275,11 @@ class SelfForcingPipeline(WanPipeline):
             decode_seconds += time.perf_counter() - clock
             if writer is not None:
                 writer.append(frames)
-            else:
+            if writer is None or dump:
                 kept.append(frames)
             stats_out.setdefault("first frame seconds", time.perf_counter() - began)
 
-        with request.writer(None, None) if request.writer and request.decode else nullcontext() as writer:
+        with request.writer(None, None) if request.writer and decode_here else nullcontext() as writer:
             if request.task == "i2v":
                 image = self._first_frame(request, stats, dtype, model, context, cache)
                 outputs.append(image)
@@ -256,7 +292,11 @@ class SelfForcingPipeline(WanPipeline):
                     clock = time.perf_counter()
                     flow = model(mx.array(x).astype(dtype), np.full(self.block_frames, t, np.float32), context,
                                  cache)
+                    ranks.evaluate(flow, what=f"block {block + 1} step {index + 1}")
                     x0 = schedule.x0(x, np.array(flow.astype(mx.float32)), index)
+                    if dump and ranks.is_main:
+                        step = block * len(schedule) + index
+                        np.save(Path(dump) / f"step_{step:03d}.npy", x0.transpose(0, 4, 1, 2, 3))
                     if index + 1 < len(schedule):
                         x = schedule.renoise(x0, renoise[index][:, frames], index + 1)
                     seconds.append(time.perf_counter() - clock)
@@ -272,10 +312,16 @@ class SelfForcingPipeline(WanPipeline):
 
         latents = np.concatenate(outputs, axis=1)
         stats_out["cache MiB"] = cache.nbytes / 2**20
+        if dump:
+            report = {**weight_report(model), **cache_report(cache)}
+            (Path(dump) / f"rank{ranks.rank}_weights.json").write_text(json.dumps(report))
+            if kept and ranks.is_main:
+                np.save(Path(dump) / "frames.npy", np.concatenate(kept))
         elapsed = time.perf_counter() - began
         if request.decode:
             stats_out["frames per second"] = (1 + self.layout.temporal * (latent_total - 1)) / elapsed
-        return Generation(np.concatenate(kept) if kept else None, mx.array(latents.transpose(0, 4, 1, 2, 3)),
+        frames_out = np.concatenate(kept) if kept and writer is None else None  # a writer took them
+        return Generation(frames_out, mx.array(latents.transpose(0, 4, 1, 2, 3)),
                             None if "noise" in request.draws() else seed, schedule.timesteps, request.fps,
                             f"Self-Forcing few-step (shift {schedule.shift:g}, {self.block_frames} latent frames a block)",
                             seconds, decode_seconds, stats=stats_out)

@@ -1,0 +1,150 @@
+"""The Self-Forcing pipeline on 2 processes over MLX's ring backend (`vidport generate --launch`), under
+its parallel plans (tensor, sequence), against the same run in one process: every step's x0 of every
+block (PCC) and the decoded frames (PSNR), the tensor plan's per-rank weight and KV cache memory, and
+refusals (cfg: no guidance to split; a plan that does not divide) before any weight loads.
+
+The single-process run is itself held to the official inference loop by
+tests/test_self_forcing_generate.py. The DiT here is wider than that file's (8 heads of 32, FFN 1024)
+so that weight memory is dominated by the sharded matrices rather than by the whole norms and tables.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import vidport.runtime  # noqa: F401  (before mlx: the runtime gives MLX its fast BLAS)
+from vidport.converter.core.errors import VidportError
+from vidport.converter.pipeline import convert_pipeline, plan_pipeline
+from vidport.runtime.distributed import Watchdog, World
+from vidport.runtime.parallel_causal_wan import causal_plan
+from vidport.runtime.pipelines.protocol import Request
+from vidport.runtime.pipelines.self_forcing import SelfForcingPipeline
+
+VIDPORT = str(Path(sys.executable).with_name("vidport"))
+DIT = {"num_attention_heads": 8, "attention_head_dim": 32, "ffn_dim": 1024}
+# 21 frames: 2 blocks of 3 latent frames; 32 x 48: 2 x 3 patches a frame, 18 tokens a block
+ARGS = ["--prompt", "a fox in the snow", "--frames", "21", "--height", "32", "--width", "48", "--steps", "3",
+        "--seed", "1"]
+LAUNCH = ["--launch", "-n 2 --backend ring"]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    from fixtures.self_forcing_pipeline import write_self_forcing_release
+
+    root = tmp_path_factory.mktemp("sf-distributed")
+    release = write_self_forcing_release(root / "release", "diffusers", **DIT)
+    convert_pipeline(plan_pipeline("self-forcing", {"checkpoint": release["checkpoint"], "base": release["base"]},
+                                   overrides={"transformer.num_attention_heads": DIT["num_attention_heads"]}),
+                     root / "mlx")
+    return root / "mlx"
+
+
+def generate(folder: Path, out: Path, *extra: str, task: str = "t2v") -> subprocess.CompletedProcess:
+    return subprocess.run([VIDPORT, "generate", task, "--model", str(folder), *ARGS, "--out", str(out), *extra],
+                          capture_output=True, text=True, timeout=180, env={**os.environ, "COLUMNS": "200"})
+
+
+@pytest.fixture(scope="module")
+def single(folder, tmp_path_factory) -> Path:
+    """The single-process run's dump: step_NNN.npy x0s, frames.npy, rank0_weights.json."""
+    dump = tmp_path_factory.mktemp("single")
+    done = generate(folder, dump / "out/", "--set", f"dump_steps={dump}")
+    assert done.returncode == 0, done.stdout + done.stderr
+    return dump
+
+
+def pcc(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.corrcoef(a.ravel().astype(np.float64), b.ravel().astype(np.float64))[0, 1])
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
+
+
+@pytest.mark.parametrize("plan", ["tensor", "sequence"])
+def test_plan_equals_single_process(folder, single, plan, tmp_path):
+    """Two ranks under the plan: the same x0 after every step of every block and the same frames as
+    one process; rank 0 alone writes; the plan is printed at the start. Tensor: each rank holds
+    half of the blocks' weights and half of the KV cache; sequence: all of both."""
+    done = generate(folder, tmp_path / "out/", "--set", f"parallel={plan}", "--set", f"dump_steps={tmp_path}",
+                    *LAUNCH)
+    assert done.returncode == 0, done.stdout + done.stderr
+    said = done.stdout.find(f"parallel: {plan} over 2 ranks")
+    assert 0 <= said < done.stdout.find("denoising"), done.stdout  # before the run starts
+    steps = sorted(single.glob("step_*.npy"))
+    assert len(steps) == 2 * 3 and [p.name for p in steps] == sorted(p.name for p in tmp_path.glob("step_*.npy"))
+    for path in steps:
+        assert pcc(np.load(path), np.load(tmp_path / path.name)) >= 0.99999, path.name
+    frames = np.load(single / "frames.npy")
+    assert frames.shape[0] == 21 and psnr(frames, np.load(tmp_path / "frames.npy")) >= 60.0
+    assert len(list((tmp_path / "out").glob("*.png"))) == 21
+    alone = json.loads((single / "rank0_weights.json").read_text())
+    for rank in (0, 1):
+        report = json.loads((tmp_path / f"rank{rank}_weights.json").read_text())
+        share = report["block_bytes"] / alone["block_bytes"]
+        cache = report["cache_bytes"] / alone["cache_bytes"]
+        if plan == "tensor":  # heads and FFN split; the block's norms and modulation table kept whole
+            assert 0.5 <= share < 0.51, share
+            assert cache == 0.5 and report["cache_self_bytes"] * 2 == alone["cache_self_bytes"]
+        else:
+            assert share == 1.0 and cache == 1.0
+
+
+def test_cfg_is_refused_before_weights_load(folder, tmp_path):
+    """cfg under mlx.launch: one error line naming why (no guidance), no output, no dump."""
+    out = tmp_path / "never.mp4"
+    done = generate(folder, out, "--set", "parallel=cfg", "--set", f"dump_steps={tmp_path / 'dump'}", *LAUNCH)
+    assert done.returncode == 1
+    errors = [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "runs without classifier-free guidance" in errors[0], done.stdout + done.stderr
+    assert not out.exists() and not (tmp_path / "dump").exists()
+
+
+def _world(size: int) -> World:
+    return World(None, 0, size, Watchdog(0))
+
+
+@pytest.mark.parametrize("plan, size, settings, message", [
+    ("cfg", 2, {}, "runs without classifier-free guidance"),
+    ("tensor", 3, {}, "num_attention_heads 8 does not split across 3 ranks"),
+    ("sequence", 4, {}, "a DiT call's 18 tokens do not split into 4"),  # a block: 3 frames of 2 x 3 patches
+    ("sequence", 3, {"task": "i2v", "frames": 25, "width": 32, "image": np.zeros((32, 32, 3), np.uint8)},
+     "a DiT call's 4 tokens do not split into 3"),  # blocks of 12 do; the image's frame of 2 x 2 does not
+    ("tensor", 1, {}, "not started by mlx.launch"),
+    (None, 2, {}, "2 ranks but no parallel plan"),
+])
+def test_refusals_before_weights_load(folder, tmp_path, monkeypatch, plan, size, settings, message):
+    """Every refusal from configs and the rank count alone: the weights are removed from a copy of
+    the folder, and the plan sees `size` ranks."""
+    from vidport.runtime import distributed
+
+    copy = tmp_path / "no-weights"
+    shutil.copytree(folder, copy)
+    for weights in copy.rglob("*.safetensors"):
+        weights.unlink()
+    monkeypatch.setattr(distributed, "_world", _world(size))
+    pipe = SelfForcingPipeline.from_folder(copy)
+    request = Request(**{"task": "t2v", "prompt": "a cat", "frames": 21, "height": 32, "width": 48,
+                         "extra": {"parallel": plan}, **settings})
+    with pytest.raises(VidportError, match=re.escape(message)):
+        pipe.check(request)
+
+
+def test_plan_lines():
+    """What each plan says at the start of a run, from the DiT's config."""
+    config = {"num_attention_heads": 12, "ffn_dim": 8960, "num_layers": 30}
+    assert causal_plan("tensor", _world(2)).describe(config) == (
+        "tensor over 2 ranks: each rank 6 of 12 heads and 4480 of 8960 FFN columns of every block, loaded as "
+        "shards tensor by tensor; the KV cache holds each rank's heads (1/2)")
+    assert "keys and values all-gathered in each of 30 self-attentions" in causal_plan("sequence", _world(4)).describe(
+        config)
