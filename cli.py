@@ -130,9 +130,14 @@ def convert(
     ema: Optional[bool] = typer.Option(None, "--ema/--no-ema", help="Convert the EMA weights the file keeps (an LDM file's "
                                        "model_ema.*, Self-Forcing's generator_ema), or not; default: the format's choice "
                                        "(Self-Forcing: EMA, where the file has it; others: not)."),
-    cache_style: Optional[str] = typer.Option(None, "--cache-style", help="ttnn: as_tensor | model_cache | tt_dit (file naming; default as_tensor)."),
+    cache_style: Optional[str] = typer.Option(None, "--cache-style", help="ttnn: as_tensor | model_cache | tt_dit (file naming; default as_tensor; tt_dit: the keyed folder tt_dit loads, for wan-dit)."),
     ttnn_dtype: Optional[str] = typer.Option(None, "--ttnn-dtype", help="ttnn: bfloat16 | bfloat8_b for linear weights (default bfloat16)."),
     ttnn_grid: Optional[str] = typer.Option(None, "--ttnn-grid", help="ttnn: core grid COLUMNSxROWS for group-norm packing (default 8x8)."),
+    ttnn_mesh: Optional[str] = typer.Option(None, "--ttnn-mesh", help="ttnn, --cache-style tt_dit: the device mesh ROWSxCOLS "
+                                            "the cache is sharded for (1x4, 2x2, 2x4, 4x8, 4x32; default 1x1)."),
+    tp_axis: Optional[int] = typer.Option(None, "--tp-axis", help="ttnn, tt_dit: the mesh axis splitting heads (default: tt_dit's plan for the mesh)."),
+    sp_axis: Optional[int] = typer.Option(None, "--sp-axis", help="ttnn, tt_dit: the mesh axis splitting the sequence (default: tt_dit's plan)."),
+    fsdp: Optional[bool] = typer.Option(None, "--fsdp/--no-fsdp", help="ttnn, tt_dit: also split weights over the sp axis (default: tt_dit's plan)."),
     quantize: Optional[int] = typer.Option(None, "--quantize", help="Quantize the linears the family declares: mlx to BITS (affine 2-8; mxfp4/nvfp4 4, mxfp8 8); ttnn 8 = bfloat8_b, 4 = bfloat4_b."),
     q_group_size: Optional[int] = typer.Option(None, "--q-group-size", help="--quantize: weights per scale, 32 | 64 | 128 (default: the mode's; affine 64)."),
     q_mode: Optional[str] = typer.Option(None, "--q-mode", help="--quantize: affine | mxfp4 | mxfp8 | nvfp4 (MLX's formats; default affine)."),
@@ -153,7 +158,10 @@ def convert(
 
     from vidport.converter.quantize import QuantFormat
 
-    options = {k: v for k, v in {"cache_style": cache_style, "dtype": ttnn_dtype, "grid": ttnn_grid}.items() if v}
+    options = {k: v for k, v in {"cache_style": cache_style, "dtype": ttnn_dtype, "grid": ttnn_grid, "mesh": ttnn_mesh,
+                                 "tp_axis": None if tp_axis is None else str(tp_axis),
+                                 "sp_axis": None if sp_axis is None else str(sp_axis),
+                                 "fsdp": None if fsdp is None else str(fsdp).lower()}.items() if v}
     try:
         if quantize is None and (q_group_size or q_mode):
             raise VidportError("--q-group-size / --q-mode set the format of --quantize", hint="add --quantize BITS")

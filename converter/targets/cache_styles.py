@@ -11,20 +11,24 @@
   newline.  With ``ttnn.CONFIG.model_cache_path = DIR`` and ``enable_model_cache`` on,
   ``preprocess_model_parameters(model_name=<model_name>, version=<version>)`` is a cache hit
   (it compares the first line of version.txt with ``version``; both are in ttnn_manifest.json).
-* ``tt_dit``: flat ``<dotted.param.path>.tensorbin`` files (what ``models/tt_dit`` modules' ``load``
-  reads under a cache folder) plus ``cache_dict.json``, parameter path -> file name, relative to
+* ``tt_dit``: where the family declares tt_dit's layout, the keyed folder tt_dit's ``load_model``
+  opens (tt_dit.py: renamed, fused, one shard per device of a mesh); else flat
+  ``<dotted.param.path>.tensorbin`` files (what ``models/tt_dit`` modules' ``load`` reads under a
+  cache folder) plus ``cache_dict.json``, parameter path -> file name, relative to
   the folder (tt_dit's own dict holds absolute paths; join them with the folder to use it).
 """
 from __future__ import annotations
 
 import hashlib
 import json
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from vidport.converter.core.errors import VidportError, listing
 from vidport.converter.core.named import named_object
 from vidport.converter.infer import public
+from vidport.converter.targets.tt_dit import tt_dit_style
 
 DTYPE_NAMES = {"bfloat16": "BFLOAT16", "bfloat8_b": "BFLOAT8_B", "bfloat4_b": "BFLOAT4_B", "float32": "FLOAT32"}  # ttnn.DataType.name
 
@@ -78,7 +82,7 @@ class ModelCache:
         return {"model_cache_path": ".", "model_name": self.model_name, "version": version}
 
 
-STYLES = {"as_tensor": AsTensor, "model_cache": ModelCache, "tt_dit": TtDit}
+STYLES = {"as_tensor": AsTensor, "model_cache": ModelCache, "tt_dit": partial(tt_dit_style, flat=TtDit)}
 
 
 def model_cache_version(plan, source_hashes: list[str]) -> str:

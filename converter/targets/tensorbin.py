@@ -60,10 +60,9 @@ def check_formats(plan: ConversionPlan) -> None:
                                     f"{' and '.join(BLOCK_MANTISSA)} need TILE")
 
 
-def write(plan: ConversionPlan, folder: Path, shard_bytes: int, progress: Progress | None) -> dict:
-    check_formats(plan)
-    style = STYLES[plan.options.get("cache_style", "as_tensor")](plan)
-    encoder_name, encode = pick_encoder()
+def _write_tensors(plan: ConversionPlan, folder: Path, style, encode: Encoder,
+                   progress: Progress | None) -> tuple[dict[str, dict[str, Any]], int]:
+    """One file per output tensor, named by the style: (manifest entries, parameter count)."""
     tensors: dict[str, dict[str, Any]] = {}
     parameters = 0
     for name, array in iter_outputs(plan, progress):
@@ -81,8 +80,21 @@ def write(plan: ConversionPlan, folder: Path, shard_bytes: int, progress: Progre
         if recipe.gather_axis is not None:
             tensors[name]["gather_axis"] = recipe.gather_axis
         parameters += int(values.size)
+    return tensors, parameters
+
+
+def write(plan: ConversionPlan, folder: Path, shard_bytes: int, progress: Progress | None) -> dict:
+    check_formats(plan)
+    style = STYLES[plan.options.get("cache_style", "as_tensor")](plan)
+    if hasattr(style, "write_tensors"):  # the style lays the files out itself (tt_dit: fused, per device)
+        encoder_name = style.encoder
+        tensors, parameters = style.write_tensors(folder, iter_outputs(plan, progress))
+    else:
+        encoder_name, encode = pick_encoder()
+        tensors, parameters = _write_tensors(plan, folder, style, encode, progress)
     (folder / "config.json").write_text(json.dumps(canonical_config_file(plan), indent=2))
-    options = {k: v for k, v in plan.options.items() if "." not in k}
+    # options left at an empty default (the tt_dit style's mesh and plan) are not recorded
+    options = {k: v for k, v in plan.options.items() if "." not in k and v != ""}
     manifest = write_manifest(folder, plan, [folder / TTNN_MANIFEST, folder / "config.json"], {plan.options["dtype"]},
                               len(tensors), parameters,
                               {"ttnn": {**options, "manifest": TTNN_MANIFEST, "encoder": encoder_name,

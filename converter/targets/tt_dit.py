@@ -1,0 +1,414 @@
+"""The ``tt_dit`` cache style where a family declares tt-metal's tt_dit layout
+(``mappings/<family>/tt_dit/cache.yaml``): the folder ``models/tt_dit``'s ``load_model`` opens as it is.
+
+tt_dit keys a cache by checkpoint, subfolder, mesh and parallel plan
+(``$TT_DIT_CACHE_DIR/<checkpoint>/<transformer|transformer_2>/TP<t>_<axis>_SP<s>_<axis>_mesh<R>x<C>_bf16[_FSDP]/``)
+and its ``Module.load`` reads one ``<dotted.name>.tensorbin`` per ``Parameter``, checking dtype, layout,
+memory config and the per-device shape against the model it builds for that plan. So this style
+renames and fuses vidport's TTNN outputs into tt_dit's parameters, lays each out as tt_dit's
+``_prepare_torch_state`` does, and writes it as ``Module.save`` does: a distributed host tensor, one
+shard per device of the mesh (``ttnn.create_mesh_mapper``; replicated shards stored once), by
+``ttnn.dump_tensor(mode=LOCAL)``. What goes where is the family's YAML; this module holds the
+spec language: renames with captures, ``interleave`` (per tensor-parallel device), two transforms
+(``zero_extend``, ``flatten_from``), ``mesh_axes`` and the plan table.
+
+Families without that file keep the flat layout (``cache_styles.TtDit``: canonical names, one
+device). Needs ttnn (a multi-device file has no writer in vidport's own codec) and torch (rope.pt).
+"""
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import yaml
+
+from vidport.converter.core.errors import VidportError, listing
+from vidport.converter.infer import public
+from vidport.converter.patterns import Condition, Pattern, Template, compile_condition, compile_pattern, compile_template
+from vidport.converter.transforms import Step, parse_step, register, run_steps, shape_steps
+
+LAYOUT_FILE = Path("tt_dit") / "cache.yaml"
+MESH_SYMBOLS = ("tp", "sp", "fsdp")
+LAYOUTS = ("TILE", "ROW_MAJOR")
+DTYPES = ("bfloat16", "float32")
+
+
+# --------------------------------------------------------------------------- two transforms
+
+
+def _zero_extend_shape(shape: tuple[int, ...], axis: int, times: int) -> tuple[int, ...]:
+    out = list(shape)
+    out[axis] *= times
+    return tuple(out)
+
+
+def _zero_extend(array: np.ndarray, axis: int, times: int) -> np.ndarray:
+    zeros = np.zeros(_zero_extend_shape(array.shape, axis, times - 1), dtype=array.dtype)
+    return np.concatenate([array, zeros], axis=axis)
+
+
+def _flatten_from_shape(shape: tuple[int, ...], axis: int) -> tuple[int, ...]:
+    if not 0 < axis < len(shape):
+        raise ValueError(f"flatten_from {axis} does not fit a {len(shape)}-d tensor of shape {list(shape)}")
+    return (*shape[:axis], int(np.prod(shape[axis:], dtype=np.int64)))
+
+
+def _check_zero_extend(params: Any) -> str | None:
+    ok = isinstance(params, dict) and set(params) == {"axis", "times"} and all(isinstance(v, int) for v in params.values())
+    return None if ok and params["times"] >= 1 else "zero_extend takes {axis: N, times: N >= 1}"
+
+
+# [.., n, ..] -> [.., n * times, ..]: zeros after the values (tt_dit's RowParallelLinear bias, which
+# only the first tensor-parallel device adds before the reduce-scatter)
+register("zero_extend", _zero_extend, _zero_extend_shape, _check_zero_extend)
+# [a, b, c, d] with 1 -> [a, b * c * d]: merge the axes from one on (torch.flatten(start_dim=axis))
+register("flatten_from", lambda a, axis: np.ascontiguousarray(a).reshape(_flatten_from_shape(a.shape, axis)),
+         _flatten_from_shape, lambda p: None if isinstance(p, int) else "flatten_from takes one axis", param="axis")
+
+
+def interleave(arrays: list[np.ndarray], axis: int, devices: int, parts: int = 1) -> np.ndarray:
+    """Lay the inputs (or `parts` equal pieces of one input) out along `axis` so that splitting it
+    evenly over `devices` gives device d its d-th slice of every input in turn: tt_dit's
+    ``_interleave_heads`` (attention_wan.py: fused QKV / KV, each device its own heads of q, k and v)
+    and the time_proj regrouping (embeddings.py: each device its slice of the 6 modulation groups)."""
+    if parts > 1:
+        if len(arrays) != 1 or arrays[0].shape[axis] % parts:
+            raise ValueError(f"cannot cut {len(arrays)} input(s) of shape {[list(a.shape) for a in arrays]} in {parts} parts")
+        arrays = np.split(arrays[0], parts, axis=axis)
+    uneven = [list(a.shape) for a in arrays if a.shape[axis] % devices]
+    if uneven:
+        raise ValueError(f"axis {axis} of {uneven} does not split over {devices} tensor-parallel devices")
+    pieces = [np.split(a, devices, axis=axis) for a in arrays]
+    return np.concatenate([piece[d] for d in range(devices) for piece in pieces], axis=axis)
+
+
+# --------------------------------------------------------------------------- the layout spec
+
+
+@dataclass(frozen=True)
+class ParameterRule:
+    """One tt_dit Parameter family: its name, the outputs it is made from and how it is stored."""
+
+    name: Template
+    inputs: tuple[Pattern | Template, ...]  # the first a pattern over output names, the others filled from it
+    interleave: dict[str, int] | None
+    transforms: tuple[Any, ...]  # raw entries: their `{tp}` / `{sp}` are filled per plan
+    dtype: str
+    layout: str
+    mesh_axes: tuple[str | None, ...] | None
+    where: str
+
+
+@dataclass(frozen=True)
+class TtDitLayout:
+    path: Path
+    tt_metal: dict[str, Any]
+    dtype_key: str
+    subfolders: tuple[str, ...]
+    plans: dict[str, dict[str, Any]]
+    requires: tuple[tuple[Condition, str], ...]
+    extras: dict[str, str]
+    parameters: tuple[ParameterRule, ...]
+
+
+def _listed(value: Any) -> list:
+    return value if isinstance(value, list) else [value]
+
+
+def load_layout(path: Path) -> TtDitLayout:
+    """Read and check a family's tt_dit/cache.yaml; errors name the file and the entry."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise VidportError(f"{path}: not valid YAML ({err})") from err
+    rules = []
+    for index, entry in enumerate(data.get("parameters") or []):
+        where = f"{path.parent.parent.name}/{path.parent.name}/{path.name}: parameters[{index}]"
+        unknown = set(entry) - {"name", "from", "interleave", "transforms", "dtype", "layout", "mesh_axes"}
+        if unknown or "name" not in entry or "from" not in entry:
+            raise VidportError(f"{where}: needs name and from; unknown field(s) {sorted(unknown)}")
+        sources = _listed(entry["from"])
+        mesh_axes = entry.get("mesh_axes")
+        if mesh_axes is not None and any(a is not None and a not in MESH_SYMBOLS for a in mesh_axes):
+            raise VidportError(f"{where}: mesh_axes {mesh_axes}: each one of {', '.join(MESH_SYMBOLS)} or null")
+        dtype, layout = entry.get("dtype", "bfloat16"), entry.get("layout", "TILE")
+        if dtype not in DTYPES or layout not in LAYOUTS:
+            raise VidportError(f"{where}: {dtype} {layout}: tt_dit Parameters here are {'/'.join(DTYPES)}, {'/'.join(LAYOUTS)}")
+        rules.append(ParameterRule(compile_template(entry["name"]),
+                                   (compile_pattern(sources[0]), *map(compile_template, sources[1:])),
+                                   entry.get("interleave"), tuple(entry.get("transforms") or ()), dtype, layout,
+                                   tuple(mesh_axes) if mesh_axes is not None else None, where))
+    requires = tuple((compile_condition(r["when"]), r["why"]) for r in data.get("requires") or [])
+    return TtDitLayout(path, data.get("tt_metal") or {}, data["dtype_key"], tuple(data["subfolders"]),
+                       {str(k): v for k, v in (data.get("plans") or {}).items()}, requires,
+                       data.get("extras") or {}, tuple(rules))
+
+
+def family_layout(plan) -> Path:
+    return plan.detected.family.path.parent / LAYOUT_FILE
+
+
+# --------------------------------------------------------------------------- mesh and plan
+
+
+@dataclass(frozen=True)
+class MeshPlan:
+    """A mesh and tt_dit's DiTParallelConfig on it (cfg_parallel unset, as the Wan pipeline has it)."""
+
+    shape: tuple[int, int]
+    tp_axis: int
+    sp_axis: int
+    fsdp: bool
+
+    @property
+    def tp(self) -> int:
+        return self.shape[self.tp_axis]
+
+    @property
+    def sp(self) -> int:
+        return self.shape[self.sp_axis]
+
+    def axis(self, symbol: str | None) -> int | None:
+        """tp / sp / fsdp -> mesh axis (fsdp: the sp axis with --fsdp, else not split)."""
+        return {None: None, "tp": self.tp_axis, "sp": self.sp_axis, "fsdp": self.sp_axis if self.fsdp else None}[symbol]
+
+    def key(self, dtype_key: str) -> str:
+        """utils/cache.py model_cache_dir: config_id (fields in order, cfg_parallel None skipped) + mesh."""
+        rows, cols = self.shape
+        key = f"TP{self.tp}_{self.tp_axis}_SP{self.sp}_{self.sp_axis}_mesh{rows}x{cols}_{dtype_key}"
+        return key + "_FSDP" if self.fsdp else key
+
+    def as_json(self) -> dict[str, Any]:
+        return {"mesh": list(self.shape), "tensor_parallel": {"factor": self.tp, "mesh_axis": self.tp_axis},
+                "sequence_parallel": {"factor": self.sp, "mesh_axis": self.sp_axis}, "cfg_parallel": None,
+                "is_fsdp": self.fsdp}
+
+
+def mesh_plan(options: dict[str, Any], plans: dict[str, dict[str, Any]]) -> MeshPlan:
+    """--ttnn-mesh RxC [--tp-axis A --sp-axis B --fsdp]; unset parts from tt_dit's table for that mesh."""
+    mesh = options.get("mesh") or "1x1"
+    rows, _, cols = mesh.partition("x")
+    if not (rows.isdigit() and cols.isdigit() and int(rows) > 0 and int(cols) > 0):
+        raise VidportError(f"--ttnn-mesh {mesh}: not ROWSxCOLS", hint="e.g. --ttnn-mesh 2x4 (ttnn.MeshShape(2, 4))")
+    default = plans.get(mesh, {"tp_axis": 1, "sp_axis": 0, "fsdp": False})
+    given = {k: options.get(k) or None for k in ("tp_axis", "sp_axis", "fsdp")}
+    tp_axis = int(given["tp_axis"]) if given["tp_axis"] else int(default["tp_axis"])
+    sp_axis = int(given["sp_axis"]) if given["sp_axis"] else int(default["sp_axis"])
+    fsdp = given["fsdp"] == "true" if given["fsdp"] else bool(default["fsdp"])
+    if {tp_axis, sp_axis} != {0, 1}:
+        raise VidportError(f"--tp-axis {tp_axis} --sp-axis {sp_axis}: tt_dit splits heads and sequence over "
+                           "different mesh axes", hint="one of them 0, the other 1")
+    return MeshPlan((int(rows), int(cols)), tp_axis, sp_axis, fsdp)
+
+
+def cache_location(source: Path, subfolders: tuple[str, ...]) -> tuple[str, str]:
+    """(checkpoint name, subfolder) as tt_dit's pipeline keys them: os.path.basename of the Hub name it
+    loads from, and the pipeline folder's transformer / transformer_2. Read off the Diffusers folder
+    converted: <name>/transformer, a Hub cache's models--org--<name>/snapshots/<hash>/transformer,
+    or a lone transformer folder <name> (then subfolder `transformer`)."""
+    if not source.is_dir():
+        raise VidportError(f"{source.name}: a tt_dit cache is keyed by the Diffusers checkpoint's name and "
+                           "subfolder, which a single file does not say",
+                           hint="convert the Diffusers folder (<checkpoint>/transformer, <checkpoint>/transformer_2)")
+    if source.name not in subfolders:
+        return source.name, subfolders[0]
+    parent = source.parent
+    hub = parent.parent
+    if hub.name == "snapshots" and hub.parent.name.startswith("models--"):
+        return hub.parent.name.split("--")[-1], source.name
+    return parent.name, source.name
+
+
+# --------------------------------------------------------------------------- one parameter
+
+
+@dataclass(frozen=True)
+class Job:
+    name: str
+    rule: ParameterRule
+    inputs: tuple[str, ...]
+
+
+def _jobs(layout: TtDitLayout, outputs: list[str]) -> list[Job]:
+    """Every tt_dit parameter the outputs make; each output used once, every input present."""
+    jobs, used = [], {}
+    for rule in layout.parameters:
+        for key in outputs:
+            values = rule.inputs[0].match(key)
+            if values is None:
+                continue
+            inputs = (key, *(t.render(values) for t in rule.inputs[1:]))
+            missing = [i for i in inputs if i not in outputs]
+            if missing:
+                raise VidportError(f"{rule.where}: {rule.name.render(values)} needs {listing(missing)}, which the "
+                                   "conversion does not make")
+            for i in inputs:
+                if i in used:
+                    raise VidportError(f"{rule.where}: {i} is already used by {used[i]}")
+                used[i] = rule.name.render(values)
+            jobs.append(Job(rule.name.render(values), rule, inputs))
+    left = sorted(set(outputs) - set(used))
+    if left:
+        raise VidportError(f"tt_dit layout ({layout.path.name}): {len(left)} tensor(s) have no tt_dit parameter: {listing(left)}",
+                           hint="tt_dit's model has no such module (Wan: no CLIP image branch, so Wan 2.1 I2V 14B "
+                                "does not load there); use another --cache-style for it")
+    return jobs
+
+
+def _steps(rule: ParameterRule, context: dict[str, int]) -> list[Step]:
+    from vidport.converter.layouts import substitute
+
+    return [parse_step(substitute(entry, context, rule.where)) for entry in rule.transforms]
+
+
+def build(job: Job, arrays: list[np.ndarray], plan: MeshPlan) -> np.ndarray:
+    """The total tensor of one tt_dit parameter from its inputs (role layouts applied)."""
+    rule = job.rule
+    try:
+        if rule.interleave:
+            value = interleave(arrays, rule.interleave["axis"], plan.tp, rule.interleave.get("parts", 1))
+        else:
+            value = arrays[0]
+        return np.ascontiguousarray(run_steps(_steps(rule, {"tp": plan.tp, "sp": plan.sp}), value))
+    except ValueError as err:
+        raise VidportError(f"{job.name}: {err}", hint=f"{rule.where}; mesh {plan.shape}, tp {plan.tp}") from err
+
+
+def mesh_axes(job: Job, shape: tuple[int, ...], plan: MeshPlan) -> tuple[int | None, ...]:
+    """tp/sp/fsdp per tensor axis -> mesh axes, checked as tt_dit's Parameter checks them."""
+    symbols = job.rule.mesh_axes or (None,) * len(shape)
+    if len(symbols) != len(shape):
+        raise VidportError(f"{job.name}: mesh_axes {list(symbols)} for a {len(shape)}-d tensor {list(shape)}",
+                           hint=job.rule.where)
+    axes = tuple(plan.axis(s) for s in symbols)
+    for dim, axis in enumerate(axes):
+        if axis is not None and shape[dim] % plan.shape[axis]:
+            raise VidportError(f"{job.name}: shape {list(shape)} cannot be evenly distributed over mesh "
+                               f"{list(plan.shape)} along mesh axis {axis} and tensor dimension {dim}",
+                               hint="layers/module.py Parameter: tt_dit could not build this model for that mesh either")
+    return axes
+
+
+def local_shape(shape: tuple[int, ...], axes: tuple[int | None, ...], mesh: tuple[int, int]) -> list[int]:
+    return [n // mesh[a] if a is not None else n for n, a in zip(shape, axes)]
+
+
+def mesh_dumper() -> Callable[[Path, np.ndarray, str, str, tuple[int, int], tuple[int | None, ...]], None]:
+    """Write a total tensor as tt_dit's Module.save does: ``utils/tensor.py from_torch`` (a mesh mapper
+    whose placements invert the tensor's mesh_axes, host tensor, DRAM memory config), then
+    ``ttnn.dump_tensor(mode=DumpTensorMode.LOCAL)``."""
+    from vidport.converter.ttnn_support import import_ttnn
+
+    ttnn = import_ttnn()
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    if ttnn is None or torch is None:
+        raise VidportError("the tt_dit style writes per-device shards with ttnn.dump_tensor, and needs ttnn and torch",
+                           hint="pip install 'vidport[ttnn,reference]' (ttnn 0.81.1: CPython 3.10 / 3.12 on Linux)")
+
+    def dump(path: Path, values: np.ndarray, dtype: str, layout: str, mesh: tuple[int, int],
+             axes: tuple[int | None, ...]) -> None:
+        placements = [None] * len(mesh)  # utils/tensor.py _invert_placements
+        for dim, axis in enumerate(axes):
+            if axis is not None:
+                placements[axis] = dim
+        mapper = ttnn.create_mesh_mapper(ttnn.MeshShape(*mesh), ttnn.MeshMapperConfig(
+            [ttnn.PlacementShard(p) if p is not None else ttnn.PlacementReplicate() for p in placements]))
+        tensor = ttnn.from_torch(torch.from_numpy(np.require(values, np.float32, ["C", "W"])), dtype=getattr(ttnn, dtype),
+                                 layout=ttnn.TILE_LAYOUT if layout == "TILE" else ttnn.ROW_MAJOR_LAYOUT,
+                                 memory_config=ttnn.DRAM_MEMORY_CONFIG, mesh_mapper=mapper)
+        ttnn.dump_tensor(str(path), tensor, mode=ttnn.DumpTensorMode.LOCAL)
+
+    return dump
+
+
+def _empty_state_dict(path: Path) -> None:
+    """rope.pt: ``torch.save(self.rope.state_dict())`` of diffusers' WanRotaryPosEmbed, whose
+    freqs_cos / freqs_sin are non-persistent buffers (an empty OrderedDict)."""
+    import torch
+
+    torch.save(OrderedDict(), path)
+
+
+EXTRAS = {"empty_state_dict": _empty_state_dict}
+
+
+# --------------------------------------------------------------------------- the style
+
+
+class TtDitCache:
+    """The keyed tt_dit cache folder under DIR (DIR is what TT_DIT_CACHE_DIR names)."""
+
+    encoder = "ttnn.dump_tensor(mode=LOCAL), distributed host tensors"
+
+    def __init__(self, plan) -> None:
+        self.plan = plan
+        self.layout = load_layout(family_layout(plan))
+        self.mesh = mesh_plan(plan.options, self.layout.plans)
+        if plan.options.get("dtype") != "bfloat16" or plan.block_quantization is not None:
+            raise VidportError("the tt_dit style writes tt_dit's own dtypes (bfloat16, float32 where it builds float32)",
+                               hint="leave out --ttnn-dtype and --quantize: tt_dit's Parameters would reject other dtypes")
+        values = {k: str(v) for k, v in public(plan.config).items() if isinstance(v, (int, bool))}
+        values.update(tp=str(self.mesh.tp), sp=str(self.mesh.sp))
+        for condition, why in self.layout.requires:
+            if not condition.holds(values):
+                raise VidportError(f"tt_dit cannot build this model for mesh {'x'.join(map(str, self.mesh.shape))}, "
+                                   f"tp {self.mesh.tp}: {condition.text} does not hold", hint=why)
+        self.checkpoint, self.subfolder = cache_location(plan.source.path, self.layout.subfolders)
+        self.folder = f"{self.checkpoint}/{self.subfolder}/{self.mesh.key(self.layout.dtype_key)}"
+        self.jobs = _jobs(self.layout, list(plan.final.recipes))
+
+    def path_for(self, name: str, dtype: str, layout: str) -> str:
+        return f"{self.folder}/{name}.tensorbin"
+
+    def write_tensors(self, folder: Path, outputs) -> tuple[dict[str, dict[str, Any]], int]:
+        """Consume the plan's outputs (name, float array) and write each tt_dit parameter once all its
+        inputs are in; memory holds the inputs of unfinished parameters only."""
+        dump = mesh_dumper()
+        waiting = {name: job for job in self.jobs for name in job.inputs}
+        held: dict[str, np.ndarray] = {}
+        tensors: dict[str, dict[str, Any]] = {}
+        parameters = 0
+        (folder / self.folder).mkdir(parents=True, exist_ok=True)
+        for name, array in outputs:
+            job = waiting[name]
+            held[name] = np.asarray(array, dtype=np.float32)
+            if not all(i in held for i in job.inputs):
+                continue
+            value = build(job, [held.pop(i) for i in job.inputs], self.mesh)
+            axes = mesh_axes(job, value.shape, self.mesh)
+            relative = self.path_for(job.name, job.rule.dtype, job.rule.layout)
+            dump(folder / relative, value, job.rule.dtype, job.rule.layout, self.mesh.shape, axes)
+            tensors[job.name] = {
+                "file": relative, "dtype": job.rule.dtype, "layout": job.rule.layout, "shape": list(value.shape),
+                "local_shape": local_shape(value.shape, axes, self.mesh.shape),
+                "mesh_axes": list(job.rule.mesh_axes or [None] * value.ndim), "from": list(job.inputs),
+                "source_sha256": hashlib.sha256(value.tobytes()).hexdigest()}
+            parameters += int(value.size)
+        unwritten = sorted(j.name for j in self.jobs if j.name not in tensors)
+        if unwritten:
+            raise VidportError(f"tt_dit layout: {listing(unwritten)} not written (inputs never produced)")
+        return tensors, parameters
+
+    def finish(self, folder: Path, names: list[str], source_hashes: list[str]) -> dict[str, Any]:
+        for file, how in self.layout.extras.items():
+            EXTRAS[how](folder / self.folder / file)
+        return {"TT_DIT_CACHE_DIR": ".", "cache_dir": self.folder, "model_name": self.checkpoint,
+                "subfolder": self.subfolder, "parallel_config": self.mesh.as_json(),
+                "extras": sorted(self.layout.extras), "tt_metal": self.layout.tt_metal}
+
+
+def tt_dit_style(plan, flat: type):
+    """The family's tt_dit layout where it declares one, else `flat` (canonical names, one device)."""
+    if family_layout(plan).is_file():
+        return TtDitCache(plan)
+    if any(plan.options.get(k) for k in ("mesh", "tp_axis", "sp_axis", "fsdp")):
+        raise VidportError(f"family {plan.detected.family.name} has no tt_dit layout, so no per-device shards",
+                           hint=f"--ttnn-mesh / --tp-axis / --sp-axis / --fsdp need mappings/<family>/{LAYOUT_FILE}")
+    return flat(plan)
