@@ -168,6 +168,10 @@ class TargetLayout:
     whether the target omits it, with every placeholder resolved."""
 
     def __init__(self, target: "TargetSpec", family: "FamilySpec", config: dict[str, Any], options: dict[str, Any]):
+        extras = family.targets.get(target.name)
+        style = extras.styles.get(options.get("cache_style")) if extras else None
+        if style is not None:  # the family's table for this cache style replaces the target's roles
+            target = replace(target, roles=style.roles, formats=style.formats)
         self.target, self.family, self.config = target, family, config
         self.base = {**{f"config.{k}": v for k, v in config.items()}, **options}
 

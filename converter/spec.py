@@ -170,7 +170,13 @@ FAMILY_SCHEMA = {
                      "optional": {"include": ["list", "pattern"], "exclude": ["list", "pattern"], "pipeline": "bool"}},
         "targets": {"optional": {"*": {"optional": {"rules": ["list", RULE],
                                                      "generate": ["list", {"required": {"match": "pattern", "fn": "str"}}],
-                                                     "runtime": "str"}}}},
+                                                     "runtime": "str",
+                                                     # per value of the target's `cache_style` option: a role
+                                                     # table replacing the target's (the layouts one
+                                                     # program's loader expects) and the model name it caches by
+                                                     "styles": {"optional": {"*": {
+                                                         "required": {"roles": {"optional": {"*": "any"}}},
+                                                         "optional": {"model_name": "str"}}}}}}}},
     },
 }
 # `if_config`: the declaration holds only for a model whose config has these values (a UNet's
@@ -437,6 +443,18 @@ class TargetExtras:
     rules: RuleSet
     generate: list[tuple[Pattern, str]]
     runtime: str | None = None  # the model class that runs this target's output (TTNN), "module:Class"
+    styles: dict[str, "StyleRoles"] = field(default_factory=dict)  # cache_style value -> its role table
+
+
+@dataclass(frozen=True)
+class StyleRoles:
+    """A family's role table for one cache style (`targets: ttnn: styles: sd_demo:`): while that
+    style is chosen it replaces the target's table, so the plan, the expected shapes and the
+    manifest all see the style's layouts; `model_name` is the name the style's loader caches by."""
+
+    roles: dict[str, list[Step]]
+    formats: dict[str, RoleFormat]
+    model_name: str | None = None
 
 
 @dataclass
@@ -607,10 +625,17 @@ def load_family_spec(path: Path) -> FamilySpec:
     targets_file, targets_node = origin.get("targets", (path, None))
     for name, extra in (data.get("targets") or {}).items():
         target_node = _child(targets_node, name)
+        styles_node = _child(target_node, "styles")
+        styles = {}
+        for style, entry in (extra.get("styles") or {}).items():
+            style_node = _child(styles_node, style)
+            roles, formats = _role_table(targets_file, _child(style_node, "roles"), entry["roles"],
+                                         f"targets.{name}.styles.{style}.roles")
+            styles[style] = StyleRoles(roles, formats, entry.get("model_name"))
         targets[name] = TargetExtras(
             _rules(targets_file, _child(target_node, "rules"), extra.get("rules")),
             [(compile_pattern(g["match"]), g["fn"]) for g in extra.get("generate") or []],
-            extra.get("runtime"),
+            extra.get("runtime"), styles,
         )
     return FamilySpec(
         name=data["family"], description=data.get("description", ""), aliases=data.get("aliases", []),
@@ -630,21 +655,28 @@ def _quantize(data: dict[str, Any] | None) -> QuantizeSpec | None:
                         [compile_pattern(p) for p in data.get("exclude") or ()], bool(data.get("pipeline", False)))
 
 
-def load_target_spec(path: Path) -> TargetSpec:
-    data, node = _load(path, TARGET_SCHEMA)
-    roles_node = _child(node, "roles")
+def _role_table(path: Path, node: yaml.Node, data: dict[str, Any],
+                where: str = "roles") -> tuple[dict[str, list[Step]], dict[str, RoleFormat]]:
+    """A role -> transforms table (a target's `roles`, a family's style roles): each entry a list of
+    transforms or a mapping {transforms, layout, dtype, companions}."""
     roles, formats = {}, {}
-    for key_node, value_node in roles_node.value:
-        value = data["roles"][key_node.value]
+    for key_node, value_node in node.value:
+        value = data[key_node.value]
         if isinstance(value, dict):  # {transforms, layout, dtype, companions}
             try:
-                formats[key_node.value] = parse_role_format(value, f"roles.{key_node.value}")
+                formats[key_node.value] = parse_role_format(value, f"{where}.{key_node.value}")
             except ValueError as err:
                 raise _fail(path, value_node, str(err)) from err
             roles[key_node.value] = list(formats[key_node.value].steps)
             continue
-        _check_transforms(path, value_node, f"roles.{key_node.value}")
+        _check_transforms(path, value_node, f"{where}.{key_node.value}")
         roles[key_node.value] = [parse_step(s) for s in value or []]
+    return roles, formats
+
+
+def load_target_spec(path: Path) -> TargetSpec:
+    data, node = _load(path, TARGET_SCHEMA)
+    roles, formats = _role_table(path, _child(node, "roles"), data["roles"])
     try:
         options = parse_options(data.get("options") or {})
     except ValueError as err:

@@ -29,6 +29,7 @@ from vidport.converter.core.errors import VidportError, listing
 from vidport.converter.core.named import named_object
 from vidport.converter.infer import public
 from vidport.converter.targets.tt_dit import tt_dit_style
+from vidport.converter.targets.sd_demo import SdDemo
 
 DTYPE_NAMES = {"bfloat16": "BFLOAT16", "bfloat8_b": "BFLOAT8_B", "bfloat4_b": "BFLOAT4_B", "float32": "FLOAT32"}  # ttnn.DataType.name
 
@@ -82,7 +83,7 @@ class ModelCache:
         return {"model_cache_path": ".", "model_name": self.model_name, "version": version}
 
 
-STYLES = {"as_tensor": AsTensor, "model_cache": ModelCache, "tt_dit": partial(tt_dit_style, flat=TtDit)}
+STYLES = {"as_tensor": AsTensor, "model_cache": ModelCache, "tt_dit": partial(tt_dit_style, flat=TtDit), "sd_demo": SdDemo}
 
 
 def model_cache_version(plan, source_hashes: list[str]) -> str:
