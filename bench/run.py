@@ -3,6 +3,11 @@
     .venv/bin/python bench/run.py            # full sizes
     .venv/bin/python bench/run.py --quick    # smaller sizes, for a smoke run
     .venv/bin/python bench/run.py convert_motion -- --repeat 5   # one benchmark; arguments after -- go to it
+    .venv/bin/python bench/run.py unet_step --processes 1 -- --contention
+
+The MLX-vs-diffusers benchmarks that declare `PROCESS_RUNS = True` are given `--processes N`
+(default 3): each ratio is then the median of N runs in freshly started workers, with their
+range, and a goal counts as met only when every run meets it (bench/_common.measuring).
 """
 from __future__ import annotations
 
@@ -33,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="run vidport's benchmarks")
     parser.add_argument("names", nargs="*", help="benchmarks to run (default: all in bench/)")
     parser.add_argument("--quick", action="store_true", help="smaller sizes")
+    parser.add_argument("--processes", type=int, default=3,
+                        help="separate runs in fresh workers for the benchmarks that take --processes (default 3)")
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     args = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
@@ -49,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"=== bench/{name}.py{' (quick)' if args.quick else ''} ===", flush=True)
         start = time.perf_counter()
         try:
-            module.main((["--quick"] if args.quick else []) + extra)
+            runs = ["--processes", str(args.processes)] if getattr(module, "PROCESS_RUNS", False) else []
+            module.main((["--quick"] if args.quick else []) + runs + extra)
         except Exception as err:  # report and go on with the other benchmarks
             failed.append(name)
             print(f"bench/{name}.py failed: {type(err).__name__}: {err}", file=sys.stderr)

@@ -12,10 +12,13 @@ in a worker process of its own; the calls alternate MLX, torch, MLX, ... (bench/
 the table reports medians, the MLX/torch ratios of time and of peak RSS, and RSS above each
 side's baseline (model and inputs resident): the activations' memory.
 
-Goal (issue 3): MLX no slower than diffusers (time ratio <= 1.0), peak memory no higher.
+Goal (issues 3, 17): MLX no slower than diffusers (time ratio <= 1.0) in every one of separate
+runs (`--processes`), no worse than 1.2 with a busy second process (`--contention`), peak
+memory no higher.
 
     .venv/bin/python bench/unet_step.py            # full size, 3 steps per side
     .venv/bin/python bench/unet_step.py --quick    # a fifth of the widths, 16x16 latents (seconds)
+    .venv/bin/python bench/unet_step.py --quick --processes 3 --contention --profile
 """
 from __future__ import annotations
 
@@ -126,12 +129,17 @@ def run(quick: bool = False, repeat: int = 3, profile: bool = False) -> dict:
     met = common.verdict(records)
     report = {"size": size, "shape": s, "results": results, "rows": records, "goals_met": met}
     if profile:
-        report["profile"] = common.profile_table(
-            f"Where the step's time goes, by op category ({size}; one profiled step per side)",
-            results["mlx"]["extra"]["profile"], results["torch"]["extra"]["profile"])
+        profiles = common.profile_tables(
+            f"Where the step's time goes, by op category ({size}; one profiled step per side)", results)
+        report["profile"] = profiles["quiet"]
+        if "contention" in profiles:
+            report["profile_contention"] = profiles["contention"]
         print("  MLX: each op evaluated on its own (inputs first, off the clock); torch: torch.profiler, inclusive "
               "CPU time of the top-level aten ops; other = total - the categories")
     return report
+
+
+PROCESS_RUNS = True  # takes --processes / --contention (bench/run.py passes --processes)
 
 
 def main(argv: list[str] | None = None) -> dict:

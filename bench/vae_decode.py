@@ -9,7 +9,8 @@
 
 Workers alternate call by call (bench/_common.py); the table reports medians, MLX/torch ratios
 of time and peak RSS, and the RSS above each side's baseline (weights and latents resident).
-Goal (issue 3): MLX no slower than diffusers, peak memory no higher.
+Goal (issues 3, 17): MLX no slower than diffusers in every one of separate runs (`--processes`),
+no worse than 1.2 with a busy second process (`--contention`), peak memory no higher.
 
     .venv/bin/python bench/vae_decode.py            # 16 frames, 32x32 latents
     .venv/bin/python bench/vae_decode.py --quick    # 4 frames, 16x16 latents
@@ -88,10 +89,15 @@ def run(quick: bool = False, repeat: int = 3, profile: bool = False) -> dict:
     met = common.verdict(records)
     report = {"size": size, "shape": s, "results": results, "rows": records, "goals_met": met}
     if profile:
-        report["profile"] = common.profile_table(
-            f"Where the decode's time goes, by op category ({size}; one profiled decode per side)",
-            results["mlx"]["extra"]["profile"], results["torch"]["extra"]["profile"])
+        profiles = common.profile_tables(
+            f"Where the decode's time goes, by op category ({size}; one profiled decode per side)", results)
+        report["profile"] = profiles["quiet"]
+        if "contention" in profiles:
+            report["profile_contention"] = profiles["contention"]
     return report
+
+
+PROCESS_RUNS = True  # takes --processes / --contention (bench/run.py passes --processes)
 
 
 def main(argv: list[str] | None = None) -> dict:

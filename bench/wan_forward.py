@@ -11,7 +11,8 @@ Each model runs in a worker process per side; the sides alternate call by call (
 and the table reports medians, MLX/torch ratios of time and peak RSS, and RSS above each side's
 baseline (weights and inputs resident). The two DiT workers hold 5.7 GB of float32 weights each:
 when less memory is available than both need, the sides run one after the other instead (a
-worker rebuilt per round). Goal (issue 5): MLX no slower than diffusers.
+worker rebuilt per round). Goal (issues 5, 17): MLX no slower than diffusers in every one of
+separate runs (`--processes`), no worse than 1.2 with a busy second process (`--contention`).
 
     .venv/bin/python bench/wan_forward.py            # the real 1.3B DiT, 5 frames at 240x416
     .venv/bin/python bench/wan_forward.py --quick    # 2 of the 30 layers, 1 frame at 120x208
@@ -133,12 +134,17 @@ def run(quick: bool = False, repeat: int = 3, profile: bool = False, models: lis
         report["rows"] += common.side_by_side(f"Wan 2.1 1.3B {model}, MLX vs diffusers ({size}; median of {repeat}, "
                                               "alternating)", results, {model: labels[model]})
         if profile:
-            report["profiles"][model] = common.profile_table(
-                f"Where the {model}'s time goes, by op category ({size}; one profiled call per side)",
-                results["mlx"]["extra"]["profile"], results["torch"]["extra"]["profile"])
+            profiles = common.profile_tables(
+                f"Where the {model}'s time goes, by op category ({size}; one profiled call per side)", results)
+            report["profiles"][model] = profiles["quiet"]
+            if "contention" in profiles:
+                report["profiles"][f"{model} contention"] = profiles["contention"]
     print("goal: MLX no slower than diffusers")
     report["goals_met"] = common.verdict(report["rows"])
     return report
+
+
+PROCESS_RUNS = True  # takes --processes / --contention (bench/run.py passes --processes)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -148,6 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--models", nargs="+", choices=["dit", "vae"], help="what to run (default: both)")
     parser.add_argument("--profile", action="store_true", help="also profile one call per side by op category")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    common.add_measure_options(parser)
     parser.add_argument("--worker", choices=["mlx", "torch"], help=argparse.SUPPRESS)
     parser.add_argument("--model", choices=["dit", "vae"], default="dit", help=argparse.SUPPRESS)
     parser.add_argument("--size", choices=list(SIZES), default="full", help=argparse.SUPPRESS)
@@ -156,7 +163,8 @@ def main(argv: list[str] | None = None) -> dict:
         setup = _mlx_setup if args.worker == "mlx" else _torch_setup
         common.serve(lambda: setup(args.model, args.size))
         return {}
-    report = run(args.quick, args.repeat, args.profile, args.models)
+    with common.measuring(args.processes, args.contention):
+        report = run(args.quick, args.repeat, args.profile, args.models)
     common.write_json(args.json, report)
     return report
 
