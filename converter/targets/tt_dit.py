@@ -132,6 +132,8 @@ def load_layout(path: Path) -> TtDitLayout:
         if unknown or "name" not in entry or "from" not in entry:
             raise VidportError(f"{where}: needs name and from; unknown field(s) {sorted(unknown)}")
         sources = _listed(entry["from"])
+        if len(sources) > 1 and not entry.get("interleave"):
+            raise VidportError(f"{where}: {len(sources)} inputs need `interleave` to say how they are laid out")
         mesh_axes = entry.get("mesh_axes")
         if mesh_axes is not None and any(a is not None and a not in MESH_SYMBOLS for a in mesh_axes):
             raise VidportError(f"{where}: mesh_axes {mesh_axes}: each one of {', '.join(MESH_SYMBOLS)} or null")
