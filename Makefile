@@ -28,7 +28,7 @@ $(VENV)/.installed: requirements.txt requirements-nodeps.txt pyproject.toml
 PYTEST_MARKS := $(if $(filter true 1 yes,$(CI)),-m "",)
 
 test: venv
-	$(PY) -m pytest -q $(PYTEST_MARKS)
+	$(PY) -m pytest -q --durations=30 $(PYTEST_MARKS)
 
 test-all: venv
 	$(PY) -m pytest -q -m ""
