@@ -227,6 +227,21 @@ def test_the_demos_call_is_a_cache_hit(ttnn, ours, unet, model_cache, monkeypatc
     assert preprocessing.preprocess_model_parameters(model_name=DEMO_NAME, initialize_model=no_model).conv_in
 
 
+def test_linear_projection_unet_gets_linears(ttnn, tmp_path):
+    """With use_linear_projection (SD 2.x-style), diffusers builds proj_in / proj_out as nn.Linear, and
+    custom_preprocessor makes them 4-D linears: [1, 1, in, out], the transpose of the conv layout."""
+    from diffusers import UNet2DConditionModel
+
+    from fixtures.sd import SD_UNET_CONFIG, randomize
+
+    unet = randomize(UNet2DConditionModel(**{**SD_UNET_CONFIG, "use_linear_projection": True}), 5)
+    unet.save_pretrained(str(tmp_path / "unet"))
+    assert isinstance(unet.down_blocks[0].attentions[0].proj_in, nn.Linear)
+    convert(plan_conversion(tmp_path / "unet", "ttnn", family="sd15-unet", target_options={"cache_style": "sd_demo"}),
+            tmp_path / "out")
+    assert rule_problems(ttnn, tmp_path / "out", unet, DEMO_FOLDER) == []
+
+
 # --------------------------------------------------------------------------- planted faults
 
 
