@@ -158,10 +158,11 @@ def wan_plan(name: str | None, world: World) -> WanPlan:
     return PLANS[name](world)
 
 
-def weight_report(model: nn.Module) -> dict[str, int]:
-    """Bytes of this rank's DiT weights, in its blocks and elsewhere, and MLX's active memory
-    (`--set dump_steps=DIR` writes it per rank: the tensor plan's share is measured, not assumed)."""
-    blocks = sum(v.nbytes for k, v in tree_flatten(model.parameters()) if ".blocks." in f".{k}")
+def weight_report(model: nn.Module, blocks_name: str = "blocks") -> dict[str, int]:
+    """Bytes of this rank's DiT weights, in its blocks (the list `blocks_name`) and elsewhere, and
+    MLX's active memory (`--set dump_steps=DIR` writes it per rank: the tensor plan's share is
+    measured, not assumed)."""
+    blocks = sum(v.nbytes for k, v in tree_flatten(model.parameters()) if f".{blocks_name}." in f".{k}")
     total = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     return {"block_bytes": blocks, "other_bytes": total - blocks, "active_memory": mx.get_active_memory()}
 

@@ -13,9 +13,13 @@
 Video and audio latents are denoised together by the one DiT; the soundtrack is decoded by the
 audio VAE and the vocoder. The video VAE decodes in tiles and hands frames to the writer as they
 are final. Latents are packed tokens inside (runtime/pipelines/ltx2_latents.py), diffusers'
-unpacked layouts at the edges (noise draws, step callbacks)."""
+unpacked layouts at the edges (noise draws, step callbacks).
+
+On several processes (`--set parallel=cfg|tensor` under mlx.launch: runtime.parallel_ltx2) every
+rank denoises; rank 0 alone decodes and writes."""
 from __future__ import annotations
 
+import json
 import secrets
 import time
 from contextlib import nullcontext
@@ -29,7 +33,9 @@ import numpy as np
 from vidport.converter.core.errors import VidportError
 from vidport.runtime.pipelines.folder import PipelineFolder
 from vidport.runtime.pipelines.ltx2_checks import LTX2Layout, check_request, layout_of
-from vidport.runtime.pipelines.ltx2_denoise import Guidance, Text, denoise
+from vidport.runtime.parallel_ltx2 import LTX2Plan, load_dit
+from vidport.runtime.parallel_wan import weight_report
+from vidport.runtime.pipelines.ltx2_denoise import Guidance, Text, denoise, pass_names
 from vidport.runtime.pipelines.ltx2_latents import (DISTILLED_SIGMAS, STAGE_2_SIGMAS, Grid, audio_latent_frames,
                                                     calculate_shift, dev_sigmas, first_frame_mask, keep_masked,
                                                     pack_audio, pack_video, unpack_audio, unpack_video)
@@ -62,6 +68,7 @@ class LTX2Pipeline(Pipeline):
         self.folder = folder
         self.layout: LTX2Layout = layout_of(folder.configs())
         self._models: dict[str, Any] = {}
+        self._plan: LTX2Plan | None = None  # the run's parallel plan; None: one process
 
     @classmethod
     def from_folder(cls, path: str | Path) -> "LTX2Pipeline":
@@ -75,10 +82,8 @@ class LTX2Pipeline(Pipeline):
 
             self.folder.config(name)  # a clear error where the component is missing
             path = self.folder.path / name
-            if low_memory and name == "transformer":
-                from vidport.runtime.streamed_blocks import load_streamed
-
-                self._models[name] = load_streamed(path)
+            if name == "transformer":  # under a parallel plan, as this rank holds it
+                self._models[name] = self._plan.load(path, low_memory) if self._plan else load_dit(path, low_memory)
             else:
                 self._models[name] = load_model(path)
         return self._models[name]
@@ -114,7 +119,8 @@ class LTX2Pipeline(Pipeline):
     def settings(self, task: str) -> set[str]:
         taken = {"prompt", "negative_prompt", "frames", "steps", "guidance", "height", "width", "seed", "noise",
                  "fps", "prompt_embeds", *GUIDANCE_DEFAULTS, "recipe", "audio", "max_sequence_length",
-                 "decode_timestep", "tiling", "use_cross_timestep", "low_memory"}
+                 "decode_timestep", "tiling", "use_cross_timestep", "low_memory", "parallel", "collective_timeout",
+                 "dump_steps"}
         return taken | ({"image", "resize", "image_crf"} if task == "i2v" else set())
 
     def resolve(self, request: Request) -> Request:
@@ -172,6 +178,27 @@ class LTX2Pipeline(Pipeline):
             if given is not None and tuple(np.shape(given)) != shape:
                 raise VidportError(f"noise draw {name} has shape {tuple(np.shape(given))}; this request needs {shape}",
                                    hint="save the draws for the same --frames/--height/--width, or drop --noise")
+        self.plan(request).check(self.folder.config("transformer"), self.step_passes(request),
+                                 bool(extra["low_memory"]))
+
+    # ------------------------------------------------------------------ parallel runs
+
+    def plan(self, request: Request) -> LTX2Plan:
+        """The request's parallel plan over this process's ranks (runtime.parallel_ltx2)."""
+        from vidport.runtime.distributed import parse_plan, parse_timeout, world
+        from vidport.runtime.parallel_ltx2 import ltx2_plan
+
+        ranks = world()
+        ranks.watchdog.timeout = parse_timeout(request.extra.get("collective_timeout"))
+        return ltx2_plan(parse_plan(request.extra.get("parallel")), ranks)
+
+    def describe_plan(self, request: Request) -> str:
+        """The plan in one line, printed at the start of a run."""
+        return self.plan(request).describe(self.folder.config("transformer"), self.step_passes(request))
+
+    def step_passes(self, request: Request) -> list[str]:
+        """The DiT passes of each step under the request's guidance, from the DiT's config."""
+        return pass_names(self.guidance(request), bool(self.folder.config("transformer").get("perturbed_attn")))
 
     # ------------------------------------------------------------------ sizes
 
@@ -280,8 +307,15 @@ class LTX2Pipeline(Pipeline):
 
     def run(self, request: Request, on_step: StepCallback | None = None,
             on_decode: DecodeCallback | None = None) -> Generation:
+        """diffusers' chain. `extra`: `parallel` (runtime.parallel_ltx2; rank 0 alone decodes),
+        `collective_timeout`, and the debug setting `dump_steps=DIR`: rank 0 saves each step's video
+        and audio latents (step_NNN.npy, audio_step_NNN.npy, stages in turn), the frames
+        (frames.npy) and the waveform (audio.npy), every rank its DiT weight bytes
+        (rankR_weights.json)."""
         draws = request.draws()
-        seed = secrets.randbits(31) if request.seed is None else int(request.seed)
+        plan = self._plan = self.plan(request)
+        ranks, dump = plan.world, request.extra.get("dump_steps")
+        seed = ranks.agree(secrets.randbits(31) if request.seed is None else int(request.seed))
         keys = dict(zip(DRAWS, mx.random.split(mx.random.key(seed), len(DRAWS))))  # one per draw
         shapes = self.draw_shapes(request)
 
@@ -302,11 +336,19 @@ class LTX2Pipeline(Pipeline):
         two_stage = len(grids) > 1
         total = sum(len(s) for s in ([DISTILLED_SIGMAS, STAGE_2_SIGMAS] if two_stage else [range(request.steps)]))
         dit = self.model("transformer", low_memory=bool(request.extra["low_memory"]))
+        if dump:
+            Path(dump).mkdir(parents=True, exist_ok=True)
+            report = weight_report(dit, "transformer_blocks")
+            (Path(dump) / f"rank{ranks.rank}_weights.json").write_text(json.dumps(report))
         cross = bool(request.extra["use_cross_timestep"])
         intermediates: dict[str, np.ndarray] = {}
 
         def hook(stage: int, grid: Grid, offset: int):
             def report(index: int, _total: int, t: float, v: mx.array, a: mx.array) -> None:
+                if dump and ranks.is_main:
+                    np.save(Path(dump) / f"step_{offset + index:03d}.npy", np.array(unpack_video(v, grid)))
+                    np.save(Path(dump) / f"audio_step_{offset + index:03d}.npy",
+                            np.array(unpack_audio(a, self.layout.audio_channels)))
                 if on_step:
                     on_step(Step(offset + index, total, t, unpack_video(v, grid),
                                  f"stage {stage}" if two_stage else None,
@@ -317,29 +359,34 @@ class LTX2Pipeline(Pipeline):
         sigmas = DISTILLED_SIGMAS if two_stage else dev_sigmas(request.steps)
         stages = [denoise(dit, video, audio, grids[0], text, guidance,
                           self.schedulers(sigmas, grids[0].tokens, shifted=not two_stage), request.fps,
-                          token_mask, hook(1, grids[0], 0), cross)]
+                          token_mask, hook(1, grids[0], 0), cross, plan)]
         if two_stage:
             upsampled = self.upsample(stages[0].video, grids[0])
             intermediates["upsampled"] = np.array(upsampled)
             video, audio, token_mask = self.restart(request, grids[1], upsampled, stages[0].audio, draw)
             stages.append(denoise(dit, video, audio, grids[1], text, guidance,
                                   self.schedulers(STAGE_2_SIGMAS, grids[1].tokens, shifted=False), request.fps,
-                                  token_mask, hook(2, grids[1], len(DISTILLED_SIGMAS)), cross))
+                                  token_mask, hook(2, grids[1], len(DISTILLED_SIGMAS)), cross, plan))
         final, grid = stages[-1], grids[-1]
         latents = unpack_video(final.video, grid)
         result = Generation(None, latents, None if draws else seed, sum((s.timesteps for s in stages), []),
                             request.fps, "FlowMatchEulerDiscreteScheduler", sum((s.seconds for s in stages), []),
                             intermediates=intermediates)
         result.audio_latents = unpack_audio(final.audio, self.layout.audio_channels)
-        if not request.decode:
+        if not request.decode or not ranks.is_main:  # the other ranks only compute
             return result
         if request.release_weights:
             self.release("transformer", "latent_upsampler")
         began = time.perf_counter()
         if request.extra["audio"]:
             result.audio, result.sample_rate = self.decode_audio(final.audio)
-        result.frames = self.decode_video(latents, draw("decode_noise"), request, result, on_decode)
+        frames = self.decode_video(latents, draw("decode_noise"), request, result, on_decode, keep=bool(dump))
+        result.frames = None if request.writer else frames  # a writer took them
         result.decode_seconds = time.perf_counter() - began
+        if dump:
+            np.save(Path(dump) / "frames.npy", frames)
+            if result.audio is not None:
+                np.save(Path(dump) / "audio.npy", result.audio)
         return result
 
     # ------------------------------------------------------------------ latents in and out
@@ -394,9 +441,9 @@ class LTX2Pipeline(Pipeline):
         return np.array(waveform[0].astype(mx.float32)).T, int(vocoder.output_sampling_rate)
 
     def decode_video(self, latents: mx.array, noise: mx.array, request: Request, result: Generation,
-                     on_decode: DecodeCallback | None) -> np.ndarray | None:
+                     on_decode: DecodeCallback | None, keep: bool = False) -> np.ndarray | None:
         """Decode in tiles; frames go to the request's writer as they are final (then none are
-        kept), else they are returned (frames, H, W, 3) in [0, 1]."""
+        kept unless `keep`), else they are returned (frames, H, W, 3) in [0, 1]."""
         from vidport.runtime.ltx2.video_vae_tiling import Tiling, decode_stream
 
         vae = self.model("vae")
@@ -413,9 +460,9 @@ class LTX2Pipeline(Pipeline):
                 frames = np.array(mx.clip(chunk[0].astype(mx.float32) / 2 + 0.5, 0, 1))
                 if writer is not None:
                     writer.append(frames)
-                else:
+                if writer is None or keep:
                     kept.append(frames)
                 done += len(frames)
                 if on_decode:
                     on_decode(done, request.frames)
-        return None if request.writer else np.concatenate(kept)
+        return np.concatenate(kept) if kept else None

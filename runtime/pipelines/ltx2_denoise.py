@@ -9,7 +9,11 @@ Guidance is LTX-2's, in x0 space: the conditional prediction plus
   self-attention in the listed blocks;
 - modality isolation, (scale - 1) x (conditional - isolated), the isolated pass without the
   audio-to-video and video-to-audio attention;
-then rescaled toward the conditional prediction's spread, and turned back into a velocity."""
+then rescaled toward the conditional prediction's spread, and turned back into a velocity.
+
+The passes of a step are named (`pass_names`) and run by the run's parallel plan
+(runtime.parallel_ltx2): in one process as diffusers batches them (the CFG pair as one batch of 2,
+`run_passes`), under `parallel=cfg` shared among the ranks."""
 from __future__ import annotations
 
 import time
@@ -79,6 +83,29 @@ class StageResult:
 
 
 StepHook = Callable[[int, int, float, mx.array, mx.array], None]  # index, total, t, video, audio (packed)
+Prediction = tuple[mx.array, mx.array]  # the DiT's video and audio velocity, batch 1
+
+
+def pass_names(guidance: Guidance, perturbable: bool) -> list[str]:
+    """The DiT passes of one step: the conditional one, and one per guidance term in use. STG
+    perturbs self-attention only in a DiT built with the perturbed processor (LTX-2.3,
+    `perturbed_attn`); on LTX-2.0 the perturbed pass equals the conditional one and its term is
+    zero, so it is not run."""
+    names = ["conditional"]
+    if guidance.uses_cfg:
+        names.append("unconditional")
+    if guidance.uses_stg and perturbable:
+        names.append("perturbed")
+    if guidance.uses_modality:
+        names.append("isolated")
+    return names
+
+
+def run_passes(names: list[str], one: Callable[[str], Prediction],
+               pair: Callable[[], dict[str, Prediction]]) -> dict[str, Prediction]:
+    """One process: the CFG pair batched (as diffusers runs it), the other passes one by one."""
+    done = pair() if "unconditional" in names else {}
+    return {name: done[name] if name in done else one(name) for name in names}
 
 
 def _x0(sample: mx.array, velocity: mx.array, sigma: float) -> mx.array:
@@ -87,20 +114,20 @@ def _x0(sample: mx.array, velocity: mx.array, sigma: float) -> mx.array:
 
 def denoise(model: Any, video: mx.array, audio: mx.array, grid: Grid, text: Text, guidance: Guidance,
             schedulers: tuple[Any, Any], fps: float, mask: mx.array | None = None,
-            on_step: StepHook | None = None, use_cross_timestep: bool = True) -> StageResult:
+            on_step: StepHook | None = None, use_cross_timestep: bool = True, plan: Any = None) -> StageResult:
     """Denoise packed float32 `video` (B, F h w, C) and `audio` (B, L, C M) over the schedulers'
     timesteps (video's, audio's: same sigmas). `mask` (B, F h w), image-to-video: tokens where it is
     1 keep their values and get timestep 0. `use_cross_timestep`: the cross-modal attention's
     modulation follows the other stream's sigma (LTX-2.3; diffusers' pipelines pass True for every
-    version, the official LTX-2.0 code runs it off)."""
+    version, the official LTX-2.0 code runs it off). `plan` (runtime.parallel_ltx2) runs each
+    step's passes and evaluates the step; None: one process."""
     video_scheduler, audio_scheduler = schedulers
     dtype = model.proj_in.weight.dtype
     shape = {"num_frames": grid.frames, "height": grid.height, "width": grid.width, "fps": fps,
              "audio_num_frames": grid.audio_frames}
     timesteps, seconds = [float(t) for t in video_scheduler.timesteps], []
-    # STG perturbs self-attention only in a DiT built with the perturbed processor (LTX-2.3); on
-    # LTX-2.0 the perturbed pass equals the conditional one and its term is zero: skip the pass
-    perturbable = any(block.perturbed_attn for block in model.transformer_blocks)
+    names = pass_names(guidance, any(block.perturbed_attn for block in model.transformer_blocks))
+    passes = plan.passes if plan is not None else run_passes
 
     def run(x: mx.array, a: mx.array, context: Text, t: mx.array, kept: mx.array | None = mask,
             **switches: Any) -> tuple[mx.array, mx.array]:
@@ -114,24 +141,33 @@ def denoise(model: Any, video: mx.array, audio: mx.array, grid: Grid, text: Text
         began = time.perf_counter()
         sigma = float(video_scheduler.sigmas[index])
         t_one = mx.full((video.shape[0],), np.float32(t))
-        if guidance.uses_cfg:
+
+        def one(name: str) -> Prediction:
+            switches = {"perturbed": {"spatio_temporal_guidance_blocks": list(guidance.stg_blocks)},
+                        "isolated": {"isolate_modalities": True}}.get(name, {})
+            return run(video, audio, text.negative if name == "unconditional" else text, t_one, **switches)
+
+        def pair() -> dict[str, Prediction]:
             both = Text(mx.concatenate([text.negative.video, text.video]), mx.concatenate([text.negative.audio, text.audio]),
                         mx.concatenate([text.negative.mask, text.mask]))
             v, a = run(mx.concatenate([video, video]), mx.concatenate([audio, audio]), both,
                        mx.concatenate([t_one, t_one]), None if mask is None else mx.concatenate([mask, mask]))
-            video_x0, audio_x0 = _x0(video, v[1:], sigma), _x0(audio, a[1:], sigma)
-            video_guided = video_x0 + (guidance.cfg - 1) * (video_x0 - _x0(video, v[:1], sigma))
-            audio_guided = audio_x0 + (guidance.audio_cfg - 1) * (audio_x0 - _x0(audio, a[:1], sigma))
-        else:
-            v, a = run(video, audio, text, t_one)
-            video_x0, audio_x0 = _x0(video, v, sigma), _x0(audio, a, sigma)
-            video_guided, audio_guided = video_x0, audio_x0
-        if guidance.uses_stg and perturbable:
-            v, a = run(video, audio, text, t_one, spatio_temporal_guidance_blocks=list(guidance.stg_blocks))
+            return {"unconditional": (v[:1], a[:1]), "conditional": (v[1:], a[1:])}
+
+        out = passes(names, one, pair)
+        v, a = out["conditional"]
+        video_x0, audio_x0 = _x0(video, v, sigma), _x0(audio, a, sigma)
+        video_guided, audio_guided = video_x0, audio_x0
+        if "unconditional" in out:
+            v, a = out["unconditional"]
+            video_guided = video_x0 + (guidance.cfg - 1) * (video_x0 - _x0(video, v, sigma))
+            audio_guided = audio_x0 + (guidance.audio_cfg - 1) * (audio_x0 - _x0(audio, a, sigma))
+        if "perturbed" in out:
+            v, a = out["perturbed"]
             video_guided = video_guided + guidance.stg * (video_x0 - _x0(video, v, sigma))
             audio_guided = audio_guided + guidance.audio_stg * (audio_x0 - _x0(audio, a, sigma))
-        if guidance.uses_modality:
-            v, a = run(video, audio, text, t_one, isolate_modalities=True)
+        if "isolated" in out:
+            v, a = out["isolated"]
             video_guided = video_guided + (guidance.modality - 1) * (video_x0 - _x0(video, v, sigma))
             audio_guided = audio_guided + (guidance.audio_modality - 1) * (audio_x0 - _x0(audio, a, sigma))
         if guidance.rescale > 0:
@@ -142,7 +178,10 @@ def denoise(model: Any, video: mx.array, audio: mx.array, grid: Grid, text: Text
         stepped = video_scheduler.step((video - video_guided) / sigma, t, video)
         video = keep_masked(mask, video, stepped)
         audio = audio_scheduler.step((audio - audio_guided) / sigma, t, audio)
-        mx.eval(video, audio)
+        if plan is not None:
+            plan.evaluate(video, audio, what=f"step {index + 1}")
+        else:
+            mx.eval(video, audio)
         seconds.append(time.perf_counter() - began)
         if on_step:
             on_step(index, len(timesteps), float(t), video, audio)

@@ -1,0 +1,178 @@
+"""The LTX-2 pipeline on 2 processes over MLX's ring backend (`vidport generate --launch`), under its
+parallel plans (cfg, tensor), against the same run in one process: every step's video and audio
+latents (PCC), the decoded frames (PSNR) and the waveform, the tensor plan's per-rank weight memory,
+and refusals (sequence; cfg without guidance passes to share; a plan that does not divide) before
+any weight loads.
+
+The single-process run is itself held to diffusers' LTX2Pipeline by tests/test_ltx2_generate.py.
+The DiT here is wider than that file's (video 8 heads of 32, audio 8 of 16) so that weight memory is
+dominated by the sharded matrices rather than by the whole modulation tables.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import vidport.runtime  # noqa: F401  (before mlx: the runtime gives MLX its fast BLAS)
+from vidport.converter.core.errors import VidportError
+from vidport.runtime.distributed import Watchdog, World
+from vidport.runtime.parallel_ltx2 import ltx2_plan
+from vidport.runtime.pipelines.protocol import Request, open_pipeline
+
+VIDPORT = str(Path(sys.executable).with_name("vidport"))
+WIDE = {"num_attention_heads": 8, "attention_head_dim": 32, "cross_attention_dim": 256,
+        "audio_num_attention_heads": 8, "audio_attention_head_dim": 16, "audio_cross_attention_dim": 128}
+ARGS = ["--prompt", "a red fox jumps", "--negative-prompt", "blurry", "--frames", "9", "--height", "64", "--width",
+        "96", "--steps", "3", "--seed", "3", "--set", "max_sequence_length=16"]
+LAUNCH = ["--launch", "-n 2 --backend ring"]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """The chained small release with the wider DiT, converted."""
+    from fixtures import ltx2_dit
+    from fixtures.ltx2_pipeline import configs, write_pipeline_folder
+    from vidport.converter.pipeline import convert_pipeline, plan_pipeline
+
+    root = tmp_path_factory.mktemp("ltx2-distributed")
+    source = write_pipeline_folder(root / "LTX-2-Diffusers")
+    shutil.rmtree(source / "transformer")
+    ltx2_dit.random_ltx2_transformer({**configs()["transformer"], **WIDE}, seed=7).save_pretrained(
+        str(source / "transformer"))
+    convert_pipeline(plan_pipeline("ltx2", {"ltx2": source}, "mlx"), root / "mlx")
+    return root / "mlx"
+
+
+def generate(folder: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([VIDPORT, "generate", "t2v", "--model", str(folder), *ARGS, "--out", str(out), *extra],
+                          capture_output=True, text=True, timeout=240, env={**os.environ, "COLUMNS": "200"})
+
+
+@pytest.fixture(scope="module")
+def single(folder, tmp_path_factory) -> Path:
+    """The single-process run's dump: (audio_)step_NNN.npy, frames.npy, audio.npy, rank0_weights.json."""
+    dump = tmp_path_factory.mktemp("single")
+    done = generate(folder, dump / "out.mp4", "--set", f"dump_steps={dump}")
+    assert done.returncode == 0, done.stdout + done.stderr
+    return dump
+
+
+def pcc(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.corrcoef(a.ravel().astype(np.float64), b.ravel().astype(np.float64))[0, 1])
+
+
+def psnr(a: np.ndarray, b: np.ndarray, peak: float = 1.0) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(peak**2 / mse)
+
+
+def assert_same_run(single: Path, dump: Path, steps: int) -> None:
+    """Every step's video and audio latents, the frames and the waveform equal the single process's."""
+    for prefix in ("step_", "audio_step_"):
+        names = sorted(p.name for p in single.glob(f"{prefix}*.npy"))
+        assert len(names) == steps and names == sorted(p.name for p in dump.glob(f"{prefix}*.npy"))
+        for name in names:
+            assert pcc(np.load(single / name), np.load(dump / name)) >= 0.99999, name
+    assert psnr(np.load(single / "frames.npy"), np.load(dump / "frames.npy")) >= 60.0
+    assert psnr(np.load(single / "audio.npy"), np.load(dump / "audio.npy"), peak=2.0) >= 60.0
+
+
+@pytest.mark.parametrize("plan, described", [
+    ("cfg", "cfg over 2 ranks: the 3 guidance passes of each step shared (rank 0 conditional + isolated; "
+            "rank 1 unconditional)"),
+    ("tensor", "tensor over 2 ranks: each rank 4 of 8 video heads, 4 of 8 audio heads"),
+])
+def test_plan_equals_single_process(folder, single, plan, described, tmp_path):
+    """Two ranks under the plan, the dev recipe (CFG and modality isolation: 3 passes a step): the
+    same latents after every step and the same frames and sound as one process; rank 0 alone
+    writes; the plan is printed before the run. Tensor: each rank holds half the blocks' weights."""
+    out = tmp_path / "out.mp4"
+    done = generate(folder, out, "--set", f"parallel={plan}", "--set", f"dump_steps={tmp_path}", *LAUNCH)
+    assert done.returncode == 0, done.stdout + done.stderr
+    said = " ".join(done.stdout.split()).find(f"parallel: {described}")
+    assert 0 <= said < " ".join(done.stdout.split()).find("denoising"), done.stdout
+    assert_same_run(single, tmp_path, 3)
+    assert out.exists()
+    alone = json.loads((single / "rank0_weights.json").read_text())
+    for rank in (0, 1):
+        report = json.loads((tmp_path / f"rank{rank}_weights.json").read_text())
+        share = report["block_bytes"] / alone["block_bytes"]
+        if plan == "tensor":  # heads and FFN split; the blocks' modulation tables and out biases whole
+            assert 0.5 <= share < 0.51, share
+            held = report["block_bytes"] + report["other_bytes"]
+            assert report["active_memory"] < 1.05 * held, (report, held)  # no whole tensor kept behind a slice
+        else:
+            assert share == 1.0
+
+
+@pytest.mark.slow  # 3 more processes on a 2-core machine; CI runs it (make test under CI=true)
+def test_cfg_on_three_ranks(folder, single, tmp_path):
+    """The dev recipe's 3 passes on 3 ranks, one each: the same run."""
+    done = generate(folder, tmp_path / "out.mp4", "--set", "parallel=cfg", "--set", f"dump_steps={tmp_path}",
+                    "--launch", "-n 3 --backend ring")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "rank 2 isolated" in " ".join(done.stdout.split())
+    assert_same_run(single, tmp_path, 3)
+
+
+def test_refusal_on_launch(folder, tmp_path):
+    """sequence under mlx.launch: one error line from rank 0 naming why, no output, no dump."""
+    out = tmp_path / "never.mp4"
+    done = generate(folder, out, "--set", "parallel=sequence", "--set", f"dump_steps={tmp_path / 'dump'}", *LAUNCH)
+    assert done.returncode == 1
+    errors = [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "not built for LTX-2" in errors[0], done.stdout + done.stderr
+    assert not out.exists() and not (tmp_path / "dump").exists()
+
+
+def _world(size: int) -> World:
+    return World(None, 0, size, Watchdog(0))
+
+
+@pytest.mark.parametrize("plan, size, extra, message", [
+    ("cfg", 2, {"recipe": "distilled"}, "one DiT pass a step"),
+    ("cfg", 2, {"modality_scale": 1.0, "audio_modality_scale": 1.0, "audio_guidance": 1.0}, None),  # 2 passes
+    ("cfg", 3, {"modality_scale": 1.0}, "3 ranks but 2 DiT passes a step (conditional, unconditional)"),
+    ("cfg", 4, {}, "4 ranks but 3 DiT passes a step (conditional, unconditional, isolated)"),
+    ("tensor", 3, {}, "num_attention_heads 8 does not split across 3 ranks"),
+    ("tensor", 2, {"low_memory": True}, "with --low-memory"),
+    ("sequence", 2, {}, "not built for LTX-2"),
+    ("tensor", 1, {}, "not started by mlx.launch"),
+    (None, 2, {}, "2 ranks but no parallel plan"),
+])
+def test_refusals_before_weights_load(folder, tmp_path, monkeypatch, plan, size, extra, message):
+    """Every refusal from configs, guidance and the rank count alone: the weights are removed from a
+    copy of the folder, and the plan sees `size` ranks."""
+    from vidport.runtime import distributed
+
+    copy = tmp_path / "no-weights"
+    shutil.copytree(folder, copy)
+    for weights in copy.rglob("*.safetensors"):
+        weights.unlink()
+    monkeypatch.setattr(distributed, "_world", _world(size))
+    pipe = open_pipeline(copy)
+    request = Request(task="t2v", prompt="a fox", frames=9, height=64, width=128,  # the distilled recipe halves it
+                      extra={"parallel": plan, "max_sequence_length": 16, **extra})
+    if message is None:
+        assert pipe.describe_plan(pipe.check(request)).startswith("cfg over 2 ranks: the 2 guidance passes")
+        return
+    with pytest.raises(VidportError, match=re.escape(message)):
+        pipe.check(request)
+
+
+def test_plan_lines():
+    """The tensor plan at the release's widths (32 video heads, 32 audio heads)."""
+    config = {"num_attention_heads": 32, "audio_num_attention_heads": 32}
+    assert ltx2_plan("tensor", _world(4)).describe(config, ["conditional"]).startswith(
+        "tensor over 4 ranks: each rank 8 of 32 video heads, 8 of 32 audio heads")
+    passes = ["conditional", "unconditional", "perturbed", "isolated"]  # LTX-2.3's dev recipe
+    assert "(rank 0 conditional + perturbed; rank 1 unconditional + isolated)" in ltx2_plan(
+        "cfg", _world(2)).describe(config, passes)
