@@ -432,3 +432,17 @@ def test_what_tt_dit_cannot_load_is_refused(sources, tmp_path):
             convert(plan, tmp_path / "refused")
         assert message in str(err.value), (options, str(err.value))
         assert not (tmp_path / "refused").exists()
+
+
+def test_wan22_ti2v_5b(ttnn, tmp_path):
+    """Wan 2.2 TI2V 5B (48 latent channels in and out: tt_dit's model_type ti2v) on 2x2."""
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "Wan2.2-TI2V-5B-Diffusers" / "transformer"
+    config = write_transformer(folder, "ti2v", 5)
+    state = load_file(str(folder / "diffusion_pytorch_model.safetensors"))
+    run(folder, tmp_path / "out", (2, 2))
+    cache = tmp_path / "out" / "Wan2.2-TI2V-5B-Diffusers" / "transformer" / cache_key((2, 2), 1, 0, True)
+    params = tt_dit_parameters(config, 1, 0, (2, 2), True)
+    assert params["proj_out.weight"].shape == (128, 1 * 2 * 2 * 48)
+    assert check_cache(ttnn, cache, params, tt_dit_state(state, config, 2), (2, 2)) == []
