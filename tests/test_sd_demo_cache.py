@@ -286,6 +286,19 @@ def test_refusals_name_the_way_out(source, tmp_path):
     assert not (tmp_path / "vae").exists() and not (tmp_path / "bf8").exists()
 
 
+def test_a_bad_style_entry_names_its_line(tmp_path):
+    from vidport.converter.spec import SpecError, load_catalog
+
+    mappings = tmp_path / "mappings"
+    shutil.copytree(ROOT / "mappings", mappings)
+    family = mappings / "sd15-unet" / "family.yaml"
+    family.write_text(family.read_text().replace("conv2d.bias: {transforms: [], layout: TILE",
+                                                 "conv2d.bias: {transforms: [], layot: TILE"))
+    with pytest.raises(SpecError, match=r"sd15-unet/family.yaml:\d+: targets.ttnn.styles.sd_demo.roles.conv2d.bias: "
+                                        r"unknown field\(s\) \['layot'\]"):
+        load_catalog(mappings)
+
+
 # --------------------------------------------------------------------------- AnimateDiff
 
 
