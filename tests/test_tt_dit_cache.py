@@ -32,9 +32,9 @@ runner = CliRunner()
 # 4 heads of 32 (D = 128): DistributedLayerNorm / RMSNorm need D % (32 * tp) == 0 for tp = 4.
 SMALL = {"attention_head_dim": 32, "ffn_dim": 256}
 
-# pipelines/wan/pipeline_wan.py create_pipeline: (mesh, tp_axis, sp_axis, is_fsdp); Blackhole's table,
-# then Wormhole's 2x4 and 4x8 plans
-PLANS = [((1, 4), 1, 0, True), ((2, 2), 1, 0, True), ((2, 4), 0, 1, False), ((4, 8), 0, 1, False),
+# (mesh, tp_axis, sp_axis, is_fsdp): one device (no --ttnn-mesh), then pipelines/wan/pipeline_wan.py
+# create_pipeline's plans: Blackhole's table, then Wormhole's 2x4 and 4x8
+PLANS = [((1, 1), 1, 0, False), ((1, 4), 1, 0, True), ((2, 2), 1, 0, True), ((2, 4), 0, 1, False), ((4, 8), 0, 1, False),
          ((4, 32), 0, 1, False), ((2, 4), 1, 0, True), ((4, 8), 0, 1, True)]
 
 
@@ -250,7 +250,7 @@ def sources(tmp_path_factory) -> dict[str, tuple[Path, dict, dict]]:
 
 
 def run(source: Path, out: Path, mesh: tuple[int, int], tp_axis=None, sp_axis=None, fsdp=None) -> dict:
-    options = {"cache_style": "tt_dit", "mesh": f"{mesh[0]}x{mesh[1]}",
+    options = {"cache_style": "tt_dit", "mesh": None if mesh == (1, 1) else f"{mesh[0]}x{mesh[1]}",
                "tp_axis": None if tp_axis is None else str(tp_axis), "sp_axis": None if sp_axis is None else str(sp_axis),
                "fsdp": None if fsdp is None else str(fsdp).lower()}
     convert(plan_conversion(source, "ttnn", family="wan-dit", target_options=options), out)
@@ -420,7 +420,8 @@ def test_what_tt_dit_cannot_load_is_refused(sources, tmp_path):
     folder, _, _ = sources["wan2.1"]
     cases = [({"dtype": "bfloat8_b"}, folder, "tt_dit's own dtypes"),
              ({"mesh": "4x8", "tp_axis": "0", "sp_axis": "0"}, folder, "different mesh axes"),
-             ({"mesh": "1x8"}, folder, "num_attention_heads % tp == 0"),
+             ({"mesh": "1x8", "tp_axis": "1", "sp_axis": "0"}, folder, "num_attention_heads % tp == 0"),
+             ({"mesh": "1x8"}, folder, "no parallel plan for this mesh"),
              ({}, write_native(tmp_path / "wan.safetensors", "t2v")["_path"], "a single file does not say")]
     i2v = tmp_path / "Wan2.1-I2V-14B-480P-Diffusers" / "transformer"
     write_transformer(i2v, "i2v", 4)

@@ -196,8 +196,12 @@ def mesh_plan(options: dict[str, Any], plans: dict[str, dict[str, Any]]) -> Mesh
     rows, _, cols = mesh.partition("x")
     if not (rows.isdigit() and cols.isdigit() and int(rows) > 0 and int(cols) > 0):
         raise VidportError(f"--ttnn-mesh {mesh}: not ROWSxCOLS", hint="e.g. --ttnn-mesh 2x4 (ttnn.MeshShape(2, 4))")
-    default = plans.get(mesh, {"tp_axis": 1, "sp_axis": 0, "fsdp": False})
     given = {k: options.get(k) or None for k in ("tp_axis", "sp_axis", "fsdp")}
+    default = plans.get(mesh)
+    if default is None and not (given["tp_axis"] and given["sp_axis"]):
+        raise VidportError(f"--ttnn-mesh {mesh}: tt_dit's Wan pipeline has no parallel plan for this mesh",
+                           hint=f"give --tp-axis and --sp-axis (and --fsdp), or use one of {', '.join(plans)}")
+    default = default or {"fsdp": False}
     tp_axis = int(given["tp_axis"]) if given["tp_axis"] else int(default["tp_axis"])
     sp_axis = int(given["sp_axis"]) if given["sp_axis"] else int(default["sp_axis"])
     fsdp = given["fsdp"] == "true" if given["fsdp"] else bool(default["fsdp"])
