@@ -352,6 +352,13 @@ def test_cli_writes_the_wormhole_plan(ttnn, sources, tmp_path):
                                 "tp_axis": "1", "sp_axis": "0", "fsdp": "true"}
     params = tt_dit_parameters(config, 1, 0, (2, 4), True)
     assert check_cache(ttnn, cache, params, tt_dit_state(state, config, 4), (2, 4)) == []
+    run(folder, tmp_path / "again", (2, 4), 1, 0, True)  # the same bytes again (vidport_manifest.json aside)
+
+    def files(root: Path) -> dict[str, bytes]:
+        return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+                if p.is_file() and p.name != "vidport_manifest.json"}
+
+    assert files(out) == files(tmp_path / "again") and len(files(out)) == len(params) + 3  # rope.pt, ttnn_manifest.json, config.json
 
 
 # --------------------------------------------------------------------------- planted faults
