@@ -369,6 +369,7 @@ class TtDitCache:
         self.checkpoint, self.subfolder = cache_location(plan.source.path, self.layout.subfolders)
         self.folder = f"{self.checkpoint}/{self.subfolder}/{self.mesh.key(self.layout.dtype_key)}"
         self.jobs = _jobs(self.layout, list(plan.final.recipes))
+        self.dump = mesh_dumper()  # before any file is written: ttnn and torch are there
 
     def path_for(self, name: str, dtype: str, layout: str) -> str:
         return f"{self.folder}/{name}.tensorbin"
@@ -376,7 +377,6 @@ class TtDitCache:
     def write_tensors(self, folder: Path, outputs) -> tuple[dict[str, dict[str, Any]], int]:
         """Consume the plan's outputs (name, float array) and write each tt_dit parameter once all its
         inputs are in; memory holds the inputs of unfinished parameters only."""
-        dump = mesh_dumper()
         waiting = {name: job for job in self.jobs for name in job.inputs}
         held: dict[str, np.ndarray] = {}
         tensors: dict[str, dict[str, Any]] = {}
@@ -390,7 +390,7 @@ class TtDitCache:
             value = build(job, [held.pop(i) for i in job.inputs], self.mesh)
             axes = mesh_axes(job, value.shape, self.mesh)
             relative = self.path_for(job.name, job.rule.dtype, job.rule.layout)
-            dump(folder / relative, value, job.rule.dtype, job.rule.layout, self.mesh.shape, axes)
+            self.dump(folder / relative, value, job.rule.dtype, job.rule.layout, self.mesh.shape, axes)
             tensors[job.name] = {
                 "file": relative, "dtype": job.rule.dtype, "layout": job.rule.layout, "shape": list(value.shape),
                 "local_shape": local_shape(value.shape, axes, self.mesh.shape),
