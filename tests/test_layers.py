@@ -113,19 +113,43 @@ def test_attention_keeps_half_precision_and_rejects_unknown_named_mask():
         layers.attention(q, k, v, 0.25, mask="sliding")
 
 
-@pytest.mark.parametrize("groups, channels, affine", [(32, 64, True), (4, 12, False), (1, 5, True)])
-def test_group_norm_matches_torch(groups, channels, affine):
+@pytest.mark.parametrize("shape, groups, affine", [
+    ((3, 7, 9, 64), 32, True),
+    ((3, 7, 9, 12), 4, False),
+    ((3, 7, 9, 5), 1, True),         # one group, odd channel count
+    ((2, 33, 17, 96), 32, True),     # odd map sides
+    ((2, 3, 5, 4, 24), 8, True),     # (N, F, H, W, C): statistics over frames and pixels together
+    ((1, 1, 1, 6), 3, True),         # one position: each group's statistics over its channels alone
+    ((4, 2, 320), 32, "none"),       # no weight and bias at all
+])
+def test_group_norm_matches_torch(shape, groups, affine):
     rng = np.random.default_rng(6)
-    x = rng.standard_normal((3, 7, 9, channels)).astype(np.float32) * 5 + 3  # offset: a one-pass variance would drift
+    channels = shape[-1]
+    x = rng.standard_normal(shape).astype(np.float32) * 5 + 3  # offset: a one-pass variance would drift
     norm = layers.GroupNorm(groups, channels, eps=1e-6)
-    if affine:
-        norm.weight = mx.array(rng.standard_normal(channels).astype(np.float32))
-        norm.bias = mx.array(rng.standard_normal(channels).astype(np.float32))
+    weight, bias = np.ones(channels, np.float32), np.zeros(channels, np.float32)
+    if affine is True:
+        weight, bias = (rng.standard_normal(channels).astype(np.float32) for _ in range(2))
+    if affine == "none":
+        del norm.weight, norm.bias
     else:
-        norm.weight, norm.bias = mx.ones((channels,)), mx.zeros((channels,))
-    theirs = F.group_norm(torch.from_numpy(x).permute(0, 3, 1, 2), groups, as_torch(norm.weight), as_torch(norm.bias),
-                          eps=1e-6).permute(0, 2, 3, 1)
-    close(norm(mx.array(x)), theirs, atol=1e-5)
+        norm.weight, norm.bias = mx.array(weight), mx.array(bias)
+    channels_first = torch.from_numpy(x).movedim(-1, 1)
+    theirs = F.group_norm(channels_first, groups, torch.from_numpy(weight), torch.from_numpy(bias), eps=1e-6)
+    close(norm(mx.array(x)), theirs.movedim(1, -1), atol=1e-5)
+
+
+def test_group_norm_keeps_half_precision():
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((2, 6, 5, 32)).astype(np.float32) * 2 - 1
+    norm = layers.GroupNorm(8, 32)
+    norm.weight = mx.array(rng.standard_normal(32).astype(np.float32)).astype(mx.bfloat16)
+    norm.bias = mx.array(rng.standard_normal(32).astype(np.float32)).astype(mx.bfloat16)
+    ours = norm(mx.array(x).astype(mx.bfloat16))
+    assert ours.dtype == mx.bfloat16
+    theirs = F.group_norm(torch.from_numpy(x).bfloat16().float().permute(0, 3, 1, 2), 8, as_torch(norm.weight),
+                          as_torch(norm.bias)).permute(0, 2, 3, 1)
+    close(ours, theirs.bfloat16(), atol=0.0, rtol=1e-2)  # both round once to bfloat16: within one bf16 ulp
 
 
 @pytest.mark.parametrize("budget_rows, stride, padding, batch", [
