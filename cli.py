@@ -130,7 +130,7 @@ def convert(
     ema: Optional[bool] = typer.Option(None, "--ema/--no-ema", help="Convert the EMA weights the file keeps (an LDM file's "
                                        "model_ema.*, Self-Forcing's generator_ema), or not; default: the format's choice "
                                        "(Self-Forcing: EMA, where the file has it; others: not)."),
-    cache_style: Optional[str] = typer.Option(None, "--cache-style", help="ttnn: as_tensor | model_cache | tt_dit (file naming; default as_tensor; tt_dit: the keyed folder tt_dit loads, for wan-dit)."),
+    cache_style: Optional[str] = typer.Option(None, "--cache-style", help="ttnn: as_tensor | model_cache | tt_dit | sd_demo (file naming; default as_tensor; tt_dit: the keyed folder tt_dit loads, for wan-dit; sd_demo: the model cache of tt-metal's SD 1.4 demo, for sd15-unet and animatediff-motion)."),
     ttnn_dtype: Optional[str] = typer.Option(None, "--ttnn-dtype", help="ttnn: bfloat16 | bfloat8_b for linear weights (default bfloat16)."),
     ttnn_grid: Optional[str] = typer.Option(None, "--ttnn-grid", help="ttnn: core grid COLUMNSxROWS for group-norm packing (default 8x8)."),
     ttnn_mesh: Optional[str] = typer.Option(None, "--ttnn-mesh", help="ttnn, --cache-style tt_dit: the device mesh ROWSxCOLS "

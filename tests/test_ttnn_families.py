@@ -231,16 +231,14 @@ def test_cli_converts_each_family_deterministically(sources, outputs, tmp_path, 
 
 
 def test_cache_styles_hold_the_same_tensors(sources, outputs, tmp_path):
-    """tt_dit names files by parameter path (what models/tt_dit's load reads), model_cache nests
-    them per module; the bytes are those of the as_tensor files."""
+    """model_cache nests the files per module; the bytes are those of the as_tensor files. (The
+    tt_dit style writes tt_dit's own names, fusions and shards: tests/test_tt_dit_cache.py.)"""
     reference = manifest(outputs["wan-dit"])["tensors"]
-    for style in ("tt_dit", "model_cache"):
-        folder = convert_family("wan-dit", sources, tmp_path / style, cache_style=style)
-        found = manifest(folder)["tensors"]
-        assert set(found) == set(reference)
-        for name, entry in found.items():
-            assert (folder / entry["file"]).read_bytes() == (outputs["wan-dit"] / reference[name]["file"]).read_bytes()
-    assert manifest(tmp_path / "tt_dit")["tensors"]["blocks.0.attn1.to_q.weight"]["file"] == "blocks.0.attn1.to_q.weight.tensorbin"
+    folder = convert_family("wan-dit", sources, tmp_path / "model_cache", cache_style="model_cache")
+    found = manifest(folder)["tensors"]
+    assert set(found) == set(reference)
+    for name, entry in found.items():
+        assert (folder / entry["file"]).read_bytes() == (outputs["wan-dit"] / reference[name]["file"]).read_bytes()
     assert (tmp_path / "model_cache" / "wan-dit" / "blocks" / "0" / "attn1" / "to_q" / "weight.tensorbin").is_file()
 
 
