@@ -123,6 +123,19 @@ def test_cfg_on_three_ranks(folder, single, tmp_path):
     assert_same_run(single, tmp_path, 3)
 
 
+@pytest.mark.slow  # 4 more processes on a 2-core machine; CI runs it (make test under CI=true)
+def test_tensor_on_four_ranks(folder, single, tmp_path):
+    """2 of 8 video and audio heads on each of 4 ranks: the same run, a quarter of the blocks each."""
+    done = generate(folder, tmp_path / "out.mp4", "--set", "parallel=tensor", "--set", f"dump_steps={tmp_path}",
+                    "--launch", "-n 4 --backend ring")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert_same_run(single, tmp_path, 3)
+    alone = json.loads((single / "rank0_weights.json").read_text())["block_bytes"]
+    for rank in range(4):
+        share = json.loads((tmp_path / f"rank{rank}_weights.json").read_text())["block_bytes"] / alone
+        assert 0.25 <= share < 0.26, share
+
+
 def test_refusal_on_launch(folder, tmp_path):
     """sequence under mlx.launch: one error line from rank 0 naming why, no output, no dump."""
     out = tmp_path / "never.mp4"
@@ -168,6 +181,69 @@ def test_refusals_before_weights_load(folder, tmp_path, monkeypatch, plan, size,
         pipe.check(request)
 
 
+@pytest.mark.parametrize("rope_type", ["split", "interleaved"])
+def test_tensor_shards_of_an_ltx23_dit(rope_type, tmp_path):
+    """The LTX-2.3 block (per-head gates, STG's perturbed self-attention, prompt modulation) sharded
+    on 2 ranks: the DiT's video and audio outputs, plain and with STG on block 1, equal the whole
+    DiT's on the same rank, for both RoPE layouts (tables sliced per head and per channel). The
+    pipeline folder above is LTX-2.0 (no gates, no perturbed processor, SPLIT tables)."""
+    from fixtures.ltx2_dit import ltx2_config
+
+    config = ltx2_config("2.3", rope_type=rope_type, caption_channels=64)
+    launcher = Path(sys.executable).with_name("mlx.launch")
+    done = subprocess.run([str(launcher), "-n", "2", "--backend", "ring", "--python", sys.executable, "--", __file__,
+                           json.dumps(config), str(tmp_path / "result.json")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "WARN" not in done.stderr, done.stdout + done.stderr
+    result = json.loads((tmp_path / "result.json").read_text())
+    for name, value in result.items():
+        assert value >= 0.99999, (name, result)
+
+
+def _rank_main(config: dict, out: str) -> None:
+    """One rank of test_tensor_shards_of_an_ltx23_dit: the same random DiT and inputs on every rank
+    (one seed), its outputs whole, then sharded; rank 0 writes the PCCs."""
+    import math
+
+    import mlx.core as mx
+    from mlx.utils import tree_map
+
+    from vidport.runtime.distributed import world
+    from vidport.runtime.ltx2.dit import LTX2VideoTransformer3DModel
+    from vidport.runtime.parallel_ltx2 import shard_ltx2_block
+
+    ranks = world()
+    mx.random.seed(0)
+    model = LTX2VideoTransformer3DModel.from_config(config)
+    model.update(tree_map(lambda p: mx.random.normal(p.shape) / math.sqrt(p.shape[-1]) if p.ndim == 2
+                          else 1.0 + 0.3 * mx.random.normal(p.shape), model.parameters()))
+    frames, height, width, audio_frames, text = 2, 2, 3, 5, 7
+    inner = config["num_attention_heads"] * config["attention_head_dim"]
+    audio_inner = config["audio_num_attention_heads"] * config["audio_attention_head_dim"]
+    inputs = {"hidden_states": mx.random.normal((1, frames * height * width, config["in_channels"])),
+              "audio_hidden_states": mx.random.normal((1, audio_frames, config["audio_in_channels"])),
+              "encoder_hidden_states": mx.random.normal((1, text, inner)),
+              "audio_encoder_hidden_states": mx.random.normal((1, text, audio_inner)),
+              "timestep": mx.random.uniform(shape=(1, frames * height * width)) * 1000,  # per token, as i2v
+              "audio_timestep": mx.array([600.0]), "sigma": mx.array([0.6]),
+              "encoder_attention_mask": mx.array([[0, 0, 1, 1, 1, 1, 1]]), "num_frames": frames, "height": height,
+              "width": width, "fps": 24.0, "audio_num_frames": audio_frames}
+    calls = {"plain": {}, "stg": {"spatio_temporal_guidance_blocks": [1]}}
+    whole = {name: model(**inputs, **switches) for name, switches in calls.items()}
+    mx.eval(whole)
+    for block in model.transformer_blocks:
+        shard_ltx2_block(block, ranks)
+    sharded = {name: model(**inputs, **switches) for name, switches in calls.items()}
+    mx.eval(sharded)
+    if ranks.is_main:
+        import numpy as np
+
+        result = {f"{name} {stream}": float(np.corrcoef(np.array(whole[name][i]).ravel(),
+                                                       np.array(sharded[name][i]).ravel())[0, 1])
+                  for name in calls for i, stream in enumerate(("video", "audio"))}
+        Path(out).write_text(json.dumps(result))
+
+
 def test_plan_lines():
     """The tensor plan at the release's widths (32 video heads, 32 audio heads)."""
     config = {"num_attention_heads": 32, "audio_num_attention_heads": 32}
@@ -176,3 +252,7 @@ def test_plan_lines():
     passes = ["conditional", "unconditional", "perturbed", "isolated"]  # LTX-2.3's dev recipe
     assert "(rank 0 conditional + perturbed; rank 1 unconditional + isolated)" in ltx2_plan(
         "cfg", _world(2)).describe(config, passes)
+
+
+if __name__ == "__main__":  # a rank under mlx.launch (test_tensor_shards_of_an_ltx23_dit)
+    _rank_main(json.loads(sys.argv[1]), sys.argv[2])

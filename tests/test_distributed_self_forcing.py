@@ -100,6 +100,28 @@ def test_plan_equals_single_process(folder, single, plan, tmp_path):
             assert share == 1.0 and cache == 1.0
 
 
+@pytest.mark.slow  # 5 more processes on a 2-core machine; CI runs it (make test under CI=true)
+@pytest.mark.parametrize("plan", ["tensor", "sequence"])
+def test_plan_on_four_ranks(folder, plan, tmp_path):
+    """Four ranks (2 of 8 heads each; 6 of a block's 24 tokens each at 32 x 64): the same run as one
+    process; tensor: each rank holds a quarter of the KV cache."""
+    wide = ["--width", "64"]
+    done = generate(folder, tmp_path / "one/", *wide, "--set", f"dump_steps={tmp_path / 'one'}")
+    assert done.returncode == 0, done.stdout + done.stderr
+    done = generate(folder, tmp_path / "four/", *wide, "--set", f"parallel={plan}",
+                    "--set", f"dump_steps={tmp_path / 'four'}", "--launch", "-n 4 --backend ring")
+    assert done.returncode == 0, done.stdout + done.stderr
+    steps = sorted((tmp_path / "one").glob("step_*.npy"))
+    assert len(steps) == 6
+    for path in steps:
+        assert pcc(np.load(path), np.load(tmp_path / "four" / path.name)) >= 0.99999, path.name
+    assert psnr(np.load(tmp_path / "one" / "frames.npy"), np.load(tmp_path / "four" / "frames.npy")) >= 60.0
+    alone = json.loads((tmp_path / "one" / "rank0_weights.json").read_text())
+    for rank in range(4):
+        report = json.loads((tmp_path / "four" / f"rank{rank}_weights.json").read_text())
+        assert report["cache_bytes"] * (4 if plan == "tensor" else 1) == alone["cache_bytes"]
+
+
 def test_cfg_is_refused_before_weights_load(folder, tmp_path):
     """cfg under mlx.launch: one error line naming why (no guidance), no output, no dump."""
     out = tmp_path / "never.mp4"
