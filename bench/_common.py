@@ -544,8 +544,8 @@ def table(title: str, columns: list[str], rows: list[list[str]]) -> None:
         from rich.table import Table
 
         out = Table(title=title)
-        for i, column in enumerate(columns):
-            out.add_column(column, justify="left" if i == 0 else "right")
+        for i, column in enumerate(columns):  # row labels unwrapped: the figures' columns wrap their headers
+            out.add_column(column, justify="left" if i == 0 else "right", no_wrap=i == 0)
         for row in rows:
             out.add_row(*row)
         Console(width=max(shutil.get_terminal_size((170, 24)).columns, 170)).print(out)

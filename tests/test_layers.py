@@ -4,6 +4,8 @@ the torch function diffusers calls, including the cases the fast paths treat spe
 inputs, masks, half precision, several row blocks and head groups, bands of images and of rows)."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -171,3 +173,16 @@ def test_banded_conv2d_matches_torch(budget_rows, stride, padding, batch, monkey
                       stride=stride, padding=padding).permute(0, 2, 3, 1)
     assert ours.shape == tuple(theirs.shape)
     close(ours, theirs, atol=2e-5)
+
+
+@pytest.mark.parametrize("user_value", [None, "20"])
+def test_configure_cpu_leaves_the_blas_thread_timeout_as_the_user_set_it(user_value, monkeypatch):
+    """The short OpenBLAS spin applies to the runtime's own OpenBLAS only, while it loads."""
+    from vidport.runtime import configure_cpu
+
+    if user_value is None:
+        monkeypatch.delenv("OPENBLAS_THREAD_TIMEOUT", raising=False)
+    else:
+        monkeypatch.setenv("OPENBLAS_THREAD_TIMEOUT", user_value)
+    configure_cpu(malloc=False)
+    assert os.environ.get("OPENBLAS_THREAD_TIMEOUT") == user_value
