@@ -16,8 +16,11 @@ dim 1536, 12 heads x 128, 30 layers, FFN 8960, text dim 4096):
   range; the 2-rank runs start each step on a barrier.
 - each rank's compute: the same steps with `mx.distributed.all_sum` / `all_gather` replaced by local
   stand-ins of the same shapes (identity; the local part repeated N times), so the rank computes
-  exactly what it does in the real step without waiting or sending. Wall - compute is what the
-  collectives cost here (transfer over loopback TCP plus waiting for the slower rank).
+  exactly what it does in the real step without waiting or sending; its wall time and its CPU
+  time; real and local steps alternate. Wall - compute is what the collectives cost here (transfer over loopback TCP plus waiting
+  for the slower rank). The plan factor (per-rank compute per FLOP over one process's) is taken
+  from CPU time: other work time-slices this machine's cores, which wall time counts and CPU time
+  (one BLAS thread, no spinning) mostly does not.
 - the traffic: `mx.distributed.all_sum` / `all_gather` wrapped, each call's shape and dtype
   recorded while the step's graph is built (one step; the barrier is not counted). Per rank the
   bytes it sends under the ring algorithms: all_gather of a local part of B bytes sends (N-1) B;
@@ -25,9 +28,10 @@ dim 1536, 12 heads x 128, 30 layers, FFN 8960, text dim 4096):
   the formula from shapes (`wan_collectives`) that the projection uses.
 
 Processes: 1 process with 2 BLAS threads (this machine's two cores) and with 1 thread (the resources
-of one rank), and each plan on 2 ranks of 1 thread each (`mlx.launch -n 2 --backend ring` through
-`runtime.distributed.launch`). Other work shares this machine: the load average is printed with
-every run.
+of one rank), and each plan on 2 ranks of 1 thread each (`mlx.launch -n 2 --backend ring
+--starting-port P` through `runtime.distributed.launch`, P a free port: another ring job on this
+machine would otherwise share mlx.launch's default ports and cross ours). Other work shares this
+machine: the load average is printed with every run.
 
 The projection (printed with its assumptions): per-rank FLOPs from shapes (linears, attention,
 patch embedding; elementwise work left out) at a reference machine's achieved FLOP rate, times
@@ -72,11 +76,11 @@ SIZES = {
 }
 GUIDANCE = 5.0  # Wan's default; any value > 1 runs both passes
 RUNS = [  # (label, plan, processes, BLAS threads per process)
-    ("1 process, 2 threads", None, 1, 2),
-    ("1 process, 1 thread", None, 1, 1),
-    ("cfg, 2 ranks x 1 thread", "cfg", 2, 1),
-    ("sequence, 2 ranks x 1 thread", "sequence", 2, 1),
-    ("tensor, 2 ranks x 1 thread", "tensor", 2, 1),
+    ("1 proc, 2 threads", None, 1, 2),
+    ("1 proc, 1 thread", None, 1, 1),
+    ("cfg, 2 ranks", "cfg", 2, 1),
+    ("sequence, 2 ranks", "sequence", 2, 1),
+    ("tensor, 2 ranks", "tensor", 2, 1),
 ]
 PLANS = ("cfg", "sequence", "tensor")
 MACHINES = (2, 4, 8)
@@ -273,13 +277,18 @@ def _build(plan: str | None, config: dict, world: Any) -> Any:
     return SequenceParallelDiT(dit, world) if plan == "sequence" else dit
 
 
-def _timed(step: Callable[[], None], barrier: Callable[[], None], repeat: int) -> list[dict]:
-    runs = []
+def _timed(step: Callable[[], None], collectives: Collectives, world: Any, repeat: int) -> dict[str, list[dict]]:
+    """`repeat` rounds of a real step (started on a barrier) then the same step with the collectives
+    local: alternating, so drift in the machine's load hits both alike."""
+    runs: dict[str, list[dict]] = {"real": [], "local": []}
     for _ in range(repeat):
-        barrier()
-        cpu0, t0 = common.cpu_seconds(), time.perf_counter()
-        step()
-        runs.append({"wall_s": time.perf_counter() - t0, "cpu_s": common.cpu_seconds() - cpu0})
+        for mode in runs:
+            collectives.local = mode == "local"
+            collectives.barrier(world)
+            cpu0, t0 = common.cpu_seconds(), time.perf_counter()
+            step()
+            runs[mode].append({"wall_s": time.perf_counter() - t0, "cpu_s": common.cpu_seconds() - cpu0})
+    collectives.local = False
     return runs
 
 
@@ -318,7 +327,6 @@ def rank_main(plan: str | None, size: str, layers: int, repeat: int, out: Path, 
         prediction = runner.predict(model, latents, timestep, text[0], text[1], None, GUIDANCE)
         world.evaluate(prediction, what="the step")
 
-    barrier = lambda: collectives.barrier(world)  # noqa: E731
     dit = model.dit if plan == "sequence" else model
     report: dict[str, Any] = {"rank": world.rank, "ranks": world.size, "plan": plan, "size": size, "layers": layers,
                               "tokens": tokens, "text_tokens": s["text_tokens"], "config": config,
@@ -329,19 +337,13 @@ def rank_main(plan: str | None, size: str, layers: int, repeat: int, out: Path, 
     collectives.recording = False
     report["collectives"] = collectives.calls
     if not count_only:
-        report["real"] = _timed(step, barrier, repeat)
-        collectives.local = True
-        report["local"] = _timed(step, lambda: None, repeat)
-        collectives.local = False
+        report.update(_timed(step, collectives, world, repeat))
         if layers < WAN_1_3B["num_layers"]:
             blocks, dit.blocks = dit.blocks, []
             step()
-            report["outer_real"] = _timed(step, barrier, repeat)
-            collectives.local = True
-            report["outer_local"] = _timed(step, lambda: None, repeat)
-            collectives.local = False
+            report.update({f"outer_{mode}": runs for mode, runs in _timed(step, collectives, world, repeat).items()})
             dit.blocks = blocks
-        barrier()
+        collectives.barrier(world)
     report["peak_rss"] = common.peak_rss()
     report["load_end"] = os.getloadavg()
     (out / f"rank{world.rank}.json").write_text(json.dumps(report))
@@ -349,6 +351,24 @@ def rank_main(plan: str | None, size: str, layers: int, repeat: int, out: Path, 
 
 # ---------------------------------------------------------------------------------------------
 # parent: the runs
+
+
+def free_ports(count: int) -> int:
+    """A first port with `count` consecutive free ones after it: mlx.launch's ring listens on
+    32323 and up unless told, and another ring job on this machine (a test) would cross ours."""
+    import random
+    import socket
+
+    for _ in range(100):
+        base = random.randint(20000, 60000)
+        try:
+            for port in range(base, base + count):
+                with socket.socket() as probe:
+                    probe.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+    raise RuntimeError("no free ports for the ring backend")
 
 
 def launch_run(plan: str | None, processes: int, threads: int, size: str, layers: int, repeat: int,
@@ -368,7 +388,8 @@ def launch_run(plan: str | None, processes: int, threads: int, size: str, layers
             saved = os.environ.get("OPENBLAS_NUM_THREADS")
             os.environ["OPENBLAS_NUM_THREADS"] = str(threads)  # mlx.launch passes this environment on
             try:
-                status, log = launch(f"-n {processes} --backend ring", argv, __file__), ""
+                ring = f"-n {processes} --backend ring --starting-port {free_ports(processes)}"
+                status, log = launch(ring, argv, __file__), ""
             finally:
                 if saved is None:
                     os.environ.pop("OPENBLAS_NUM_THREADS")
@@ -462,10 +483,6 @@ def measure(size: str, layers: int, repeat: int) -> dict:
             "runs": results}
 
 
-def _with_range(s: dict) -> str:
-    return f"{s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f})"
-
-
 def measured_table(measured: dict) -> tuple[dict[str, float], float]:
     """The measured runs side by side. Returns each plan's factor (its per-rank compute CPU time per
     FLOP over the 1-thread process's) and that process's FLOP rate (CPU time)."""
@@ -474,8 +491,8 @@ def measured_table(measured: dict) -> tuple[dict[str, float], float]:
     flops = wan_flops(config, tokens, text)
     single2, single1 = runs[RUNS[0][0]], runs[RUNS[1][0]]
     rate = flops.per_rank(None, 1) / single1["compute_cpu"]["median"]
-    factors, rows = {}, []
-    for label, plan, processes, _ in RUNS:
+    factors, times, work = {}, [], []
+    for label, plan, processes, threads in RUNS:
         r = runs[label]
         share = flops.per_rank(plan, processes) / flops.per_rank(None, 1)
         factor = r["compute_cpu"]["median"] / share / single1["compute_cpu"]["median"]
@@ -485,18 +502,21 @@ def measured_table(measured: dict) -> tuple[dict[str, float], float]:
             want = expected(wan_collectives({**config, "num_layers": layers}, tokens, text, plan, processes, F32))
             r["formula_matches"] = want == r["counted"]
             check = "yes" if r["formula_matches"] else f"NO: counted {r['counted']}, formula {want}"
-        rows.append([label, _with_range(r["wall"]), f"{r['wall']['median'] / single2['wall']['median']:.2f}",
-                     f"{r['wall']['median'] / single1['wall']['median']:.2f}", _with_range(r["compute"]),
-                     f"{r['compute_cpu']['median']:.2f}", f"{share:.2f}", f"{factor:.2f}",
-                     f"{r['wall']['median'] - r['compute']['median']:.2f}" if plan else "-",
-                     str(r["collectives"]), f"{r['sent'] / MB_:.2f}", check,
-                     f"{r['weight_bytes'] / MB:.0f} / {r['peak_rss'] / MB:.0f}"])
+        comm = r["wall"]["median"] - r["compute"]["median"]
+        times.append([label, f"{r['wall']['median']:.2f}", _range(r["wall"]),
+                      f"{r['wall']['median'] / single2['wall']['median']:.2f}",
+                      f"{r['wall']['median'] / single1['wall']['median']:.2f}", f"{r['compute']['median']:.2f}",
+                      _range(r["compute"]), f"{r['compute_cpu']['median']:.2f}", f"{comm:.2f}" if plan else "-"])
+        work.append([label, f"{share:.2f}", f"{factor:.2f}" if plan or threads == 1 else "-", str(r["collectives"]), _bytes(r["sent"]), check,
+                     f"{r['weight_bytes'] / MB:.0f}", f"{r['peak_rss'] / MB:.0f}"])
     note = f"{layers} of 30 blocks held, projected to 30" if layers < 30 else "all 30 blocks"
-    common.table(f"Wan 2.1 1.3B, one guided step, float32, {tokens} tokens ({note}); median (range) of "
+    common.table(f"Wan 2.1 1.3B, one guided step, float32, {tokens} tokens ({note}): seconds, median of "
                  f"{measured['repeat']} steps",
-                 ["run", "step s", "/ 1 proc 2 thr", "/ 1 proc 1 thr", "compute/rank s", "compute CPU s",
-                  "FLOPs/rank share", "plan factor", "comm + wait s", f"collectives ({layers} blocks)",
-                  f"sent/rank MB ({layers} blocks)", "counted = formula", "weights / peak RSS MB per rank"], rows)
+                 ["run", "step s", "range", "/ 1 proc 2 thr", "/ 1 proc 1 thr", "compute/rank s", "range",
+                  "compute CPU s", "comm + wait s"], times)
+    common.table(f"The same runs: work and traffic per rank ({layers} blocks counted)",
+                 ["run", "FLOPs/rank share", "plan factor", "collectives", "sent/rank", "counted = formula",
+                  "weights MiB", "peak RSS MiB"], work)
     print("  step: the slowest rank's, each step started on a barrier; compute/rank: the slowest rank's step with "
           "the collectives replaced by local stand-ins (wall, and its CPU time); comm + wait: step - compute "
           "(loopback TCP, both ranks sharing this machine's 2 cores)")
@@ -653,10 +673,10 @@ def project(factors: dict[str, float], measured_rate: float, reference_tflops: f
                     records.append(record)
     a, b = (link.name for link in LINKS)
     common.table(f"Projected seconds per guided step, {reference_tflops:g} TFLOPS per machine",
-                 ["model", "size", "plan", "N", "compute/rank s", "sent/rank", "collectives", "weights/rank GB",
+                 ["model", "size", "plan", "N", "compute s", "sent/rank", "collectives", "weights GB",
                   f"{a} comm s", f"{a} step s", f"{a} speed-up", f"{b} comm s", f"{b} step s", f"{b} speed-up"], rows)
-    print("  speed-up: the 1-machine step / this step; weights/rank: bf16 parameters (the tensor plan holds 1/N of "
-          "the blocks); a 1-machine row needs that much memory on one machine")
+    print("  compute s: per rank; speed-up: the 1-machine step / this step; weights GB: bf16 parameters per rank "
+          "(the tensor plan holds 1/N of the blocks; a 1-machine row needs them all on one machine)")
     return records
 
 

@@ -38,7 +38,9 @@ def bench():
 def counted(plan: str, ranks: int, tmp_path: Path) -> list[Counter]:
     """Each rank's collectives of one step: (op, shape, itemsize) -> calls."""
     launcher = Path(sys.executable).with_name("mlx.launch")
-    done = subprocess.run([str(launcher), "-n", str(ranks), "--backend", "ring", "--python", sys.executable, "--",
+    port = str(bench().free_ports(ranks))  # not mlx.launch's default: another ring job may be using it
+    done = subprocess.run([str(launcher), "-n", str(ranks), "--backend", "ring", "--starting-port", port,
+                           "--python", sys.executable, "--",
                            str(BENCH), "--rank-worker", "--plan", plan, "--size", "tiny", "--count-only", "--out",
                            str(tmp_path)], capture_output=True, text=True, timeout=180, cwd=ROOT)
     reports = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("rank*.json"))]
