@@ -9,8 +9,11 @@ renames and fuses vidport's TTNN outputs into tt_dit's parameters, lays each out
 ``_prepare_torch_state`` does, and writes it as ``Module.save`` does: a distributed host tensor, one
 shard per device of the mesh (``ttnn.create_mesh_mapper``; replicated shards stored once), by
 ``ttnn.dump_tensor(mode=LOCAL)``. What goes where is the family's YAML; this module holds the
-spec language: renames with captures, ``interleave`` (per tensor-parallel device), two transforms
-(``zero_extend``, ``flatten_from``), ``mesh_axes`` and the plan table.
+spec language: renames with captures, ``interleave`` (per tensor-parallel device), transforms
+(``zero_extend``, ``zero_pad``, ``flatten_from``, ``prepare_conv3d_weights``), per-parameter table
+``lookups``, ``mesh_axes``, the plan table, the parallel config the cache key names, ``unused``
+inputs (what tt_dit's ``_prepare_torch_state`` pops) and a subfolder named by a hash of looked-up
+values (the VAE's ``conv3d_blocking_hash``).
 
 Families without that file keep the flat layout (``cache_styles.TtDit``: canonical names, one
 device). Needs ttnn (a multi-device file has no writer in vidport's own codec) and torch (rope.pt).
@@ -35,6 +38,9 @@ LAYOUT_FILE = Path("tt_dit") / "cache.yaml"
 MESH_SYMBOLS = ("tp", "sp", "fsdp")
 LAYOUTS = ("TILE", "ROW_MAJOR")
 DTYPES = ("bfloat16", "float32")
+# parallel/config.py DiTParallelConfig, fields in order -> the plan's factor (cfg_parallel: the Wan pipeline's None)
+DIT_PARALLEL_CONFIG: tuple[tuple[str, str | None], ...] = (("cfg_parallel", None), ("tensor_parallel", "tp"),
+                                                           ("sequence_parallel", "sp"))
 
 
 # --------------------------------------------------------------------------- two transforms
@@ -70,6 +76,57 @@ register("flatten_from", lambda a, axis: np.ascontiguousarray(a).reshape(_flatte
          _flatten_from_shape, lambda p: None if isinstance(p, int) else "flatten_from takes one axis", param="axis")
 
 
+def _zero_pad_shape(shape: tuple[int, ...], axis: int, multiple: int) -> tuple[int, ...]:
+    out = list(shape)
+    out[axis] = -(-out[axis] // multiple) * multiple
+    return tuple(out)
+
+
+def _zero_pad(array: np.ndarray, axis: int, multiple: int) -> np.ndarray:
+    widths = [(0, 0)] * array.ndim
+    widths[axis] = (0, _zero_pad_shape(array.shape, axis, multiple)[axis] - array.shape[axis])
+    return np.pad(array, widths)
+
+
+def _check_ints(name: str, keys: set[str]) -> Callable[[Any], str | None]:
+    def check(params: Any) -> str | None:
+        ok = isinstance(params, dict) and set(params) == keys and all(isinstance(v, int) for v in params.values())
+        return None if ok else f"{name} takes {{{', '.join(sorted(keys))}}} (integers)"
+    return check
+
+
+# [.., n, ..] -> [.., n rounded up to `multiple`, ..]: zeros after the values (tt_dit's
+# aligned_channels padding of VAE channels to 32)
+register("zero_pad", _zero_pad, _zero_pad_shape, _check_ints("zero_pad", {"axis", "multiple"}))
+
+
+def _conv3d_shape(shape: tuple[int, ...], c_in_block: int, alignment: int) -> tuple[int, ...]:
+    if len(shape) != 5:
+        raise ValueError(f"prepare_conv3d_weights takes a [O, I, kD, kH, kW] weight, not {list(shape)}")
+    out, c_in, kd, kh, kw = shape
+    aligned = -(-c_in // alignment) * alignment
+    block = c_in_block or aligned
+    if aligned % block:
+        raise ValueError(f"C_in_aligned {aligned} is not divisible by C_in_block {block}")
+    return (kd * kh * kw * aligned, out)
+
+
+def _prepare_conv3d(array: np.ndarray, c_in_block: int, alignment: int) -> np.ndarray:
+    """ttnn.experimental.prepare_conv3d_weights (groups 1, prepare_conv3d_weights.cpp): [O, I, kD,
+    kH, kW] -> [kD, kH, kW, I, O], I zero-padded to `alignment`, then rows regrouped C_in_block by
+    C_in_block ([blocks, kD, kH, kW, C_in_block, O]) and flattened to [rows, O]. 0 = one block."""
+    rows, out = _conv3d_shape(array.shape, c_in_block, alignment)
+    value = _zero_pad(np.transpose(array, (2, 3, 4, 1, 0)), 3, alignment)
+    kd, kh, kw, aligned, _ = value.shape
+    block = c_in_block or aligned
+    value = value.reshape(kd, kh, kw, aligned // block, block, out).transpose(3, 0, 1, 2, 4, 5)
+    return np.ascontiguousarray(value).reshape(rows, out)
+
+
+register("prepare_conv3d_weights", _prepare_conv3d, _conv3d_shape,
+         _check_ints("prepare_conv3d_weights", {"c_in_block", "alignment"}))
+
+
 def interleave(arrays: list[np.ndarray], axis: int, devices: int, parts: int = 1) -> np.ndarray:
     """Lay the inputs (or `parts` equal pieces of one input) out along `axis` so that splitting it
     evenly over `devices` gives device d its d-th slice of every input in turn: tt_dit's
@@ -100,7 +157,32 @@ class ParameterRule:
     dtype: str
     layout: str
     mesh_axes: tuple[str | None, ...] | None
+    lookups: dict[str, "Lookup"]
     where: str
+
+
+@dataclass(frozen=True)
+class Lookup:
+    """A per-parameter value read from one of the layout's `tables` (tt_dit's blocking tables), keyed by
+    a template over the first input's shape (`dim0`, `dim1`, ...); `default` where the key is absent."""
+
+    table: str
+    key: Template
+    default: Template
+
+    def value(self, tables: dict[str, dict[str, int]], shape: tuple[int, ...]) -> int:
+        dims = {f"dim{i}": str(n) for i, n in enumerate(shape)}
+        return int(tables[self.table].get(self.key.render(dims), self.default.render(dims)))
+
+
+@dataclass(frozen=True)
+class SubfolderHash:
+    """The subfolder named `prefix` + the first `length` hex digits of sha256 over a looked-up value of
+    every parameter that has it, joined by `_`, in module order (utils/conv3d.py conv3d_blocking_hash)."""
+
+    prefix: str
+    of: str
+    length: int
 
 
 @dataclass(frozen=True)
@@ -113,6 +195,12 @@ class TtDitLayout:
     requires: tuple[tuple[Condition, str], ...]
     extras: dict[str, str]
     parameters: tuple[ParameterRule, ...]
+    # the load_model parallel config: (field name, tp | sp) in order; whether FSDP exists (and keys the folder)
+    parallel_config: tuple[tuple[str, str | None], ...] = DIT_PARALLEL_CONFIG
+    fsdp: bool = True
+    tables: dict[str, dict[str, int]] | None = None
+    unused: tuple[tuple[Pattern, str], ...] = ()
+    subfolder_hash: SubfolderHash | None = None
 
 
 def _listed(value: Any) -> list:
@@ -126,9 +214,10 @@ def load_layout(path: Path) -> TtDitLayout:
     except yaml.YAMLError as err:
         raise VidportError(f"{path}: not valid YAML ({err})") from err
     rules = []
+    tables = {str(name): {str(k): int(v) for k, v in table.items()} for name, table in (data.get("tables") or {}).items()}
     for index, entry in enumerate(data.get("parameters") or []):
         where = f"{path.parent.parent.name}/{path.parent.name}/{path.name}: parameters[{index}]"
-        unknown = set(entry) - {"name", "from", "interleave", "transforms", "dtype", "layout", "mesh_axes"}
+        unknown = set(entry) - {"name", "from", "interleave", "transforms", "dtype", "layout", "mesh_axes", "lookup"}
         if unknown or "name" not in entry or "from" not in entry:
             raise VidportError(f"{where}: needs name and from; unknown field(s) {sorted(unknown)}")
         sources = _listed(entry["from"])
@@ -140,14 +229,26 @@ def load_layout(path: Path) -> TtDitLayout:
         dtype, layout = entry.get("dtype", "bfloat16"), entry.get("layout", "TILE")
         if dtype not in DTYPES or layout not in LAYOUTS:
             raise VidportError(f"{where}: {dtype} {layout}: tt_dit Parameters here are {'/'.join(DTYPES)}, {'/'.join(LAYOUTS)}")
+        lookups = {}
+        for value, spec in (entry.get("lookup") or {}).items():
+            if set(spec) != {"table", "key", "default"} or spec["table"] not in tables:
+                raise VidportError(f"{where}: lookup {value} takes {{table, key, default}} naming one of the "
+                                   f"layout's tables ({', '.join(tables) or 'none'})")
+            lookups[value] = Lookup(spec["table"], compile_template(spec["key"]), compile_template(spec["default"]))
         rules.append(ParameterRule(compile_template(entry["name"]),
                                    (compile_pattern(sources[0]), *map(compile_template, sources[1:])),
                                    entry.get("interleave"), tuple(entry.get("transforms") or ()), dtype, layout,
-                                   tuple(mesh_axes) if mesh_axes is not None else None, where))
+                                   tuple(mesh_axes) if mesh_axes is not None else None, lookups, where))
     requires = tuple((compile_condition(r["when"]), r["why"]) for r in data.get("requires") or [])
+    fields = data.get("parallel_config") or dict(DIT_PARALLEL_CONFIG)
+    if any(axis not in ("tp", "sp", None) for axis in fields.values()):
+        raise VidportError(f"{path}: parallel_config {fields}: each field's factor is tp, sp or null (unset)")
+    hashed = data.get("subfolder_hash")
     return TtDitLayout(path, data.get("tt_metal") or {}, data["dtype_key"], tuple(data["subfolders"]),
                        {str(k): v for k, v in (data.get("plans") or {}).items()}, requires,
-                       data.get("extras") or {}, tuple(rules))
+                       data.get("extras") or {}, tuple(rules), tuple(fields.items()), bool(data.get("fsdp", True)),
+                       tables, tuple((compile_pattern(u["from"]), u["why"]) for u in data.get("unused") or []),
+                       SubfolderHash(hashed["prefix"], hashed["of"], int(hashed["length"])) if hashed else None)
 
 
 def family_layout(plan) -> Path:
@@ -178,20 +279,27 @@ class MeshPlan:
         """tp / sp / fsdp -> mesh axis (fsdp: the sp axis with --fsdp, else not split)."""
         return {None: None, "tp": self.tp_axis, "sp": self.sp_axis, "fsdp": self.sp_axis if self.fsdp else None}[symbol]
 
-    def key(self, dtype_key: str) -> str:
-        """utils/cache.py model_cache_dir: config_id (fields in order, cfg_parallel None skipped) + mesh."""
+    def factor(self, axis: str) -> tuple[int, int]:
+        """tp / sp -> (factor, mesh axis), a ParallelFactor."""
+        return (self.tp, self.tp_axis) if axis == "tp" else (self.sp, self.sp_axis)
+
+    def key(self, dtype_key: str, fields: tuple[tuple[str, str | None], ...] = DIT_PARALLEL_CONFIG) -> str:
+        """utils/cache.py model_cache_dir: config_id (the parallel config's fields in order, unset ones
+        skipped: each name's initials upper-cased, then factor_axis_) + mesh, dtype, _FSDP."""
         rows, cols = self.shape
-        key = f"TP{self.tp}_{self.tp_axis}_SP{self.sp}_{self.sp_axis}_mesh{rows}x{cols}_{dtype_key}"
+        config_id = "".join("{}{}_{}_".format("".join(w[0].upper() for w in name.split("_")), *self.factor(axis))
+                            for name, axis in fields if axis is not None)
+        key = f"{config_id}mesh{rows}x{cols}_{dtype_key}"
         return key + "_FSDP" if self.fsdp else key
 
-    def as_json(self) -> dict[str, Any]:
-        return {"mesh": list(self.shape), "tensor_parallel": {"factor": self.tp, "mesh_axis": self.tp_axis},
-                "sequence_parallel": {"factor": self.sp, "mesh_axis": self.sp_axis}, "cfg_parallel": None,
-                "is_fsdp": self.fsdp}
+    def as_json(self, fields: tuple[tuple[str, str | None], ...] = DIT_PARALLEL_CONFIG) -> dict[str, Any]:
+        factors = {name: dict(zip(("factor", "mesh_axis"), self.factor(axis))) if axis else None for name, axis in fields}
+        return {"mesh": list(self.shape), **factors, "is_fsdp": self.fsdp}
 
 
-def mesh_plan(options: dict[str, Any], plans: dict[str, dict[str, Any]]) -> MeshPlan:
-    """--ttnn-mesh RxC [--tp-axis A --sp-axis B --fsdp]; unset parts from tt_dit's table for that mesh."""
+def mesh_plan(options: dict[str, Any], plans: dict[str, dict[str, Any]], fsdp_exists: bool = True) -> MeshPlan:
+    """--ttnn-mesh RxC [--tp-axis A --sp-axis B --fsdp]; unset parts from tt_dit's table for that mesh
+    (`fsdp_exists` false: a model tt_dit loads without FSDP, e.g. its VAE and text encoder)."""
     mesh = options.get("mesh") or "1x1"
     rows, _, cols = mesh.partition("x")
     if not (rows.isdigit() and cols.isdigit() and int(rows) > 0 and int(cols) > 0):
@@ -204,7 +312,12 @@ def mesh_plan(options: dict[str, Any], plans: dict[str, dict[str, Any]]) -> Mesh
     default = default or {"fsdp": False}
     tp_axis = int(given["tp_axis"]) if given["tp_axis"] else int(default["tp_axis"])
     sp_axis = int(given["sp_axis"]) if given["sp_axis"] else int(default["sp_axis"])
-    fsdp = given["fsdp"] == "true" if given["fsdp"] else bool(default["fsdp"])
+    fsdp = given["fsdp"] == "true" if given["fsdp"] else bool(default.get("fsdp"))
+    if fsdp and not fsdp_exists:
+        if given["fsdp"]:
+            raise VidportError("--fsdp: tt_dit loads this model without FSDP (load_model is_fsdp False)",
+                               hint="leave out --fsdp: its weights are not split over the sequence axis")
+        fsdp = False
     if {tp_axis, sp_axis} != {0, 1}:
         raise VidportError(f"--tp-axis {tp_axis} --sp-axis {sp_axis}: tt_dit splits heads and sequence over "
                            "different mesh axes", hint="one of them 0, the other 1")
@@ -242,10 +355,11 @@ class Job:
 def _jobs(layout: TtDitLayout, outputs: list[str]) -> list[Job]:
     """Every tt_dit parameter the outputs make; each output used once, every input present."""
     jobs, used = [], {}
+    unused = {key for key in outputs if any(pattern.match(key) is not None for pattern, _ in layout.unused)}
     for rule in layout.parameters:
         for key in outputs:
             values = rule.inputs[0].match(key)
-            if values is None:
+            if values is None or key in unused:
                 continue
             inputs = (key, *(t.render(values) for t in rule.inputs[1:]))
             missing = [i for i in inputs if i not in outputs]
@@ -257,7 +371,7 @@ def _jobs(layout: TtDitLayout, outputs: list[str]) -> list[Job]:
                     raise VidportError(f"{rule.where}: {i} is already used by {used[i]}")
                 used[i] = rule.name.render(values)
             jobs.append(Job(rule.name.render(values), rule, inputs))
-    left = sorted(set(outputs) - set(used))
+    left = sorted(set(outputs) - set(used) - unused)
     if left:
         raise VidportError(f"tt_dit layout ({layout.path.name}): {len(left)} tensor(s) have no tt_dit parameter: {listing(left)}",
                            hint="tt_dit's model has no such module (Wan: no CLIP image branch, so Wan 2.1 I2V 14B "
@@ -265,21 +379,23 @@ def _jobs(layout: TtDitLayout, outputs: list[str]) -> list[Job]:
     return jobs
 
 
-def _steps(rule: ParameterRule, context: dict[str, int]) -> list[Step]:
+def _steps(rule: ParameterRule, context: dict[str, Any]) -> list[Step]:
     from vidport.converter.layouts import substitute
 
     return [parse_step(substitute(entry, context, rule.where)) for entry in rule.transforms]
 
 
-def build(job: Job, arrays: list[np.ndarray], plan: MeshPlan) -> np.ndarray:
-    """The total tensor of one tt_dit parameter from its inputs (role layouts applied)."""
+def build(job: Job, arrays: list[np.ndarray], plan: MeshPlan, looked_up: dict[str, int] | None = None) -> np.ndarray:
+    """The total tensor of one tt_dit parameter from its inputs (role layouts applied); `looked_up`:
+    the rule's lookups for this parameter, placeholders of its transforms like `{tp}`."""
     rule = job.rule
     try:
         if rule.interleave:
             value = interleave(arrays, rule.interleave["axis"], plan.tp, rule.interleave.get("parts", 1))
         else:
             value = arrays[0]
-        return np.ascontiguousarray(run_steps(_steps(rule, {"tp": plan.tp, "sp": plan.sp}), value))
+        context = {"tp": plan.tp, "sp": plan.sp, **(looked_up or {})}
+        return np.ascontiguousarray(run_steps(_steps(rule, context), value))
     except ValueError as err:
         raise VidportError(f"{job.name}: {err}", hint=f"{rule.where}; mesh {plan.shape}, tp {plan.tp}") from err
 
@@ -356,19 +472,29 @@ class TtDitCache:
     def __init__(self, plan) -> None:
         self.plan = plan
         self.layout = load_layout(family_layout(plan))
-        self.mesh = mesh_plan(plan.options, self.layout.plans)
+        self.mesh = mesh_plan(plan.options, self.layout.plans, self.layout.fsdp)
         if plan.options.get("dtype") != "bfloat16" or plan.block_quantization is not None:
             raise VidportError("the tt_dit style writes tt_dit's own dtypes (bfloat16, float32 where it builds float32)",
                                hint="leave out --ttnn-dtype and --quantize: tt_dit's Parameters would reject other dtypes")
-        values = {k: str(v) for k, v in public(plan.config).items() if isinstance(v, (int, bool))}
+        values = {k: str(int(v)) for k, v in public(plan.config).items() if isinstance(v, (int, bool))}
         values.update(tp=str(self.mesh.tp), sp=str(self.mesh.sp))
         for condition, why in self.layout.requires:
             if not condition.holds(values):
                 raise VidportError(f"tt_dit cannot build this model for mesh {'x'.join(map(str, self.mesh.shape))}, "
                                    f"tp {self.mesh.tp}: {condition.text} does not hold", hint=why)
         self.checkpoint, self.subfolder = cache_location(plan.source.path, self.layout.subfolders)
-        self.folder = f"{self.checkpoint}/{self.subfolder}/{self.mesh.key(self.layout.dtype_key)}"
-        self.jobs = _jobs(self.layout, list(plan.final.recipes))
+        outputs = list(plan.final.recipes)
+        self.jobs = _jobs(self.layout, outputs)
+        self.unused = {name for name in outputs if not any(name in job.inputs for job in self.jobs)}
+        self.looked_up = {job.name: {value: lookup.value(self.layout.tables or {}, tuple(plan.final.shapes[job.inputs[0]]))
+                                     for value, lookup in job.rule.lookups.items()} for job in self.jobs}
+        hashed = self.layout.subfolder_hash
+        if hashed is not None:  # in module order, which is the order of the outputs
+            order = sorted((outputs.index(j.inputs[0]), self.looked_up[j.name][hashed.of]) for j in self.jobs
+                           if hashed.of in self.looked_up[j.name])
+            digest = hashlib.sha256("_".join(str(v) for _, v in order).encode()).hexdigest()
+            self.subfolder = hashed.prefix + digest[:hashed.length]
+        self.folder = f"{self.checkpoint}/{self.subfolder}/{self.mesh.key(self.layout.dtype_key, self.layout.parallel_config)}"
         self.dump = mesh_dumper()  # before any file is written: ttnn and torch are there
 
     def path_for(self, name: str, dtype: str, layout: str) -> str:
@@ -383,11 +509,13 @@ class TtDitCache:
         parameters = 0
         (folder / self.folder).mkdir(parents=True, exist_ok=True)
         for name, array in outputs:
+            if name in self.unused:
+                continue
             job = waiting[name]
             held[name] = np.asarray(array, dtype=np.float32)
             if not all(i in held for i in job.inputs):
                 continue
-            value = build(job, [held.pop(i) for i in job.inputs], self.mesh)
+            value = build(job, [held.pop(i) for i in job.inputs], self.mesh, self.looked_up[job.name])
             axes = mesh_axes(job, value.shape, self.mesh)
             relative = self.path_for(job.name, job.rule.dtype, job.rule.layout)
             self.dump(folder / relative, value, job.rule.dtype, job.rule.layout, self.mesh.shape, axes)
@@ -395,6 +523,7 @@ class TtDitCache:
                 "file": relative, "dtype": job.rule.dtype, "layout": job.rule.layout, "shape": list(value.shape),
                 "local_shape": local_shape(value.shape, axes, self.mesh.shape),
                 "mesh_axes": list(job.rule.mesh_axes or [None] * value.ndim), "from": list(job.inputs),
+                **({"looked_up": self.looked_up[job.name]} if self.looked_up[job.name] else {}),
                 "source_sha256": hashlib.sha256(value.tobytes()).hexdigest()}
             parameters += int(value.size)
         unwritten = sorted(j.name for j in self.jobs if j.name not in tensors)
@@ -406,7 +535,7 @@ class TtDitCache:
         for file, how in self.layout.extras.items():
             EXTRAS[how](folder / self.folder / file)
         return {"TT_DIT_CACHE_DIR": ".", "cache_dir": self.folder, "model_name": self.checkpoint,
-                "subfolder": self.subfolder, "parallel_config": self.mesh.as_json(),
+                "subfolder": self.subfolder, "parallel_config": self.mesh.as_json(self.layout.parallel_config),
                 "extras": sorted(self.layout.extras), "tt_metal": self.layout.tt_metal}
 
 
