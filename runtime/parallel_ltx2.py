@@ -114,7 +114,8 @@ class LTX2CfgPlan(_Parallel):
     def describe(self, dit_config: dict[str, Any], passes: list[str]) -> str:
         n = self.world.size
         shares = "; ".join(f"rank {r} {' + '.join(passes[r::n])}" for r in range(n))
-        return f"cfg over {n} ranks: the {len(passes)} guidance passes of each step shared ({shares}); one all_gather a step"
+        return (f"cfg over {n} ranks: the {len(passes)} guidance passes of each step shared ({shares}); one all_gather "
+                "a step")
 
     def passes(self, names: list[str], one: Callable[[str], Prediction],
                pair: Callable[[], dict[str, Prediction]]) -> dict[str, Prediction]:
@@ -136,9 +137,9 @@ class LTX2TensorPlan(_Parallel):
     def check(self, dit_config: dict[str, Any], passes: list[str], low_memory: bool) -> None:
         super().check(dit_config, passes, low_memory)
         if low_memory:
-            raise VidportError("--set parallel=tensor with --low-memory: the streamed DiT reads whole blocks from disk, "
-                               "the tensor plan holds each rank's slices of them", hint="drop --low-memory: each rank "
-                                                                                         "holds 1/N of the blocks")
+            raise VidportError("--set parallel=tensor with --low-memory: the streamed DiT reads whole blocks from "
+                               "disk, the tensor plan holds each rank's slices of them",
+                               hint="drop --low-memory: each rank holds 1/N of the blocks")
         n = self.world.size
         for key in ("num_attention_heads", "audio_num_attention_heads"):
             if dit_config[key] % n:

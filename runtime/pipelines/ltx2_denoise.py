@@ -148,8 +148,8 @@ def denoise(model: Any, video: mx.array, audio: mx.array, grid: Grid, text: Text
             return run(video, audio, text.negative if name == "unconditional" else text, t_one, **switches)
 
         def pair() -> dict[str, Prediction]:
-            both = Text(mx.concatenate([text.negative.video, text.video]), mx.concatenate([text.negative.audio, text.audio]),
-                        mx.concatenate([text.negative.mask, text.mask]))
+            both = Text(mx.concatenate([text.negative.video, text.video]),
+                        mx.concatenate([text.negative.audio, text.audio]), mx.concatenate([text.negative.mask, text.mask]))
             v, a = run(mx.concatenate([video, video]), mx.concatenate([audio, audio]), both,
                        mx.concatenate([t_one, t_one]), None if mask is None else mx.concatenate([mask, mask]))
             return {"unconditional": (v[:1], a[:1]), "conditional": (v[1:], a[1:])}
