@@ -161,6 +161,10 @@ def verify(converted: Path, source: Path | None = None, golden: Path | None = No
     converted = Path(converted)
     manifest = read_manifest(converted)
     _check_family(converted, manifest)
+    if manifest["target"]["name"] == "ttnn":  # a cache style no TTNN model reads: say so before any reference
+        from vidport.runtime.ttnn.loading import runtime_class
+
+        runtime_class(converted, manifest)
     if golden is not None:
         probes, calls, info = load_golden(golden)
         if info.get("family") != manifest["family"]:

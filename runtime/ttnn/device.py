@@ -11,6 +11,7 @@ core a multiple of 32 for sharded group norm, L1 sizes) surface here first.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -40,12 +41,12 @@ class DeviceOps:
     def close(self) -> None:
         self.ttnn.close_device(self.device)
 
-    # moving data
-    def to_device(self, array: np.ndarray) -> Any:
-        import torch
+    def _dtype(self, dtype: str | None) -> Any:
+        return None if dtype is None else getattr(self.ttnn, dtype)
 
-        return self.ttnn.from_torch(torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)),
-                                    dtype=self.ttnn.bfloat16, layout=self.ttnn.TILE_LAYOUT, device=self.device)
+    # moving data
+    def to_device(self, array: np.ndarray, dtype: str = "bfloat16") -> Any:
+        return self.host_parameter(array, dtype, "TILE")
 
     def to_host(self, tensor: Any) -> np.ndarray:
         return self.ttnn.to_torch(tensor).float().numpy()
@@ -53,8 +54,15 @@ class DeviceOps:
     def parameter(self, path: Path, info: dict[str, Any]) -> Any:
         return self.ttnn.load_tensor(str(path), device=self.device)
 
-    def constant(self, array: np.ndarray) -> Any:
-        return self.to_device(array)
+    def constant(self, array: np.ndarray, dtype: str = "bfloat16") -> Any:
+        return self.to_device(array, dtype)
+
+    def host_parameter(self, values: np.ndarray, dtype: str, layout: str) -> Any:
+        import torch
+
+        return self.ttnn.from_torch(torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)),
+                                    dtype=self._dtype(dtype), layout=getattr(self.ttnn, f"{layout}_LAYOUT"),
+                                    device=self.device)
 
     def shape(self, tensor: Any) -> tuple[int, ...]:
         return tuple(tensor.shape)
@@ -69,27 +77,47 @@ class DeviceOps:
     def split(self, tensor: Any, parts: int, dim: int = -1) -> list[Any]:
         return list(self.ttnn.chunk(tensor, parts, dim))
 
+    def typecast(self, tensor: Any, dtype: str) -> Any:
+        return self.ttnn.typecast(tensor, dtype=self._dtype(dtype))
+
     # math
-    def add(self, a: Any, b: Any) -> Any:
-        return self.ttnn.add(a, b)
+    def add(self, a: Any, b: Any, dtype: str | None = None) -> Any:
+        return self.ttnn.add(a, b, dtype=self._dtype(dtype))
 
-    def mul(self, a: Any, b: Any) -> Any:
-        return self.ttnn.mul(a, b)
+    def mul(self, a: Any, b: Any, dtype: str | None = None) -> Any:
+        return self.ttnn.mul(a, b, dtype=self._dtype(dtype))
 
-    def matmul(self, a: Any, b: Any) -> Any:
-        return self.ttnn.matmul(a, b, compute_kernel_config=self._kernel)
+    def addcmul(self, a: Any, b: Any, c: Any, dtype: str | None = None) -> Any:
+        out = self.ttnn.addcmul(a, b, c)
+        return out if dtype is None else self.typecast(out, dtype)
 
-    def linear(self, x: Any, weight: Any, bias: Any | None = None) -> Any:
-        return self.ttnn.linear(x, weight, bias=bias, compute_kernel_config=self._kernel)
+    def matmul(self, a: Any, b: Any, dtype: str | None = None) -> Any:
+        return self.ttnn.matmul(a, b, dtype=self._dtype(dtype), compute_kernel_config=self._kernel)
 
-    def gelu(self, x: Any) -> Any:
-        return self.ttnn.gelu(x, fast_and_approximate_mode=False)
+    def linear(self, x: Any, weight: Any, bias: Any | None = None, dtype: str | None = None) -> Any:
+        return self.ttnn.linear(x, weight, bias=bias, dtype=self._dtype(dtype), compute_kernel_config=self._kernel)
+
+    def gelu(self, x: Any, approximate: bool = False) -> Any:
+        ttnn = self.ttnn
+        if not approximate:
+            return ttnn.gelu(x, fast_and_approximate_mode=False)
+        # the tanh form, composed (ttnn.gelu's fast mode approximates erf, not this)
+        inner = ttnn.multiply(ttnn.add(x, ttnn.multiply(ttnn.pow(x, 3), 0.044715)), math.sqrt(2.0 / math.pi))
+        return ttnn.multiply(ttnn.multiply(x, 0.5), ttnn.add(ttnn.tanh(inner, fast_and_approximate_mode=False), 1.0))
+
+    def silu(self, x: Any, dtype: str | None = None) -> Any:
+        out = self.ttnn.silu(x)
+        return out if dtype is None else self.typecast(out, dtype)
 
     def softmax(self, x: Any, dim: int = -1) -> Any:
         return self.ttnn.softmax(x, dim=dim)
 
-    def layer_norm(self, x: Any, weight: Any, bias: Any, eps: float) -> Any:
-        return self.ttnn.layer_norm(x, weight=weight, bias=bias, epsilon=eps, compute_kernel_config=self._kernel)
+    def layer_norm(self, x: Any, weight: Any | None, bias: Any | None, eps: float, dtype: str | None = None) -> Any:
+        out = self.ttnn.layer_norm(x, weight=weight, bias=bias, epsilon=eps, compute_kernel_config=self._kernel)
+        return out if dtype is None else self.typecast(out, dtype)
+
+    def rms_norm(self, x: Any, weight: Any, eps: float) -> Any:
+        return self.ttnn.rms_norm(x, weight=weight, epsilon=eps, compute_kernel_config=self._kernel)
 
     def group_norm(self, x: Any, weight: Any, bias: Any, input_mask: Any, num_groups: int, eps: float,
                    grid: tuple[int, int]) -> Any:

@@ -5,7 +5,9 @@ Tenstorrent card. What it reproduces: every op's output is rounded to the activa
 (bfloat16, round to nearest even, as ttnn's host conversion; bfloat8_b on request), inputs enter
 as bfloat16, and parameters are the exact values of the converted files (bfloat8_b blocks
 decoded as ttnn decodes them). Inside an op, math is float32 (ttnn with fp32 accumulation).
-What it does not: tile padding effects, approximate SFPU functions, math fidelity below HiFi4.
+An op told ``dtype="float32"`` (a float32 path, as tt_dit keeps its timestep embedding and
+modulation) rounds nothing. What it does not: tile padding effects, approximate SFPU functions,
+math fidelity below HiFi4, track dtypes (model code names a non-activation output dtype).
 """
 from __future__ import annotations
 
@@ -37,13 +39,16 @@ class EmulatorOps:
             raise ValueError(f"activations must be bfloat16 or bfloat8_b, not {activations}")
         self.activations = activations
 
-    def _round(self, array: np.ndarray) -> np.ndarray:
+    def _round(self, array: np.ndarray, dtype: str | None = None) -> np.ndarray:
         array = np.asarray(array, dtype=np.float32)
-        return to_bfloat16(array) if self.activations == "bfloat16" else to_bfloat8_b(array)
+        dtype = dtype or self.activations
+        if dtype not in ROUNDING:
+            raise ValueError(f"activations are {', '.join(ROUNDING)}, not {dtype}")
+        return ROUNDING[dtype](array)
 
     # moving data
-    def to_device(self, array: np.ndarray) -> np.ndarray:
-        return self._round(array)
+    def to_device(self, array: np.ndarray, dtype: str = "bfloat16") -> np.ndarray:
+        return self._round(array, dtype)
 
     def to_host(self, tensor: np.ndarray) -> np.ndarray:
         return np.array(tensor, dtype=np.float32)
@@ -54,8 +59,11 @@ class EmulatorOps:
             raise VidportError(f"{path}: holds {found}, the manifest says {info['dtype']} {info['layout']} {info['shape']}")
         return values
 
-    def constant(self, array: np.ndarray) -> np.ndarray:
-        return to_bfloat16(np.asarray(array, dtype=np.float32))
+    def constant(self, array: np.ndarray, dtype: str = "bfloat16") -> np.ndarray:
+        return self._round(array, dtype)
+
+    def host_parameter(self, values: np.ndarray, dtype: str, layout: str) -> np.ndarray:
+        return np.asarray(values, dtype=np.float32)
 
     def shape(self, tensor: np.ndarray) -> tuple[int, ...]:
         return tuple(tensor.shape)
@@ -70,33 +78,56 @@ class EmulatorOps:
     def split(self, tensor: np.ndarray, parts: int, dim: int = -1) -> list[np.ndarray]:
         return [np.ascontiguousarray(p) for p in np.split(tensor, parts, axis=dim)]
 
+    def typecast(self, tensor: np.ndarray, dtype: str) -> np.ndarray:
+        return self._round(tensor, dtype)
+
     # math: float32 inside, rounded output
-    def add(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        return self._round(np.add(a, b, dtype=np.float32))
+    def add(self, a: np.ndarray, b: np.ndarray, dtype: str | None = None) -> np.ndarray:
+        return self._round(np.add(a, b, dtype=np.float32), dtype)
 
-    def mul(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        return self._round(np.multiply(a, b, dtype=np.float32))
+    def mul(self, a: np.ndarray, b: np.ndarray, dtype: str | None = None) -> np.ndarray:
+        return self._round(np.multiply(a, b, dtype=np.float32), dtype)
 
-    def matmul(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        return self._round(np.matmul(a, b, dtype=np.float32))
+    def addcmul(self, a: np.ndarray, b: np.ndarray, c: np.ndarray, dtype: str | None = None) -> np.ndarray:
+        return self._round(a + np.multiply(b, c, dtype=np.float32), dtype)
 
-    def linear(self, x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
+    def matmul(self, a: np.ndarray, b: np.ndarray, dtype: str | None = None) -> np.ndarray:
+        return self._round(np.matmul(a, b, dtype=np.float32), dtype)
+
+    def linear(self, x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None,
+               dtype: str | None = None) -> np.ndarray:
         out = np.matmul(x, weight, dtype=np.float32)
-        return self._round(out + bias if bias is not None else out)
+        return self._round(out + bias if bias is not None else out, dtype)
 
-    def gelu(self, x: np.ndarray) -> np.ndarray:
+    def gelu(self, x: np.ndarray, approximate: bool = False) -> np.ndarray:
         x64 = x.astype(np.float64)
+        if approximate:
+            return self._round(0.5 * x64 * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x64 + 0.044715 * x64 ** 3))))
         return self._round(0.5 * x64 * (1.0 + _erf(x64 / math.sqrt(2.0))))
+
+    def silu(self, x: np.ndarray, dtype: str | None = None) -> np.ndarray:
+        x64 = x.astype(np.float64)
+        return self._round(x64 / (1.0 + np.exp(-x64)), dtype)
 
     def softmax(self, x: np.ndarray, dim: int = -1) -> np.ndarray:
         return self._round(_softmax(x.astype(np.float32), dim))
 
-    def layer_norm(self, x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) -> np.ndarray:
+    def layer_norm(self, x: np.ndarray, weight: np.ndarray | None, bias: np.ndarray | None, eps: float,
+                   dtype: str | None = None) -> np.ndarray:
         x = x.astype(np.float32)
         mean = x.mean(axis=-1, keepdims=True)
         var = ((x - mean) ** 2).mean(axis=-1, keepdims=True)
         normed = (x - mean) / np.sqrt(var + np.float32(eps))
-        return self._round(normed * weight.reshape(-1) + bias.reshape(-1))
+        if weight is not None:
+            normed = normed * weight.reshape(-1)
+        if bias is not None:
+            normed = normed + bias.reshape(-1)
+        return self._round(normed, dtype)
+
+    def rms_norm(self, x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+        x = x.astype(np.float32)
+        normed = x / np.sqrt((x * x).mean(axis=-1, keepdims=True) + np.float32(eps))
+        return self._round(normed * weight.reshape(-1))
 
     def group_norm(self, x: np.ndarray, weight: np.ndarray, bias: np.ndarray, input_mask: np.ndarray,
                    num_groups: int, eps: float, grid: tuple[int, int]) -> np.ndarray:
@@ -119,6 +150,10 @@ class EmulatorOps:
     def scaled_dot_product_attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float) -> np.ndarray:
         scores = np.matmul(q, np.swapaxes(k, -1, -2), dtype=np.float32) * np.float32(scale)
         return self._round(np.matmul(_softmax(scores, -1), v, dtype=np.float32))
+
+
+# activation dtype -> the rounding of a value stored in it (float32: none)
+ROUNDING = {"bfloat16": to_bfloat16, "bfloat8_b": to_bfloat8_b, "float32": lambda a: a}
 
 
 def _softmax(x: np.ndarray, dim: int) -> np.ndarray:

@@ -9,24 +9,60 @@ from vidport.runtime.ttnn.ops import Tensor
 
 
 class Linear(Module):
-    """torch.nn.Linear: weight stored [in, out], bias [1, out] (as the converter wrote them)."""
+    """torch.nn.Linear: weight stored [in, out], bias [1, out] (as the converter wrote them).
+    `dtype`: its output's, where a model keeps the path in float32 (then its input is float32 too)."""
 
-    def __init__(self, params: Parameters, prefix: str, bias: bool = True) -> None:
-        self.ops = params.ops
+    def __init__(self, params: Parameters, prefix: str, bias: bool = True, dtype: str | None = None) -> None:
+        self.ops, self.dtype = params.ops, dtype
         self.weight = params.take(f"{prefix}.weight")
         self.bias = params.take(f"{prefix}.bias") if bias else None
+        self.float32_inputs = ("input",) if dtype == "float32" else ()
 
     def forward(self, input: Tensor) -> Tensor:  # noqa: A002 (torch's name: the reference passes input=)
-        return self.ops.linear(input, self.weight, self.bias)
+        return self.ops.linear(input, self.weight, self.bias, dtype=self.dtype)
 
 
 class LayerNorm(Module):
-    def __init__(self, params: Parameters, prefix: str, eps: float = 1e-5) -> None:
-        self.ops, self.eps = params.ops, eps
-        self.weight, self.bias = params.take(f"{prefix}.weight"), params.take(f"{prefix}.bias")
+    """torch.nn.LayerNorm over the last axis; `prefix` None: no affine parameters
+    (elementwise_affine=False). `dtype`: its output's (tt_dit's norm_out writes float32)."""
+
+    def __init__(self, params: Parameters, prefix: str | None, eps: float = 1e-5, dtype: str | None = None) -> None:
+        self.ops, self.eps, self.dtype = params.ops, eps, dtype
+        self.weight = params.take(f"{prefix}.weight") if prefix else None
+        self.bias = params.take(f"{prefix}.bias") if prefix else None
 
     def forward(self, input: Tensor) -> Tensor:  # noqa: A002
-        return self.ops.layer_norm(input, self.weight, self.bias, self.eps)
+        return self.ops.layer_norm(input, self.weight, self.bias, self.eps, dtype=self.dtype)
+
+
+class RMSNorm(Module):
+    """torch.nn.RMSNorm over the last axis (Wan's q/k norms: across all heads), weight [1, C]."""
+
+    def __init__(self, params: Parameters, prefix: str, eps: float) -> None:
+        self.ops, self.eps = params.ops, eps
+        self.weight = params.take(f"{prefix}.weight")
+
+    def forward(self, input: Tensor) -> Tensor:  # noqa: A002
+        return self.ops.rms_norm(input, self.weight, self.eps)
+
+
+class SiLU(Module):
+    def __init__(self, params: Parameters, dtype: str | None = None) -> None:
+        self.ops, self.dtype = params.ops, dtype
+        self.float32_inputs = ("input",) if dtype == "float32" else ()
+
+    def forward(self, input: Tensor) -> Tensor:  # noqa: A002
+        return self.ops.silu(input, dtype=self.dtype)
+
+
+class GELU(Module):
+    """torch.nn.GELU (approximate "none" or "tanh")."""
+
+    def __init__(self, params: Parameters, approximate: bool = False) -> None:
+        self.ops, self.approximate = params.ops, approximate
+
+    def forward(self, input: Tensor) -> Tensor:  # noqa: A002
+        return self.ops.gelu(input, approximate=self.approximate)
 
 
 class GroupNorm(Module):
