@@ -141,8 +141,8 @@ class TtDitView(Parameters):
         for entry in entries:
             found, info = read_tensorbin(self.folder / entry["file"])
             if (info["dtype"], list(info["logical_shape"])) != (entry["dtype"], entry["shape"]):
-                raise VidportError(f"{self.folder / entry['file']}: holds {info['dtype']} {list(info['logical_shape'])}, "
-                                   f"the manifest says {entry['dtype']} {entry['shape']}")
+                raise VidportError(f"{self.folder / entry['file']}: holds {info['dtype']} "
+                                   f"{list(info['logical_shape'])}, the manifest says {entry['dtype']} {entry['shape']}")
             values.append(found)
         return self.ops.host_parameter(build(job, values, self.plan), dtypes.pop(), rule.layout)
 

@@ -156,9 +156,10 @@ class TimeTextEmbedding(Module):
 
 
 class FusedPart(Module):
-    """One of a fused projection's parts under diffusers' name (attn1.to_q of tt_dit's to_qkv).
-    Called alone (verify's check on the reference's inputs) it runs the fused linear and keeps its
-    part; inside the attention the fused output's part is recorded under its name by `observe`."""
+    """One of a fused projection's parts under diffusers' name (attn1.to_q of tt_dit's to_qkv). On
+    one device (tp 1) tt_dit's head interleave leaves the fused output [q | k | v]. Called alone
+    (verify's check on the reference's inputs) it runs the fused linear and keeps its part; inside
+    the attention the fused output's part is recorded under its name by `observe`."""
 
     def __init__(self, fused: Linear, index: int, parts: int) -> None:
         self.ops, self.index, self.parts = fused.ops, index, parts
@@ -202,7 +203,8 @@ class WanAttention(Module):
             q, k, v = (part.observe(x) for part, x in zip((self.to_q, self.to_k, self.to_v), parts))
         else:
             q = self.to_q(hidden_states)
-            k, v = (part.observe(x) for part, x in zip((self.to_k, self.to_v), ops.split(self.to_kv(encoder_hidden_states), 2)))
+            kv = ops.split(self.to_kv(encoder_hidden_states), 2)
+            k, v = (part.observe(x) for part, x in zip((self.to_k, self.to_v), kv))
         q, k = self.norm_q(q), self.norm_k(k)
         batch, length, dim = ops.shape(q)
         head_dim = dim // self.heads
@@ -314,12 +316,12 @@ class WanTransformer3DModel(Module):
                        for n in range(config["num_layers"])]
         self.norm_out = LayerNorm(params, None, eps, dtype=F32)
         self.proj_out = Linear(params, "proj_out", dtype=F32)
-        self.proj_out.float32_inputs = ("input",)
         self.scale_shift_table = params.take("scale_shift_table")  # [1, 2, dim] float32
 
     @classmethod
     def from_config(cls, config: dict[str, Any], params: Parameters) -> "WanTransformer3DModel":
-        unsupported = {k: config.get(k) for k in ("image_dim", "added_kv_proj_dim", "pos_embed_seq_len") if config.get(k)}
+        image = ("image_dim", "added_kv_proj_dim", "pos_embed_seq_len")
+        unsupported = {k: config[k] for k in image if config.get(k)}
         if unsupported:
             raise VidportError(f"{params.folder}: a Wan model with an image branch ({unsupported}); tt_dit's Wan "
                                "transformer, which this TTNN model follows, has none",
