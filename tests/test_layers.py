@@ -59,8 +59,11 @@ def test_geglu_and_half_precision_match_torch():
 
 
 def sdpa(q, k, v, scale, mask=None):
-    if isinstance(mask, str):
-        return F.scaled_dot_product_attention(as_torch(q), as_torch(k), as_torch(v), scale=scale, is_causal=True)
+    if isinstance(mask, str):  # mx.fast's causal alignment: the last query sees every key (torch's lower-right)
+        from torch.nn.attention.bias import causal_lower_right
+
+        return F.scaled_dot_product_attention(as_torch(q), as_torch(k), as_torch(v), scale=scale,
+                                              attn_mask=causal_lower_right(q.shape[2], k.shape[2]))
     return F.scaled_dot_product_attention(as_torch(q), as_torch(k), as_torch(v), scale=scale,
                                           attn_mask=None if mask is None else torch.from_numpy(np.array(mask)))
 
@@ -89,20 +92,45 @@ def test_attention_row_blocks_and_head_groups_are_both_exercised(monkeypatch):
     close(layers.attention(q, k, v, 0.3), sdpa(q, k, v, 0.3), atol=2e-6, rtol=1e-5)
 
 
+def force_layout(monkeypatch, keys_major: bool) -> None:
+    """Scores keys-major ([keys, rows]) or rows-major, whatever the number of keys."""
+    monkeypatch.setattr(layers, "KEYS_MAJOR_MIN_KEYS", 1 if keys_major else 10**9)
+
+
+@pytest.mark.parametrize("keys_major", [True, False])
 @pytest.mark.parametrize("kind", ["causal", "bool", "additive"])
-def test_attention_masks_match_torch(kind):
+@pytest.mark.parametrize("queries, keys", [(6, 6), (9, 21)])
+def test_attention_masks_match_torch(kind, keys_major, queries, keys, monkeypatch):
+    force_layout(monkeypatch, keys_major)
+    monkeypatch.setattr(layers, "SCORE_BLOCK_ELEMENTS", 4 * keys)  # several row blocks: the mask sliced per block
     rng = np.random.default_rng(4)
-    q = mx.array(rng.standard_normal((2, 2, 6, 16)).astype(np.float32))
-    k, v = (mx.array(rng.standard_normal((2, 2, 6, 16)).astype(np.float32)) for _ in range(2))
+    q = mx.array(rng.standard_normal((2, 2, queries, 16)).astype(np.float32))
+    k, v = (mx.array(rng.standard_normal((2, 2, keys, 16)).astype(np.float32)) for _ in range(2))
     if kind == "causal":
         mask = "causal"
     elif kind == "bool":
-        allowed = rng.random((2, 1, 6, 6)) > 0.4
+        allowed = rng.random((2, 1, queries, keys)) > 0.4
         allowed[..., 0] = True  # every row sees something
         mask = mx.array(allowed)
     else:
-        mask = mx.array(rng.standard_normal((1, 2, 6, 6)).astype(np.float32) * 3)
+        mask = mx.array(rng.standard_normal((1, 2, queries, keys)).astype(np.float32) * 3)
     close(layers.attention(q, k, v, 0.25, mask), sdpa(q, k, v, 0.25, mask), atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("keys_major", [True, False])
+@pytest.mark.parametrize("shape", [
+    (3, 5, 8, 8, 40),      # temporal attention's shape (8 frames): rows-major by default
+    (2, 3, 17, 16, 8),     # the first key count laid out keys-major by default
+    (1, 2, 33, 129, 24),   # odd sizes, several row blocks and one head a block
+])
+def test_attention_layouts_both_match_torch(shape, keys_major, monkeypatch):
+    force_layout(monkeypatch, keys_major)
+    monkeypatch.setattr(layers, "SCORE_BLOCK_ELEMENTS", 10 * shape[3])
+    batch, heads, queries, keys, dim = shape
+    rng = np.random.default_rng(9)
+    q, k, v = (mx.array(rng.standard_normal((batch, heads, n, dim)).astype(np.float32) * 2)
+               for n in (queries, keys, keys))
+    close(layers.attention(q, k, v, dim**-0.5), sdpa(q, k, v, dim**-0.5), atol=1e-5, rtol=1e-5)
 
 
 def test_attention_keeps_half_precision_and_rejects_unknown_named_mask():
