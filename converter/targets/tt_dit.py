@@ -30,6 +30,7 @@ import numpy as np
 import yaml
 
 from vidport.converter.core.errors import VidportError, listing
+from vidport.converter.core.named import named_object
 from vidport.converter.infer import public
 from vidport.converter.patterns import Condition, Pattern, Template, compile_condition, compile_pattern, compile_template
 from vidport.converter.transforms import Step, parse_step, register, run_steps, shape_steps
@@ -489,8 +490,9 @@ class TtDitCache:
         self.looked_up = {job.name: {value: lookup.value(self.layout.tables or {}, tuple(plan.final.shapes[job.inputs[0]]))
                                      for value, lookup in job.rule.lookups.items()} for job in self.jobs}
         hashed = self.layout.subfolder_hash
-        if hashed is not None:  # in module order, which is the order of the outputs
-            order = sorted((outputs.index(j.inputs[0]), self.looked_up[j.name][hashed.of]) for j in self.jobs
+        if hashed is not None:  # in module order: the canonical model's parameter order (its state dict)
+            modules = list(named_object(plan.target.shapes)(plan.detected.family.canonical, public(plan.config)))
+            order = sorted((modules.index(j.inputs[0]), self.looked_up[j.name][hashed.of]) for j in self.jobs
                            if hashed.of in self.looked_up[j.name])
             digest = hashlib.sha256("_".join(str(v) for _, v in order).encode()).hexdigest()
             self.subfolder = hashed.prefix + digest[:hashed.length]
