@@ -27,13 +27,16 @@ import mlx.core as mx
 import numpy as np
 
 from vidport.converter.core.errors import VidportError
+from vidport.runtime.parallel_vae import TileGrid, parse_tiling, split_tiled_decode
 from vidport.runtime.parallel_wan import WanPlan, weight_report
 from vidport.runtime.pipelines.folder import PipelineFolder
 from vidport.runtime.pipelines.protocol import DecodeCallback, Generation, Pipeline, Request, Step, StepCallback
 from vidport.runtime.pipelines.wan_checks import WanLayout, check_components, check_request, layout_of
 from vidport.runtime.pipelines.wan_image import clip_pixels, load_image, read_clip_config, vae_pixels
 from vidport.runtime.pipelines.wan_latents import (LatentStats, decode_frames, first_frame_latent, first_frame_mask,
-                                                   i2v_condition, module_dtype, token_timesteps)
+                                                   i2v_condition, module_dtype, to_unit_range, token_timesteps)
+from vidport.runtime.wan_vae_layers import unpatchify
+from vidport.runtime.wan_vae_tiling import Tiling
 
 __all__ = ["WanPipeline", "check_components"]
 DEFAULT_AREA = 480 * 832  # Wan's 480p
@@ -104,7 +107,7 @@ class WanPipeline(Pipeline):
     def settings(self, task: str) -> set[str]:
         common = {"prompt", "negative_prompt", "frames", "steps", "guidance", "guidance_2", "height", "width", "seed",
                   "noise", "scheduler", "flow_shift", "fps", "prompt_embeds", "max_sequence_length",
-                  "parallel", "collective_timeout", "dump_steps"}
+                  "parallel", "collective_timeout", "dump_steps", "vae_tiling"}
         return common | {"image"} if task != "t2v" else common
 
     def defaults(self, task: str) -> Request:
@@ -174,6 +177,7 @@ class WanPipeline(Pipeline):
                                "(1, latent channels, latent frames, height/s, width/s)",
                                hint="save the noise for the same --frames/--height/--width, or drop --noise")
         self.scheduler_for(request)
+        self.tiling(request)
         self.plan(request).check([self.folder.config(name) for name in ("transformer", "transformer_2")
                                   if self.has(name)], self.tokens(request), request.guidance > 1.0)
 
@@ -189,8 +193,55 @@ class WanPipeline(Pipeline):
         return wan_plan(parse_plan(request.extra.get("parallel")), ranks)
 
     def describe_plan(self, request: Request) -> str:
-        """The plan in one line, printed at the start of a run."""
-        return self.plan(request).describe(self.folder.config("transformer"))
+        """The plan in one line, printed at the start of a run: the DiT's, then the VAE decode's."""
+        plan = self.plan(request)
+        return f"{plan.describe(self.folder.config('transformer'))}; {self.describe_decode(request, plan.world.size)}"
+
+    # ------------------------------------------------------------------ decode
+
+    def tiling(self, request: Request) -> Tiling | None:
+        """`--set vae_tiling`: the VAE decodes in diffusers' overlapping spatial tiles (its
+        `enable_tiling`), or whole frames (None, the default)."""
+        return parse_tiling(request.extra.get("vae_tiling"), self.layout.spatial)
+
+    def tile_grid(self, request: Request) -> TileGrid | None:
+        tiling = self.tiling(request)
+        if tiling is None:
+            return None
+        _, _, _, height, width = self.latent_shape(request.frames, request.height, request.width)
+        return TileGrid.of(height, width, tiling, self.layout.spatial)
+
+    def describe_decode(self, request: Request, ranks: int) -> str:
+        """Who decodes: whole frames on rank 0 (the decoder is causal in time, so frames do not
+        split exactly), or the tiles of a tiled decode dealt across the ranks (runtime.parallel_vae)."""
+        grid = self.tile_grid(request)
+        if grid is None:
+            return "decode: rank 0, whole frames (--set vae_tiling=true splits tiles across ranks)"
+        return grid.describe(self.tiling(request), ranks)
+
+    def decode(self, request: Request, latents: mx.array, stats: LatentStats,
+               on_decode: DecodeCallback | None) -> np.ndarray | None:
+        """Denormalized frames on rank 0, None on the others. With tiling over several ranks every
+        rank decodes its share of the tiles (runtime.parallel_vae); else rank 0 decodes alone."""
+        ranks, tiling, grid = self._plan.world, self.tiling(request), self.tile_grid(request)
+        split = grid is not None and grid.tiled and ranks.size > 1
+        if not (split or ranks.is_main):
+            return None
+        if request.release_weights:
+            for name in ("transformer", "transformer_2"):
+                self._models.pop(name, None)
+        vae = self.model("vae")
+        vae.tiling = tiling
+        if not split:
+            return decode_frames(vae, stats.denormalize(latents), on_decode)[0]
+        out = split_tiled_decode(vae, stats.denormalize(latents).astype(module_dtype(vae)), tiling, ranks)
+        if out is None:
+            return None
+        if vae.patch_size:
+            out = unpatchify(out, vae.patch_size)
+        if on_decode:
+            on_decode(latents.shape[1], latents.shape[1])
+        return to_unit_range(out)[0]
 
     def tokens(self, request: Request) -> int:
         """Patch tokens of the DiT's input for this request's size."""
@@ -272,7 +323,8 @@ class WanPipeline(Pipeline):
         WanImageToVideoPipeline (i2v, ti2v). `release_weights`: the text and image encoders go once
         encoded, A14B's high-noise expert once the low-noise one takes over (timesteps only fall),
         so one 14B expert is resident at a time; the next run reads them again.
-        `extra`: `parallel` (runtime.parallel_wan; rank 0 alone decodes), `collective_timeout`, and
+        `extra`: `parallel` (runtime.parallel_wan), `vae_tiling` (the decode in tiles; over several
+        ranks split across them, else rank 0 alone decodes), `collective_timeout`, and
         the debug setting `dump_steps=DIR`: rank 0 saves each step's latents (step_NNN.npy) and the
         frames (frames.npy), every rank its DiT weight bytes (rankR_weights.json)."""
         from vidport.runtime.schedulers import from_config
@@ -332,13 +384,11 @@ class WanPipeline(Pipeline):
 
         result = Generation(None, latents.transpose(0, 4, 1, 2, 3), None if "noise" in draws else seed,
                             [float(t) for t in timesteps], request.fps, config["_class_name"], seconds)
-        if request.decode and ranks.is_main:  # the other ranks only compute
-            if request.release_weights:
-                for name in ("transformer", "transformer_2"):
-                    self._models.pop(name, None)
+        if request.decode:
             began = time.perf_counter()
-            result.frames = decode_frames(self.model("vae"), stats.denormalize(latents), on_decode)[0]
-            result.decode_seconds = time.perf_counter() - began
-            if dump:
-                np.save(Path(dump) / "frames.npy", result.frames)
+            result.frames = self.decode(request, latents, stats, on_decode)
+            if ranks.is_main:
+                result.decode_seconds = time.perf_counter() - began
+                if dump:
+                    np.save(Path(dump) / "frames.npy", result.frames)
         return result
