@@ -202,6 +202,8 @@ class TtDitLayout:
     tables: dict[str, dict[str, int]] | None = None
     unused: tuple[tuple[Pattern, str], ...] = ()
     subfolder_hash: SubfolderHash | None = None
+    writes_subfolder: str | None = None  # the subfolder tt_dit names, where it is not the source's
+    also: tuple[str, ...] = ()  # further layouts (files beside this one) the same conversion writes
 
 
 def _listed(value: Any) -> list:
@@ -249,7 +251,8 @@ def load_layout(path: Path) -> TtDitLayout:
                        {str(k): v for k, v in (data.get("plans") or {}).items()}, requires,
                        data.get("extras") or {}, tuple(rules), tuple(fields.items()), bool(data.get("fsdp", True)),
                        tables, tuple((compile_pattern(u["from"]), u["why"]) for u in data.get("unused") or []),
-                       SubfolderHash(hashed["prefix"], hashed["of"], int(hashed["length"])) if hashed else None)
+                       SubfolderHash(hashed["prefix"], hashed["of"], int(hashed["length"])) if hashed else None,
+                       data.get("writes_subfolder"), tuple(data.get("also") or ()))
 
 
 def family_layout(plan) -> Path:
@@ -465,80 +468,106 @@ EXTRAS = {"empty_state_dict": _empty_state_dict}
 # --------------------------------------------------------------------------- the style
 
 
-class TtDitCache:
-    """The keyed tt_dit cache folder under DIR (DIR is what TT_DIT_CACHE_DIR names)."""
+class _Part:
+    """One tt_dit model's keyed folder: a layout's parameters, made from the outputs it claims."""
 
-    encoder = "ttnn.dump_tensor(mode=LOCAL), distributed host tensors"
-
-    def __init__(self, plan) -> None:
-        self.plan = plan
-        self.layout = load_layout(family_layout(plan))
-        self.mesh = mesh_plan(plan.options, self.layout.plans, self.layout.fsdp)
-        if plan.options.get("dtype") != "bfloat16" or plan.block_quantization is not None:
-            raise VidportError("the tt_dit style writes tt_dit's own dtypes (bfloat16, float32 where it builds float32)",
-                               hint="leave out --ttnn-dtype and --quantize: tt_dit's Parameters would reject other dtypes")
+    def __init__(self, plan, layout: TtDitLayout, outputs: list[str]) -> None:
+        self.layout = layout
+        self.mesh = mesh_plan(plan.options, layout.plans, layout.fsdp)
         values = {k: str(int(v)) for k, v in public(plan.config).items() if isinstance(v, (int, bool))}
         values.update(tp=str(self.mesh.tp), sp=str(self.mesh.sp))
-        for condition, why in self.layout.requires:
+        for condition, why in layout.requires:
             if not condition.holds(values):
                 raise VidportError(f"tt_dit cannot build this model for mesh {'x'.join(map(str, self.mesh.shape))}, "
                                    f"tp {self.mesh.tp}: {condition.text} does not hold", hint=why)
-        self.checkpoint, self.subfolder = cache_location(plan.source.path, self.layout.subfolders)
-        outputs = list(plan.final.recipes)
-        self.jobs = _jobs(self.layout, outputs)
-        self.unused = {name for name in outputs if not any(name in job.inputs for job in self.jobs)}
-        self.looked_up = {job.name: {value: lookup.value(self.layout.tables or {}, tuple(plan.final.shapes[job.inputs[0]]))
+        self.checkpoint, self.subfolder = cache_location(plan.source.path, layout.subfolders)
+        self.subfolder = layout.writes_subfolder or self.subfolder
+        self.jobs = _jobs(layout, outputs)
+        self.looked_up = {job.name: {value: lookup.value(layout.tables or {}, tuple(plan.final.shapes[job.inputs[0]]))
                                      for value, lookup in job.rule.lookups.items()} for job in self.jobs}
-        hashed = self.layout.subfolder_hash
+        hashed = layout.subfolder_hash
         if hashed is not None:  # in module order: the canonical model's parameter order (its state dict)
             modules = list(named_object(plan.target.shapes)(plan.detected.family.canonical, public(plan.config)))
             order = sorted((modules.index(j.inputs[0]), self.looked_up[j.name][hashed.of]) for j in self.jobs
                            if hashed.of in self.looked_up[j.name])
             digest = hashlib.sha256("_".join(str(v) for _, v in order).encode()).hexdigest()
             self.subfolder = hashed.prefix + digest[:hashed.length]
-        self.folder = f"{self.checkpoint}/{self.subfolder}/{self.mesh.key(self.layout.dtype_key, self.layout.parallel_config)}"
-        self.dump = mesh_dumper()  # before any file is written: ttnn and torch are there
+        self.folder = f"{self.checkpoint}/{self.subfolder}/{self.mesh.key(layout.dtype_key, layout.parallel_config)}"
 
-    def path_for(self, name: str, dtype: str, layout: str) -> str:
-        return f"{self.folder}/{name}.tensorbin"
+    def info(self) -> dict[str, Any]:
+        return {"cache_dir": self.folder, "model_name": self.checkpoint, "subfolder": self.subfolder,
+                "parallel_config": self.mesh.as_json(self.layout.parallel_config),
+                "extras": sorted(self.layout.extras), "tt_metal": self.layout.tt_metal}
+
+
+class TtDitCache:
+    """The keyed tt_dit cache folder(s) under DIR (DIR is what TT_DIT_CACHE_DIR names): the family's
+    layout, and those it names under `also` (one conversion, several tt_dit models: the Wan VAE's
+    decoder and encoder)."""
+
+    encoder = "ttnn.dump_tensor(mode=LOCAL), distributed host tensors"
+
+    def __init__(self, plan) -> None:
+        self.plan = plan
+        if plan.options.get("dtype") != "bfloat16" or plan.block_quantization is not None:
+            raise VidportError("the tt_dit style writes tt_dit's own dtypes (bfloat16, float32 where it builds float32)",
+                               hint="leave out --ttnn-dtype and --quantize: tt_dit's Parameters would reject other dtypes")
+        main = load_layout(family_layout(plan))
+        layouts = [main, *(load_layout(main.path.parent / name) for name in main.also)]
+        outputs = list(plan.final.recipes)
+        self.parts = [_Part(plan, layout, outputs) for layout in layouts]
+        self.job_of: dict[str, tuple[_Part, Job]] = {}
+        for part in self.parts:
+            for job in part.jobs:
+                for name in job.inputs:
+                    if name in self.job_of:
+                        raise VidportError(f"{name} is claimed by {self.job_of[name][0].layout.path.name} and "
+                                           f"{part.layout.path.name}", hint="one tt_dit parameter per output")
+                    self.job_of[name] = (part, job)
+        self.dump = mesh_dumper()  # before any file is written: ttnn and torch are there
 
     def write_tensors(self, folder: Path, outputs) -> tuple[dict[str, dict[str, Any]], int]:
         """Consume the plan's outputs (name, float array) and write each tt_dit parameter once all its
-        inputs are in; memory holds the inputs of unfinished parameters only."""
-        waiting = {name: job for job in self.jobs for name in job.inputs}
+        inputs are in; memory holds the inputs of unfinished parameters only. Outputs no layout
+        claims (its `unused`) are skipped."""
         held: dict[str, np.ndarray] = {}
         tensors: dict[str, dict[str, Any]] = {}
         parameters = 0
-        (folder / self.folder).mkdir(parents=True, exist_ok=True)
+        for part in self.parts:
+            (folder / part.folder).mkdir(parents=True, exist_ok=True)
         for name, array in outputs:
-            if name in self.unused:
+            if name not in self.job_of:
                 continue
-            job = waiting[name]
+            part, job = self.job_of[name]
             held[name] = np.asarray(array, dtype=np.float32)
             if not all(i in held for i in job.inputs):
                 continue
-            value = build(job, [held.pop(i) for i in job.inputs], self.mesh, self.looked_up[job.name])
-            axes = mesh_axes(job, value.shape, self.mesh)
-            relative = self.path_for(job.name, job.rule.dtype, job.rule.layout)
-            self.dump(folder / relative, value, job.rule.dtype, job.rule.layout, self.mesh.shape, axes)
-            tensors[job.name] = {
+            value = build(job, [held.pop(i) for i in job.inputs], part.mesh, part.looked_up[job.name])
+            axes = mesh_axes(job, value.shape, part.mesh)
+            relative = f"{part.folder}/{job.name}.tensorbin"
+            self.dump(folder / relative, value, job.rule.dtype, job.rule.layout, part.mesh.shape, axes)
+            key = job.name if part is self.parts[0] else f"{part.subfolder}/{job.name}"
+            tensors[key] = {
                 "file": relative, "dtype": job.rule.dtype, "layout": job.rule.layout, "shape": list(value.shape),
-                "local_shape": local_shape(value.shape, axes, self.mesh.shape),
+                "local_shape": local_shape(value.shape, axes, part.mesh.shape),
                 "mesh_axes": list(job.rule.mesh_axes or [None] * value.ndim), "from": list(job.inputs),
-                **({"looked_up": self.looked_up[job.name]} if self.looked_up[job.name] else {}),
+                **({"looked_up": part.looked_up[job.name]} if part.looked_up[job.name] else {}),
                 "source_sha256": hashlib.sha256(value.tobytes()).hexdigest()}
             parameters += int(value.size)
-        unwritten = sorted(j.name for j in self.jobs if j.name not in tensors)
+        unwritten = sorted(j.name for part in self.parts for j in part.jobs
+                           if (j.name if part is self.parts[0] else f"{part.subfolder}/{j.name}") not in tensors)
         if unwritten:
             raise VidportError(f"tt_dit layout: {listing(unwritten)} not written (inputs never produced)")
         return tensors, parameters
 
     def finish(self, folder: Path, names: list[str], source_hashes: list[str]) -> dict[str, Any]:
-        for file, how in self.layout.extras.items():
-            EXTRAS[how](folder / self.folder / file)
-        return {"TT_DIT_CACHE_DIR": ".", "cache_dir": self.folder, "model_name": self.checkpoint,
-                "subfolder": self.subfolder, "parallel_config": self.mesh.as_json(self.layout.parallel_config),
-                "extras": sorted(self.layout.extras), "tt_metal": self.layout.tt_metal}
+        for part in self.parts:
+            for file, how in part.layout.extras.items():
+                EXTRAS[how](folder / part.folder / file)
+        info = {"TT_DIT_CACHE_DIR": ".", **self.parts[0].info()}
+        if len(self.parts) > 1:
+            info["also"] = [part.info() for part in self.parts[1:]]
+        return info
 
 
 def tt_dit_style(plan, flat: type):
