@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -160,6 +161,36 @@ def test_cfg_is_refused_before_weights_load(folder, tmp_path):
     errors = [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "runs without classifier-free guidance" in errors[0], done.stdout + done.stderr
     assert not out.exists() and not (tmp_path / "dump").exists()
+
+
+def test_killed_rank_leaves_no_video(folder, tmp_path):
+    """Rank 1 SIGKILLed while rank 0 streams blocks into the MP4: the run ends non-zero within
+    seconds, rank 0's error names the lost connection, and the partial file is gone."""
+    import psutil
+
+    out = tmp_path / "fox.mp4"
+    blocks = ["--frames", str(1 + 4 * (3 * 12 - 1))]  # 12 blocks: long enough to be killed in
+    launcher = subprocess.Popen([VIDPORT, "generate", "t2v", "--model", str(folder), *ARGS, *blocks, "--out", str(out),
+                                 "--set", "parallel=tensor", "--set", f"dump_steps={tmp_path}", "--launch", ring(2)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        while not (tmp_path / "step_002.npy").exists():  # rank 0 is past a block's steps
+            assert launcher.poll() is None, launcher.communicate()
+            time.sleep(0.01)
+        rank1 = next(child for child in psutil.Process(launcher.pid).children(recursive=True)
+                     if child.environ().get("MLX_RANK") == "1" and "generate" in child.cmdline())
+        began = time.monotonic()
+        rank1.kill()
+        stdout, stderr = launcher.communicate(timeout=60)
+        waited = time.monotonic() - began
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode == 1 and waited < 15, (waited, stdout + stderr)
+    said = " ".join((stdout + stderr).split())
+    assert "error: rank 1 was killed by signal 9" in said, stdout + stderr
+    assert len(list(tmp_path.glob("step_*.npy"))) < 12 * 3 and not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.suffix not in (".npy", ".json")]
 
 
 def _world(size: int) -> World:

@@ -27,15 +27,18 @@ from __future__ import annotations
 
 import json
 import secrets
+import signal
+import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import mlx.core as mx
 import numpy as np
 
 from vidport.converter.core.errors import VidportError
+from vidport.runtime.distributed import World
 from vidport.runtime.parallel_causal_wan import CausalPlan, cache_report
 from vidport.runtime.parallel_wan import weight_report
 from vidport.runtime.pipelines.folder import PipelineFolder
@@ -60,6 +63,26 @@ def causal_settings(folder: PipelineFolder) -> dict[str, Any]:
                            hint="convert the Self-Forcing checkpoint: vidport convert self-forcing CKPT --base "
                                 "WAN_FOLDER --out DIR; run a Wan DiT with a Wan pipeline (vidport convert wan)")
     return settings
+
+
+@contextmanager
+def stop_as_error(ranks: World) -> Iterator[None]:
+    """On several ranks, mlx.launch stops the others with SIGTERM once one fails; Python's default
+    would end rank 0 on the spot and leave the video it streams half-written. Here the first
+    SIGTERM raises instead (the later ones are ignored), so the writer removes its partial file."""
+    if ranks.size == 1 or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise VidportError(f"rank {ranks.rank}: stopped by mlx.launch (another rank failed); no output written")
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class SelfForcingPipeline(WanPipeline):
@@ -279,7 +302,8 @@ class SelfForcingPipeline(WanPipeline):
                 kept.append(frames)
             stats_out.setdefault("first frame seconds", time.perf_counter() - began)
 
-        with request.writer(None, None) if request.writer and decode_here else nullcontext() as writer:
+        writing = request.writer(None, None) if request.writer and decode_here else nullcontext()
+        with stop_as_error(ranks), writing as writer:
             if request.task == "i2v":
                 image = self._first_frame(request, stats, dtype, model, context, cache)
                 outputs.append(image)
