@@ -110,54 +110,86 @@ class Conv:
         return DEFAULT_BLOCKINGS_C_IN.get((self.c_in, self.c_out, self.kernel), self.c_in)
 
 
-def wan_decoder(config: dict) -> tuple[dict[str, Param], list[Conv]]:
-    """The Parameters of vae_wan2_1.py WanDecoder for a diffusers AutoencoderKLWan config, and its
-    convs in the order utils/conv3d.py _walk_conv3d_modules visits them (module attribute order)."""
-    params: dict[str, Param] = {}
-    convs: list[Conv] = []
+class VaeTree:
+    """vae_wan2_1.py's building blocks, recording Parameters and convs in module attribute order
+    (the order utils/conv3d.py _walk_conv3d_modules visits them)."""
 
-    def linear(name, n_in, n_out):  # layers/linear.py Linear: [in, out], [1, out], replicated
-        params[f"{name}.weight"] = Param((n_in, n_out), (None, None))
-        params[f"{name}.bias"] = Param((1, n_out), (None, None))
+    def __init__(self) -> None:
+        self.params: dict[str, Param] = {}
+        self.convs: list[Conv] = []
 
-    def norm(name, dim):  # normalization.py RMSNorm (no bias): [1, dim]
-        params[f"{name}.weight"] = Param((1, dim), (None, None))
+    def linear(self, name, n_in, n_out):  # layers/linear.py Linear: [in, out], [1, out], replicated
+        self.params[f"{name}.weight"] = Param((n_in, n_out), (None, None))
+        self.params[f"{name}.bias"] = Param((1, n_out), (None, None))
 
-    def conv(name, c_in, c_out, kernel, causal=True):  # WanCausalConv3d aligns C_in; WanConv2d does not
+    def norm(self, name, dim):  # normalization.py RMSNorm (no bias): [1, dim]
+        self.params[f"{name}.weight"] = Param((1, dim), (None, None))
+
+    def conv(self, name, c_in, c_out, kernel, causal=True):  # WanCausalConv3d aligns C_in; WanConv2d does not
         c_in = aligned(c_in) if causal else c_in
-        params[f"{name}.weight"] = Param((kernel[0] * kernel[1] * kernel[2] * c_in, c_out), (None, None))
-        params[f"{name}.bias"] = Param((1, c_out), (None, None))
-        convs.append(Conv(name, c_in, c_out, kernel))
+        self.params[f"{name}.weight"] = Param((kernel[0] * kernel[1] * kernel[2] * c_in, c_out), (None, None))
+        self.params[f"{name}.bias"] = Param((1, c_out), (None, None))
+        self.convs.append(Conv(name, c_in, c_out, kernel))
 
-    def residual(name, in_dim, out_dim):  # WanResidualBlock: norm1, conv1, norm2, conv2, conv_shortcut
-        norm(f"{name}.norm1", in_dim)
-        conv(f"{name}.conv1", in_dim, out_dim, (3, 3, 3))
-        norm(f"{name}.norm2", out_dim)
-        conv(f"{name}.conv2", out_dim, out_dim, (3, 3, 3))
+    def residual(self, name, in_dim, out_dim):  # WanResidualBlock: norm1, conv1, norm2, conv2, conv_shortcut
+        self.norm(f"{name}.norm1", in_dim)
+        self.conv(f"{name}.conv1", in_dim, out_dim, (3, 3, 3))
+        self.norm(f"{name}.norm2", out_dim)
+        self.conv(f"{name}.conv2", out_dim, out_dim, (3, 3, 3))
         if in_dim != out_dim:
-            linear(f"{name}.conv_shortcut", in_dim, out_dim)
+            self.linear(f"{name}.conv_shortcut", in_dim, out_dim)
 
+    def mid_block(self, name, dim):  # WanMidBlock: resnets, then attentions (WanAttentionBlock)
+        self.residual(f"{name}.resnets.0", dim, dim)
+        self.residual(f"{name}.resnets.1", dim, dim)
+        self.norm(f"{name}.attentions.0.norm", dim)
+        self.linear(f"{name}.attentions.0.to_qkv", dim, 3 * dim)
+        self.linear(f"{name}.attentions.0.proj", dim, dim)
+
+
+def wan_decoder(config: dict) -> tuple[dict[str, Param], list[Conv]]:
+    """The Parameters of vae_wan2_1.py WanDecoder for a diffusers AutoencoderKLWan config, and its convs."""
+    tree = VaeTree()
     z, dim, mult = config["z_dim"], config["base_dim"], config["dim_mult"]
-    linear("post_quant_conv", aligned(z), aligned(z))
+    tree.linear("post_quant_conv", aligned(z), aligned(z))
     dims = [dim * u for u in [mult[-1]] + mult[::-1]]  # WanDecoder3d channel_dims
     upsample = config["temperal_downsample"][::-1]
-    conv("decoder.conv_in", z, dims[0], (3, 3, 3))
-    residual("decoder.mid_block.resnets.0", dims[0], dims[0])  # WanMidBlock: resnets, then attentions
-    residual("decoder.mid_block.resnets.1", dims[0], dims[0])
-    norm("decoder.mid_block.attentions.0.norm", dims[0])
-    linear("decoder.mid_block.attentions.0.to_qkv", dims[0], 3 * dims[0])
-    linear("decoder.mid_block.attentions.0.proj", dims[0], dims[0])
+    tree.conv("decoder.conv_in", z, dims[0], (3, 3, 3))
+    tree.mid_block("decoder.mid_block", dims[0])
     for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
         in_dim = in_dim // 2 if i > 0 else in_dim  # "wan vae 2.1"
         for j in range(config["num_res_blocks"] + 1):
-            residual(f"decoder.up_blocks.{i}.resnets.{j}", in_dim if j == 0 else out_dim, out_dim)
+            tree.residual(f"decoder.up_blocks.{i}.resnets.{j}", in_dim if j == 0 else out_dim, out_dim)
         if i != len(mult) - 1:  # WanResample: conv (WanConv2d, (1, 3, 3)), then time_conv if 3d
-            conv(f"decoder.up_blocks.{i}.upsamplers.conv", out_dim, out_dim // 2, (1, 3, 3), causal=False)
+            tree.conv(f"decoder.up_blocks.{i}.upsamplers.conv", out_dim, out_dim // 2, (1, 3, 3), causal=False)
             if upsample[i]:
-                conv(f"decoder.up_blocks.{i}.upsamplers.time_conv", out_dim, out_dim * 2, (3, 1, 1))
-    norm("decoder.norm_out", dims[-1])
-    conv("decoder.conv_out", dims[-1], config["out_channels"], (3, 3, 3))
-    return params, convs
+                tree.conv(f"decoder.up_blocks.{i}.upsamplers.time_conv", out_dim, out_dim * 2, (3, 1, 1))
+    tree.norm("decoder.norm_out", dims[-1])
+    tree.conv("decoder.conv_out", dims[-1], config["out_channels"], (3, 3, 3))
+    return tree.params, tree.convs
+
+
+def wan_encoder(config: dict) -> tuple[dict[str, Param], list[Conv]]:
+    """The Parameters of vae_wan2_1.py WanEncoder (WanEncoder3D with z_dim * 2 outputs, quant_conv)."""
+    tree = VaeTree()
+    dim, mult, z2 = config["base_dim"], config["dim_mult"], 2 * config["z_dim"]
+    dims = [dim * u for u in [1] + mult]
+    tree.conv("encoder.conv_in", config["in_channels"], dims[0], (3, 3, 3))
+    k = 0  # down_blocks: one list of residual blocks and resamplers
+    for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+        for _ in range(config["num_res_blocks"]):
+            tree.residual(f"encoder.down_blocks.{k}", in_dim, out_dim)
+            in_dim, k = out_dim, k + 1
+        if i != len(mult) - 1:  # WanResample downsample: conv (dim -> dim), time_conv if 3d
+            tree.conv(f"encoder.down_blocks.{k}.conv", out_dim, out_dim, (1, 3, 3), causal=False)
+            if config["temperal_downsample"][i]:
+                tree.conv(f"encoder.down_blocks.{k}.time_conv", out_dim, out_dim, (3, 1, 1))
+            k += 1
+    tree.mid_block("encoder.mid_block", dims[-1])
+    tree.norm("encoder.norm_out", dims[-1])
+    tree.conv("encoder.conv_out", dims[-1], z2, (3, 3, 3))
+    tree.linear("quant_conv", aligned(z2), aligned(z2))
+    return tree.params, tree.convs
 
 
 def vae_subfolder(convs: list[Conv]) -> str:
@@ -174,19 +206,28 @@ def prepare_conv3d_weights(weight: torch.Tensor, c_in_block: int) -> torch.Tenso
     return w.reshape(-1, c_out)
 
 
-def wan_decoder_state(state: dict[str, torch.Tensor], convs: list[Conv]) -> dict[str, torch.Tensor]:
-    """diffusers' VAE state dict through WanDecoder's _prepare_torch_state methods (the renames
-    upsamplers.0 -> upsamplers, resample.1 -> conv, gamma -> weight; conv3d_to_linear_weight;
+HALVES = {"decoder": ("post_quant_conv", ("encoder.", "quant_conv.")), "encoder": ("quant_conv", ("decoder.", "post_quant_conv."))}
+
+
+def tt_dit_name(key: str) -> str:
+    """WanUpBlock: upsamplers.0 -> upsamplers; WanResample: resample.1 -> conv; RMSNorm: gamma -> weight."""
+    return key.replace("upsamplers.0.", "upsamplers.").replace("resample.1.", "conv.").replace(".gamma", ".weight")
+
+
+def wan_vae_state(state: dict[str, torch.Tensor], convs: list[Conv], half: str) -> dict[str, torch.Tensor]:
+    """diffusers' VAE state dict through WanDecoder's (or WanEncoder's) _prepare_torch_state methods
+    (the other half popped; the renames; conv3d_to_linear_weight for post_quant_conv / quant_conv;
     1x1 convs as Linears; prepare_conv3d_weights), each then through its Parameter's layout."""
-    s = {k: v.float() for k, v in state.items() if not k.startswith(("encoder.", "quant_conv."))}
+    linear, other = HALVES[half]
+    s = {k: v.float() for k, v in state.items() if not k.startswith(other)}
     out: dict[str, torch.Tensor] = {}
-    z = s["post_quant_conv.weight"].shape[0]
-    weight = torch.nn.functional.pad(s.pop("post_quant_conv.weight").reshape(z, z), (0, aligned(z) - z, 0, aligned(z) - z))
-    out["post_quant_conv.weight"] = weight.T
-    out["post_quant_conv.bias"] = torch.nn.functional.pad(s.pop("post_quant_conv.bias"), (0, aligned(z) - z)).reshape(1, -1)
+    z = s[f"{linear}.weight"].shape[0]
+    weight = torch.nn.functional.pad(s.pop(f"{linear}.weight").reshape(z, z), (0, aligned(z) - z, 0, aligned(z) - z))
+    out[f"{linear}.weight"] = weight.T
+    out[f"{linear}.bias"] = torch.nn.functional.pad(s.pop(f"{linear}.bias"), (0, aligned(z) - z)).reshape(1, -1)
     blocks = {c.name: c.c_in_block for c in convs}
     for key, value in s.items():
-        name = key.replace("upsamplers.0.", "upsamplers.").replace("resample.1.", "conv.").replace(".gamma", ".weight")
+        name = tt_dit_name(key)
         module, leaf = name.rsplit(".", 1)
         if key.endswith(".gamma"):
             out[name] = value.squeeze().unsqueeze(0)
@@ -384,7 +425,18 @@ def test_umt5_shards_give_back_transformers_tensors(ttnn, sources, tmp_path):
 # every VAE Parameter is replicated: the mesh changes the key and the shard count only; 4x32 (128
 # shards of every file to compare, about a minute) is marked slow
 VAE_PLANS = [pytest.param(*PLANS[i], id=PLAN_IDS[i], marks=[pytest.mark.slow] if PLANS[i][0] == (4, 32) else [])
-             for i in (0, 3, 5, 6)]
+             for i in (0, 3, 5)]  # Wormhole 2x4 (axes swapped): test_cli_writes_both
+
+
+def vae_folders(out: Path, checkpoint: str, config: dict, parallel_config, mesh) -> dict[str, tuple]:
+    """half -> (folder, Parameters, convs): pipeline_wan.py _prepare_vae's "vae_<blocking hash>" for
+    the decoder, pipeline_wan_i2v.py's "vae_encoder" for the encoder, both keyed by the VAE's plan."""
+    found = {}
+    for half, tree in (("decoder", wan_decoder), ("encoder", wan_encoder)):
+        params, convs = tree(config)
+        subfolder = vae_subfolder(convs) if half == "decoder" else "vae_encoder"
+        found[half] = (out / checkpoint / subfolder / cache_key(parallel_config, mesh), params, convs)
+    return found
 
 
 @pytest.mark.parametrize("mesh,tp_axis,sp_axis", VAE_PLANS)
@@ -392,43 +444,49 @@ def test_vae_cache_is_what_tt_dit_loads(ttnn, sources, tmp_path, mesh, tp_axis, 
     folder, config, state = sources["vae"]
     out = tmp_path / "out"
     manifest = run(folder, out, "wan-vae", mesh, *given_axes(mesh, tp_axis, sp_axis))
-    params, convs = wan_decoder(config)
-    cache = out / CHECKPOINT / vae_subfolder(convs) / cache_key(vae_parallel(mesh, tp_axis, sp_axis), mesh)
-    assert manifest["cache_style"]["cache_dir"] == str(cache.relative_to(out))
-    assert all(c.c_in_block == c.c_in for c in convs)  # no blocking-table entry at these widths
-    assert check_cache(ttnn, cache, params, wan_decoder_state(state, convs), mesh) == []
+    halves = vae_folders(out, CHECKPOINT, config, vae_parallel(mesh, tp_axis, sp_axis), mesh)
+    written = [manifest["cache_style"]["cache_dir"], *(a["cache_dir"] for a in manifest["cache_style"]["also"])]
+    assert written == [str(halves[h][0].relative_to(out)) for h in ("decoder", "encoder")]
+    for half, (cache, params, convs) in halves.items():
+        assert all(c.c_in_block == c.c_in for c in convs)  # no blocking-table entry at these widths
+        assert check_cache(ttnn, cache, params, wan_vae_state(state, convs, half), mesh) == [], half
 
 
 def test_vae_blocked_convs_and_diffusers_tensors_back(ttnn, sources, tmp_path):
     """At the real widths tt_dit's fallback table splits C_in (192 -> 2 x 96 for the 192-channel
-    3x3x3 convs), which reorders the weight's rows and names the subfolder; the shards, un-blocked
-    and un-renamed, are diffusers' tensors (bfloat16)."""
+    3x3x3 convs), which reorders the weight's rows and names the decoder's subfolder; the shards of
+    both folders, un-blocked and un-renamed, are every one of diffusers' tensors (bfloat16)."""
     folder, config, state = sources["vae96"]
     mesh = (1, 4)
     run(folder, tmp_path / "out", "wan-vae", mesh)
-    params, convs = wan_decoder(config)
-    blocked = [c.name for c in convs if c.c_in_block < c.c_in]
-    assert blocked and "decoder.mid_block.resnets.0.conv1" in blocked
-    cache = tmp_path / "out" / "Wan2.1-T2V-1.3B-Diffusers" / vae_subfolder(convs) / "HP4_1_WP1_0_mesh1x4_bf16"
-    assert check_cache(ttnn, cache, params, wan_decoder_state(state, convs), mesh) == []
-    blocks = {c.name: c for c in convs}
-    for key, value in state.items():
-        if key.startswith(("encoder.", "quant_conv.")):
-            continue
-        name = key.replace("upsamplers.0.", "upsamplers.").replace("resample.1.", "conv.").replace(".gamma", ".weight")
-        module = name.rsplit(".", 1)[0]
-        total = reassemble(ttnn, cache / f"{name}.tensorbin", params[name], mesh)
-        if module in blocks and name.endswith(".weight"):  # rows [blocks, kT, kH, kW, block] -> OIkTkHkW
-            c = blocks[module]
-            rows = total.reshape(c.c_in // c.c_in_block, *c.kernel, c.c_in_block, c.c_out).permute(1, 2, 3, 0, 4, 5)
-            total = rows.reshape(*c.kernel, c.c_in, c.c_out)[:, :, :, : value.shape[1]].permute(4, 3, 0, 1, 2)
-        elif name.startswith("post_quant_conv"):
-            z = value.shape[0]
-            total = (total[:z, :z].T if name.endswith("weight") else total[0, :z]).reshape(value.shape)
-        elif name.endswith(".weight") and params[name].shape[0] != 1:  # Linears from 1x1 convs
-            total = total.T.reshape(value.shape)
-        total = total.reshape(value.shape)
-        assert torch.equal(total, value.float().to(torch.bfloat16).float()), key
+    halves = vae_folders(tmp_path / "out", "Wan2.1-T2V-1.3B-Diffusers", config, vae_parallel(mesh, 1, 0), mesh)
+    assert halves["decoder"][0].parent.parent.name == "Wan2.1-T2V-1.3B-Diffusers"
+    assert halves["decoder"][0].name == "HP4_1_WP1_0_mesh1x4_bf16"
+    back = set()
+    for half, (cache, params, convs) in halves.items():
+        blocked = [c.name for c in convs if c.c_in_block < c.c_in]
+        assert f"{half}.mid_block.resnets.0.conv1" in blocked
+        assert check_cache(ttnn, cache, params, wan_vae_state(state, convs, half), mesh) == [], half
+        blocks = {c.name: c for c in convs}
+        linear, other = HALVES[half]
+        for key, value in state.items():
+            if key.startswith(other):
+                continue
+            name = tt_dit_name(key)
+            module = name.rsplit(".", 1)[0]
+            total = reassemble(ttnn, cache / f"{name}.tensorbin", params[name], mesh)
+            if module in blocks and name.endswith(".weight"):  # rows [blocks, kT, kH, kW, block] -> OIkTkHkW
+                c = blocks[module]
+                rows = total.reshape(c.c_in // c.c_in_block, *c.kernel, c.c_in_block, c.c_out).permute(1, 2, 3, 0, 4, 5)
+                total = rows.reshape(*c.kernel, c.c_in, c.c_out)[:, :, :, : value.shape[1]].permute(4, 3, 0, 1, 2)
+            elif module == linear:  # channels padded to 32
+                z = value.shape[0]
+                total = total[:z, :z].T if name.endswith("weight") else total[0, :z]
+            elif name.endswith(".weight") and params[name].shape[0] != 1:  # Linears from 1x1 convs
+                total = total.T
+            assert torch.equal(total.reshape(value.shape), value.float().to(torch.bfloat16).float()), key
+            back.add(key)
+    assert back == set(state)
 
 
 # --------------------------------------------------------------------------- CLI, refusals, faults
@@ -442,6 +500,7 @@ def test_cli_writes_both(ttnn, sources, tmp_path):
         assert result.exit_code == 0, result.output
     _, convs = wan_decoder(sources["vae"][1])
     assert (tmp_path / "wan-vae" / CHECKPOINT / vae_subfolder(convs) / "HP4_1_WP2_0_mesh2x4_bf16").is_dir()
+    assert (tmp_path / "wan-vae" / CHECKPOINT / "vae_encoder" / "HP4_1_WP2_0_mesh2x4_bf16").is_dir()
     assert (tmp_path / "umt5" / CHECKPOINT / "text_encoder" / "TP4_1_mesh2x4_bf16").is_dir()
 
 
@@ -497,12 +556,16 @@ def test_planted_fault_fails_the_check(ttnn, sources, tmp_path, monkeypatch, pla
         cache = tmp_path / "out" / CHECKPOINT / "text_encoder" / "TP4_1_mesh1x4_bf16"
     else:
         params, convs = wan_decoder(config)
-        derived = wan_decoder_state(state, convs)
+        derived = wan_vae_state(state, convs, "decoder")
         cache = tmp_path / "out" / folder.parent.name / vae_subfolder(convs) / "HP4_1_WP1_0_mesh1x4_bf16"
-        # the folder written (another hash) holds convs whose rows are not tt_dit's order either
+        # the folder written (another hash) holds convs whose rows are not tt_dit's order either, and
+        # so does the encoder's (its folder name has no hash to give it away)
         written = tmp_path / "out" / manifest["cache_style"]["cache_dir"]
         assert "decoder.mid_block.resnets.0.conv1.weight: values on device (0, 0) differ" in check_cache(
             ttnn, written, params, derived, mesh)
+        encoder, encoder_convs = wan_encoder(config)
+        assert "encoder.mid_block.resnets.0.conv1.weight: values on device (0, 0) differ" in check_cache(
+            ttnn, cache.parent.parent / "vae_encoder" / cache.name, encoder, wan_vae_state(state, encoder_convs, "encoder"), mesh)
     problems = check_cache(ttnn, cache, params, derived, mesh)
     assert any(p.startswith(message) for p in problems), problems
 

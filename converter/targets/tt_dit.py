@@ -210,14 +210,16 @@ def _listed(value: Any) -> list:
     return value if isinstance(value, list) else [value]
 
 
-def load_layout(path: Path) -> TtDitLayout:
-    """Read and check a family's tt_dit/cache.yaml; errors name the file and the entry."""
+def load_layout(path: Path, inherited: dict[str, dict[str, int]] | None = None) -> TtDitLayout:
+    """Read and check a family's tt_dit/cache.yaml (or a layout it names under `also`, which sees its
+    `tables` too: `inherited`); errors name the file and the entry."""
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise VidportError(f"{path}: not valid YAML ({err})") from err
     rules = []
-    tables = {str(name): {str(k): int(v) for k, v in table.items()} for name, table in (data.get("tables") or {}).items()}
+    tables = {**(inherited or {}),
+              **{str(name): {str(k): int(v) for k, v in table.items()} for name, table in (data.get("tables") or {}).items()}}
     for index, entry in enumerate(data.get("parameters") or []):
         where = f"{path.parent.parent.name}/{path.parent.name}/{path.name}: parameters[{index}]"
         unknown = set(entry) - {"name", "from", "interleave", "transforms", "dtype", "layout", "mesh_axes", "lookup"}
@@ -513,7 +515,7 @@ class TtDitCache:
             raise VidportError("the tt_dit style writes tt_dit's own dtypes (bfloat16, float32 where it builds float32)",
                                hint="leave out --ttnn-dtype and --quantize: tt_dit's Parameters would reject other dtypes")
         main = load_layout(family_layout(plan))
-        layouts = [main, *(load_layout(main.path.parent / name) for name in main.also)]
+        layouts = [main, *(load_layout(main.path.parent / name, main.tables) for name in main.also)]
         outputs = list(plan.final.recipes)
         self.parts = [_Part(plan, layout, outputs) for layout in layouts]
         self.job_of: dict[str, tuple[_Part, Job]] = {}
