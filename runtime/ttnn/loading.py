@@ -6,7 +6,9 @@ layout of its own); a style the family redefines (`sd_demo`'s role table, a `tt_
 only where the model class lists it in `cache_styles`. `runtime_class` refuses the others before
 anything is built, so `vidport verify` says so up front. A model reading tt_dit's parameters
 (`parameter_layout = "tt_dit"`) reads other styles' folders through the family's tt_dit layout:
-fusions and packings composed on the host from the converted values, exactly.
+fusions and packings composed on the host from the converted values, exactly; and a tt_dit cache
+for a mesh with its per-device shards put back together (ttnn reads those files), each tensor
+whole, still in the tensor-parallel layout the model undoes.
 """
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ import importlib
 import json
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from vidport.converter.core.errors import VidportError, closest
 from vidport.converter.core.manifest import MANIFEST, read_manifest
@@ -73,7 +77,7 @@ def _mesh(folder: Path) -> list[int]:
 def runtime_class(folder: str | Path, manifest: dict[str, Any]) -> type:
     """The family's TTNN model class (its `targets.ttnn.runtime`) for a converted folder; refused,
     naming why, where the family has none, the model does not read the folder's cache style, or a
-    tt_dit-layout cache was sharded for more than the one device the model runs on."""
+    tt_dit-layout cache for a mesh (multi-device files) is to be read where ttnn is not."""
     folder = Path(folder)
     family = _family(folder, manifest)
     extras = family.targets.get("ttnn")
@@ -92,18 +96,20 @@ def runtime_class(folder: str | Path, manifest: dict[str, Any]) -> type:
         raise VidportError(f"{folder}: {extras.runtime} reads tt_dit's parameters, and family {family.name} has no "
                            f"tt_dit layout ({_tt_dit_layout(family).relative_to(family.path.parent.parent)}) to "
                            "read its tensors by", hint=f"{family.name} has no TTNN model of its own")
-    if getattr(model, "parameter_layout", None) == "tt_dit" and style == "tt_dit":
-        mesh = _mesh(folder)
-        if mesh != [1, 1]:
-            raise VidportError(f"{folder}: a tt_dit cache sharded for mesh {'x'.join(map(str, mesh))}; the TTNN model "
-                               "runs one device, which reads a 1x1 cache (every file the whole tensor)",
-                               hint="convert with --cache-style tt_dit and no --ttnn-mesh (mesh 1x1)")
+    if getattr(model, "parameter_layout", None) == "tt_dit" and style == "tt_dit" and _mesh(folder) != [1, 1]:
+        from vidport.converter.ttnn_support import import_ttnn
+
+        if import_ttnn() is None:
+            raise VidportError(f"{folder}: a tt_dit cache sharded for mesh {'x'.join(map(str, _mesh(folder)))}, whose "
+                               "multi-device files only ttnn reads, and ttnn cannot be imported here",
+                               hint="install ttnn (CPython 3.10 / 3.12, Linux), or convert with no --ttnn-mesh (1x1)")
     return model
 
 
 class TtDitView(Parameters):
     """Another cache style's folder read by tt_dit's parameter names: each tt_dit parameter made from
-    the converted tensors its rule in the family's tt_dit/cache.yaml names, for one device (tp 1).
+    the converted tensors its rule in the family's tt_dit/cache.yaml names, laid out for one device
+    (tp 1: no head interleave, no bias padding).
     A parameter that is one file as it is loads as that file; a fused or repacked one is composed
     on the host from the files' exact values (concatenations and reshapes: nothing is rounded, so
     bfloat8_b weights stay the values the card would hold)."""
@@ -147,6 +153,42 @@ class TtDitView(Parameters):
         return self.ops.host_parameter(build(job, values, self.plan), dtypes.pop(), rule.layout)
 
 
+class MeshShards(Parameters):
+    """A tt_dit cache for a mesh: each file's per-device shards (ttnn.load_tensor, ttnn.dump_tensor's
+    LOCAL format) placed back at their mesh coordinates along the tensor axes its manifest entry's
+    mesh_axes names (tp, sp, fsdp: the parallel config's mesh axes), giving the whole tensor."""
+
+    def __init__(self, folder: Path, ops: Ops) -> None:
+        super().__init__(folder, ops)
+        plan = self.manifest["cache_style"]["parallel_config"]
+        sp_axis = plan["sequence_parallel"]["mesh_axis"]
+        self.axes = {None: None, "tp": plan["tensor_parallel"]["mesh_axis"], "sp": sp_axis,
+                     "fsdp": sp_axis if plan["is_fsdp"] else None}
+
+    def take(self, name: str, optional: bool = False) -> Tensor | None:
+        from vidport.converter.ttnn_support import import_ttnn
+
+        if name not in self.entries:
+            return super().take(name, optional)  # the same refusal
+        self.taken.add(name)
+        entry = self.entries[name]
+        ttnn = import_ttnn()
+        tensor = ttnn.load_tensor(str(self.folder / entry["file"]))
+        axes = [self.axes[a] for a in entry["mesh_axes"]]
+        total = np.zeros(entry["shape"], dtype=np.float32)
+        for coord, shard in zip(tensor.tensor_topology().mesh_coords(), ttnn.get_device_tensors(tensor)):
+            coord = tuple(coord)
+            wanted = (getattr(ttnn, entry["dtype"]), getattr(ttnn, f"{entry['layout']}_LAYOUT"))
+            if (shard.dtype, shard.layout) != wanted:
+                raise VidportError(f"{self.folder / entry['file']}: a {shard.dtype} {shard.layout} shard, the manifest "
+                                   f"says {entry['dtype']} {entry['layout']}")
+            local = entry["local_shape"]
+            index = tuple(slice(coord[a] * n, (coord[a] + 1) * n) if a is not None else slice(None)
+                          for a, n in zip(axes, local))
+            total[index] = ttnn.to_torch(shard).float().numpy()
+        return self.ops.host_parameter(total, entry["dtype"], entry["layout"])
+
+
 def load_model(folder: str | Path, ops: Ops | None = None) -> Module:
     """The family's TTNN model (its `targets.ttnn.runtime`) over the folder's converted tensors."""
     folder = Path(folder)
@@ -154,10 +196,12 @@ def load_model(folder: str | Path, ops: Ops | None = None) -> Module:
     if manifest["target"]["name"] != "ttnn":
         raise VidportError(f"{folder}: not a TTNN conversion", hint="convert with --target ttnn")
     model = runtime_class(folder, manifest)
-    params = Parameters(folder, ops or make_ops())
     style = (manifest.get("ttnn") or {}).get("cache_style", "as_tensor")
+    tt_dit = getattr(model, "parameter_layout", None) == "tt_dit"
+    sharded = tt_dit and style == "tt_dit" and _mesh(folder) != [1, 1]
+    params = MeshShards(folder, ops or make_ops()) if sharded else Parameters(folder, ops or make_ops())
     view = params
-    if getattr(model, "parameter_layout", None) == "tt_dit" and style != "tt_dit":
+    if tt_dit and style != "tt_dit":
         view = TtDitView(params, _tt_dit_layout(_family(folder, manifest)))
     try:
         built = model.from_config(manifest["config"], view)

@@ -2,11 +2,14 @@
 parameters: the names, fusions and layouts tt-metal's ``models/tt_dit`` Wan transformer loads
 (``attn1.to_qkv``, ``attn2.to_q`` + ``attn2.to_kv``, ``to_out``, ``ffn.ff1`` / ``ff2``, the
 ``norm2`` DistributedLayerNorm packing, ``patch_embedding.proj_weight``, float32 timestep path and
-modulation tables), on one device (mesh 1x1, where every file is the whole tensor).
+modulation tables). A cache for a mesh holds each tensor in per-device shards, laid out for its
+tensor-parallel factor tp (heads interleaved per device, row-parallel biases padded): the loader
+puts the shards back together (runtime/ttnn/loading.py) and this model undoes the tp layout where
+it reads a fused output, so one device runs what the mesh would.
 
 Written once: the host emulator and a device run the same code. Modules mirror diffusers' tree so
 verify compares layer by layer: a fused projection's parts are modules under diffusers' names
-(``attn1.to_q`` is the first third of ``to_qkv``'s output), and each module takes and returns the
+(``attn1.to_q`` is the q part of ``to_qkv``'s output), and each module takes and returns the
 reference's layouts. Precision follows tt_dit's transformer_wan.py / attention_wan.py: activations
 bfloat16; the timestep embedding, ``time_proj``, the modulation sums, RoPE tables, ``norm_out``
 and ``proj_out``'s output float32; the gates cast to bfloat16 before the gated residuals
@@ -47,6 +50,30 @@ def rope_tables(head_dim: int, grid: tuple[int, int, int], max_seq_len: int) -> 
     tokens = math.prod(grid)
     return (np.concatenate(cos, axis=-1).reshape(1, tokens, 1, head_dim),
             np.concatenate(sin, axis=-1).reshape(1, tokens, 1, head_dim))
+
+
+def tensor_parallel(params: Parameters) -> int:
+    """The tensor-parallel factor the folder's tt_dit parameters are laid out for (1: a one-device
+    cache, or another style's folder read through the tt_dit layout)."""
+    plan = (params.manifest.get("cache_style") or {}).get("parallel_config")
+    return int(plan["tensor_parallel"]["factor"]) if plan else 1
+
+
+def regroup(ops: Any, fused: Tensor, parts: int, tp: int) -> Tensor:
+    """A fused output laid out per tensor-parallel device ([.., tp, parts, n / tp]: tt_dit's
+    _interleave_heads, the time_proj regrouping) back in diffusers' order ([.., parts, n])."""
+    shape = ops.shape(fused)
+    lead, width = shape[:-1], shape[-1] // parts
+    x = ops.reshape(fused, (*lead, tp, parts, width // tp))
+    n = len(lead)
+    return ops.reshape(ops.permute(x, (*range(n), n + 1, n, n + 2)), (*lead, parts * width))
+
+
+def first_device_bias(ops: Any, linear: Linear, tp: int) -> Linear:
+    """tt_dit's RowParallelLinear: bias [1, out * tp], zeros after the first device's [1, out] (only
+    it adds the bias before the reduce-scatter); the model adds that part once."""
+    linear.bias = ops.split(linear.bias, tp)[0]
+    return linear
 
 
 def pair_rotation(head_dim: int) -> np.ndarray:
@@ -131,16 +158,29 @@ class TextProjection(Module):
         return self.linear_2(self.act_1(self.linear_1(caption)))
 
 
+class TimeProjection(Linear):
+    """time_proj, tt_dit's float32 RowParallelLinear: its 6 modulation groups regrouped per device
+    (columns [tp, 6, dim / tp]) and its bias padded to [1, 6 dim tp]; output in diffusers' order."""
+
+    def __init__(self, params: Parameters, prefix: str, tp: int) -> None:
+        super().__init__(params, prefix, dtype=F32)
+        self.tp = tp
+        first_device_bias(self.ops, self, tp)
+
+    def forward(self, input: Tensor) -> Tensor:  # noqa: A002
+        return regroup(self.ops, super().forward(input), 6, self.tp)
+
+
 class TimeTextEmbedding(Module):
     """diffusers' WanTimeTextImageEmbedding without the image branch (tt_dit's Wan has none):
     -> (temb [B, dim] or [B, tokens, dim], timestep_proj [.., 6 dim], text context, None)."""
 
-    def __init__(self, params: Parameters, prefix: str, freq_dim: int) -> None:
+    def __init__(self, params: Parameters, prefix: str, freq_dim: int, tp: int) -> None:
         self.ops = params.ops
         self.timesteps_proj = Timesteps(params, freq_dim)
         self.time_embedder = TimestepEmbedding(params, f"{prefix}.time_embedder")
         self.act_fn = SiLU(params, dtype=F32)
-        self.time_proj = Linear(params, f"{prefix}.time_proj", dtype=F32)
+        self.time_proj = TimeProjection(params, f"{prefix}.time_proj", tp)
         self.text_embedder = TextProjection(params, f"{prefix}.text_embedder")
 
     def forward(self, timestep: Any, encoder_hidden_states: Tensor, encoder_hidden_states_image: Any = None,
@@ -156,17 +196,18 @@ class TimeTextEmbedding(Module):
 
 
 class FusedPart(Module):
-    """One of a fused projection's parts under diffusers' name (attn1.to_q of tt_dit's to_qkv). On
-    one device (tp 1) tt_dit's head interleave leaves the fused output [q | k | v]. Called alone
+    """One of a fused projection's parts under diffusers' name (attn1.to_q of tt_dit's to_qkv), its
+    heads gathered from every tensor-parallel device's slice (`regroup`). Called alone
     (verify's check on the reference's inputs) it runs the fused linear and keeps its part; inside
     the attention the fused output's part is recorded under its name by `observe`."""
 
-    def __init__(self, fused: Linear, index: int, parts: int) -> None:
-        self.ops, self.index, self.parts = fused.ops, index, parts
+    def __init__(self, fused: Linear, index: int, parts: int, tp: int) -> None:
+        self.ops, self.index, self.parts, self.tp = fused.ops, index, parts, tp
         self.run_fused = fused.forward  # a bound method: the fused linear stays one module, not a child here
 
     def forward(self, input: Tensor) -> Tensor:  # noqa: A002
-        return self.ops.split(self.run_fused(input), self.parts)[self.index]
+        fused = regroup(self.ops, self.run_fused(input), self.parts, self.tp)
+        return self.ops.split(fused, self.parts)[self.index]
 
     def observe(self, output: Tensor) -> Tensor:
         """Tell the golden tap about this part as Module.__call__ tells it about a call."""
@@ -179,15 +220,15 @@ class WanAttention(Module):
     """Self-attention (fused to_qkv, RoPE) or cross-attention (to_q, fused to_kv) with RMS norms on
     q and k across all heads; diffusers' call and layouts ([B, tokens, dim])."""
 
-    def __init__(self, params: Parameters, prefix: str, heads: int, eps: float, cross: bool) -> None:
-        self.ops, self.heads = params.ops, heads
+    def __init__(self, params: Parameters, prefix: str, heads: int, eps: float, cross: bool, tp: int) -> None:
+        self.ops, self.heads, self.tp = params.ops, heads, tp
         if cross:
             self.to_q = Linear(params, f"{prefix}.to_q")
             self.to_kv = Linear(params, f"{prefix}.to_kv")
-            self.to_k, self.to_v = (FusedPart(self.to_kv, i, 2) for i in range(2))
+            self.to_k, self.to_v = (FusedPart(self.to_kv, i, 2, tp) for i in range(2))
         else:
             self.to_qkv = Linear(params, f"{prefix}.to_qkv")
-            self.to_q, self.to_k, self.to_v = (FusedPart(self.to_qkv, i, 3) for i in range(3))
+            self.to_q, self.to_k, self.to_v = (FusedPart(self.to_qkv, i, 3, tp) for i in range(3))
         self.norm_q = RMSNorm(params, f"{prefix}.norm_q", eps)
         self.norm_k = RMSNorm(params, f"{prefix}.norm_k", eps)
         self.to_out = [Linear(params, f"{prefix}.to_out"), Dropout()]  # tt_dit's to_out is diffusers' to_out.0
@@ -199,11 +240,11 @@ class WanAttention(Module):
         if attention_mask is not None:
             raise ValueError("Wan's attention takes no mask")
         if encoder_hidden_states is None:
-            parts = ops.split(self.to_qkv(hidden_states), 3)
+            parts = ops.split(regroup(ops, self.to_qkv(hidden_states), 3, self.tp), 3)
             q, k, v = (part.observe(x) for part, x in zip((self.to_q, self.to_k, self.to_v), parts))
         else:
             q = self.to_q(hidden_states)
-            kv = ops.split(self.to_kv(encoder_hidden_states), 2)
+            kv = ops.split(regroup(ops, self.to_kv(encoder_hidden_states), 2, self.tp), 2)
             k, v = (part.observe(x) for part, x in zip((self.to_k, self.to_v), kv))
         q, k = self.norm_q(q), self.norm_k(k)
         batch, length, dim = ops.shape(q)
@@ -234,10 +275,11 @@ class GELUProjection(Module):
 
 
 class FeedForward(Module):
-    """diffusers' FeedForward(activation_fn="gelu-approximate"): net.0.proj = ff1, net.2 = ff2."""
+    """diffusers' FeedForward(activation_fn="gelu-approximate"): net.0.proj = ff1, net.2 = ff2 (row-parallel)."""
 
-    def __init__(self, params: Parameters, prefix: str) -> None:
-        self.net = [GELUProjection(params, f"{prefix}.ff1"), Dropout(), Linear(params, f"{prefix}.ff2")]
+    def __init__(self, params: Parameters, prefix: str, tp: int) -> None:
+        self.net = [GELUProjection(params, f"{prefix}.ff1"), Dropout(),
+                    first_device_bias(params.ops, Linear(params, f"{prefix}.ff2"), tp)]
 
     def forward(self, hidden_states: Tensor) -> Tensor:
         for layer in self.net:
@@ -247,11 +289,13 @@ class FeedForward(Module):
 
 class PackedLayerNorm(LayerNorm):
     """norm2, tt_dit's DistributedLayerNorm: weight and bias stored [dim / (32 tp), 32 tp] ROW_MAJOR,
-    each device's channels as rows of 32; on one device (tp 1) the rows are the channels in order."""
+    row r holding channels [32 r, 32 r + 32) of each device's dim / tp in turn; unpacked to [1, dim]."""
 
-    def __init__(self, params: Parameters, prefix: str, eps: float) -> None:
+    def __init__(self, params: Parameters, prefix: str, eps: float, tp: int) -> None:
         super().__init__(params, prefix, eps)
-        self.weight, self.bias = (self.ops.reshape(t, (1, -1)) for t in (self.weight, self.bias))
+        ops = self.ops
+        self.weight, self.bias = (ops.reshape(ops.permute(ops.reshape(t, (-1, tp, 32)), (1, 0, 2)), (1, -1))
+                                  for t in (self.weight, self.bias))
 
 
 def _modulation(ops: Any, table: Tensor, temb: Tensor, parts: int) -> list[Tensor]:
@@ -266,13 +310,14 @@ def _modulation(ops: Any, table: Tensor, temb: Tensor, parts: int) -> list[Tenso
 
 
 class WanTransformerBlock(Module):
-    def __init__(self, params: Parameters, prefix: str, heads: int, eps: float, cross_attn_norm: bool) -> None:
+    def __init__(self, params: Parameters, prefix: str, heads: int, eps: float, cross_attn_norm: bool,
+                 tp: int) -> None:
         self.ops = params.ops
         self.norm1 = LayerNorm(params, None, eps)
-        self.attn1 = WanAttention(params, f"{prefix}.attn1", heads, eps, cross=False)
-        self.attn2 = WanAttention(params, f"{prefix}.attn2", heads, eps, cross=True)
-        self.norm2 = PackedLayerNorm(params, f"{prefix}.norm2", eps) if cross_attn_norm else None
-        self.ffn = FeedForward(params, f"{prefix}.ffn")
+        self.attn1 = WanAttention(params, f"{prefix}.attn1", heads, eps, cross=False, tp=tp)
+        self.attn2 = WanAttention(params, f"{prefix}.attn2", heads, eps, cross=True, tp=tp)
+        self.norm2 = PackedLayerNorm(params, f"{prefix}.norm2", eps, tp) if cross_attn_norm else None
+        self.ffn = FeedForward(params, f"{prefix}.ffn", tp)
         self.norm3 = LayerNorm(params, None, eps)
         self.scale_shift_table = params.take(f"{prefix}.scale_shift_table")  # [1, 1, 6, dim] float32
         self.float32_inputs = ("temb", "rotary_emb")
@@ -296,7 +341,7 @@ class WanTransformerBlock(Module):
 class WanTransformer3DModel(Module):
     """diffusers' call: (latents [B, C, F, H, W], timestep [B] or [B, tokens], text context
     [B, L, text_dim]) -> [B, out_channels, F, H, W]. Built from the folder's config and its tt_dit
-    parameters (`from_config`): a tt_dit cache for one device, or an as_tensor folder read through
+    parameters (`from_config`): a tt_dit cache for any mesh, or an as_tensor folder read through
     mappings/wan-dit/tt_dit/cache.yaml (runtime/ttnn/loading.py; how bfloat8_b weights are run, which
     the tt_dit style does not write)."""
 
@@ -311,8 +356,10 @@ class WanTransformer3DModel(Module):
         eps = config["eps"]
         self.rope = RotaryPosEmbed(params, head_dim, self.patch_size, config["rope_max_seq_len"])
         self.patch_embedding = PatchEmbedding(params, "patch_embedding", self.patch_size)
-        self.condition_embedder = TimeTextEmbedding(params, "condition_embedder", config["freq_dim"])
-        self.blocks = [WanTransformerBlock(params, f"blocks.{n}", heads, eps, config["cross_attn_norm"])
+        self.condition_embedder = TimeTextEmbedding(params, "condition_embedder", config["freq_dim"],
+                                                    tensor_parallel(params))
+        tp = tensor_parallel(params)
+        self.blocks = [WanTransformerBlock(params, f"blocks.{n}", heads, eps, config["cross_attn_norm"], tp)
                        for n in range(config["num_layers"])]
         self.norm_out = LayerNorm(params, None, eps, dtype=F32)
         self.proj_out = Linear(params, "proj_out", dtype=F32)
