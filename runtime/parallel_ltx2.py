@@ -6,8 +6,9 @@ run:
   unconditional, STG's perturbed pass on LTX-2.3, modality isolation's) are dealt round-robin to
   the ranks (2 up to as many as there are passes: the dev recipe on LTX-2.0 has 3, on LTX-2.3 4).
   Each rank runs its passes at batch 1, then one all_gather of every rank's predictions (video
-  and audio velocities; a rank with a pass fewer sends zeros in its place) and every rank combines
-  the guidance and steps the schedulers itself. In one process the CFG pair runs as one batch of
+  and audio velocities flattened into one row a pass; a rank with a pass fewer sends zeros in its
+  place: ceil(passes / N) x N x (video + audio latent values) a step) and every rank combines the
+  guidance and steps the schedulers itself. In one process the CFG pair runs as one batch of
   2, as diffusers does; the difference is rounding only.
 - tensor: each block's attention heads (video and audio self-attention, their text cross-
   attention, and the audio-to-video and video-to-audio attention, which run at the audio
@@ -123,12 +124,14 @@ class LTX2CfgPlan(_Parallel):
         slots = math.ceil(len(names) / n)
         own = [one(name) for name in names[world.rank::n]]
         mx.eval(own)  # this rank's own work: no wait on the others
-        own += [tuple(mx.zeros_like(x) for x in own[0])] * (slots - len(own))  # every rank sends as many
-        videos = mx.distributed.all_gather(mx.stack([v for v, _ in own]), group=world.group)
-        audios = mx.distributed.all_gather(mx.stack([a for _, a in own]), group=world.group)
-        world.evaluate(videos, audios, what="gathering the guidance passes")
+        video, audio = own[0]
+        flat = [mx.concatenate([v.reshape(-1), a.reshape(-1)]) for v, a in own]
+        flat += [mx.zeros_like(flat[0])] * (slots - len(flat))  # every rank sends as many
+        gathered = mx.distributed.all_gather(mx.stack(flat), group=world.group)  # [N * slots, video + audio]
+        world.evaluate(gathered, what="gathering the guidance passes")
         at = {name: (i % n) * slots + i // n for i, name in enumerate(names)}  # rank-major, then slot
-        return {name: (videos[at[name]], audios[at[name]]) for name in names}
+        return {name: (gathered[at[name], :video.size].reshape(video.shape),
+                       gathered[at[name], video.size:].reshape(audio.shape)) for name in names}
 
 
 class LTX2TensorPlan(_Parallel):
