@@ -548,7 +548,9 @@ def table(title: str, columns: list[str], rows: list[list[str]]) -> None:
             out.add_column(column, justify="left" if i == 0 else "right", no_wrap=i == 0)
         for row in rows:
             out.add_row(*row)
-        Console(width=max(shutil.get_terminal_size((170, 24)).columns, 170)).print(out)
+        # wide enough that no figure is cut short (headers may wrap, cells must not)
+        needed = sum(max(max((len(r[i]) for r in rows), default=0), min(len(c), 10)) + 3 for i, c in enumerate(columns))
+        Console(width=max(shutil.get_terminal_size((170, 24)).columns, 170, needed + 1)).print(out)
     except ImportError:
         widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
         print(title)
