@@ -130,6 +130,29 @@ def test_plan_on_four_ranks(folder, plan, tmp_path):
         assert report["cache_bytes"] * (4 if plan == "tensor" else 1) == alone["cache_bytes"]
 
 
+@pytest.mark.slow  # 5 more runs; CI runs it (make test under CI=true)
+def test_image_to_video_plans_equal_single_process(folder, tmp_path):
+    """i2v: the image's frame is written to the cache by a DiT call of its own (6 tokens, 3 a rank
+    under sequence) before the blocks follow it; both plans give the one-process run."""
+    from PIL import Image
+
+    image = tmp_path / "first.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 48, 3), dtype=np.uint8)).save(image)
+    i2v = ["--image", str(image), "--frames", "25"]
+    done = generate(folder, tmp_path / "one/", *i2v, "--set", f"dump_steps={tmp_path / 'one'}", task="i2v")
+    assert done.returncode == 0, done.stdout + done.stderr
+    for plan in ("tensor", "sequence"):
+        done = generate(folder, tmp_path / plan / "out/", *i2v, "--set", f"parallel={plan}",
+                        "--set", f"dump_steps={tmp_path / plan}", "--launch", ring(2), task="i2v")
+        assert done.returncode == 0, done.stdout + done.stderr
+        steps = sorted((tmp_path / "one").glob("step_*.npy"))
+        assert len(steps) == 6
+        for path in steps:
+            assert pcc(np.load(path), np.load(tmp_path / plan / path.name)) >= 0.99999, (plan, path.name)
+        frames = np.load(tmp_path / "one" / "frames.npy"), np.load(tmp_path / plan / "frames.npy")
+        assert frames[0].shape[0] == 25 and psnr(*frames) >= 60.0, plan
+
+
 @pytest.mark.slow  # a bfloat16 conversion and 3 more runs; CI runs it (make test under CI=true)
 def test_bfloat16_plans_equal_single_process(release, tmp_path):
     """A bfloat16 folder under each plan on 2 ranks against its one-process run, at the project's
