@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -83,7 +84,7 @@ RUNS = [  # (label, plan, processes, BLAS threads per process)
     ("tensor, 2 ranks", "tensor", 2, 1),
 ]
 PLANS = ("cfg", "sequence", "tensor")
-MACHINES = (2, 4, 8)
+MACHINES = (2, 3, 4, 8)  # 3: LTX-2's cfg plan only (one pass a rank)
 BF16, F32 = 2, 4
 
 
@@ -136,18 +137,20 @@ def wan_collectives(config: dict, tokens: int, text_tokens: int, plan: str, n: i
 
 
 def ltx2_collectives(config: dict, video: int, audio: int, text: int, plan: str, n: int, itemsize: int,
-                     passes: int = 2) -> list[Collective]:
-    """The Wan plans' schemes applied to LTX-2's blocks (no LTX-2 plan exists yet): cfg gathers
-    both streams' predictions; sequence splits the video tokens (the audio stream, 84 tokens for 81
-    frames, stays whole on every rank) and gathers K/V for video self-attention and, at the audio
-    heads' width, for video-to-audio attention; tensor sums the output of every attention and
-    feed-forward of both streams and the q/k RMS norms across heads."""
+                     passes: int = 3) -> list[Collective]:
+    """LTX-2's collectives of one step, as runtime.parallel_ltx2 issues them: cfg deals the passes
+    round-robin and gathers ceil(passes / N) rows of both streams' predictions from every rank;
+    tensor sums the output of every attention and feed-forward of both streams and the q/k RMS
+    norms across heads. Sequence is not built (the runtime refuses it); its row is the scheme
+    parallel_ltx2's doc describes: the video tokens split (the audio stream, 84 tokens for 81
+    frames, whole on every rank), K/V gathered for video self-attention and, at the audio heads'
+    width, for video-to-audio attention."""
     dim = config["num_attention_heads"] * config["attention_head_dim"]
     audio_dim = config["audio_num_attention_heads"] * config["audio_attention_head_dim"]
     layers = config["num_layers"]
     if plan == "cfg":
-        return [Collective("all_gather", video * config["out_channels"] + audio * config["audio_out_channels"],
-                           itemsize)]
+        values = video * config["out_channels"] + audio * config["audio_out_channels"]
+        return [Collective("all_gather", math.ceil(passes / n) * values, itemsize)]
     if plan == "sequence":
         share = video // n
         return [Collective("all_gather", share * dim, itemsize, 2 * layers * passes),
@@ -175,10 +178,12 @@ class Flops:
     outer_whole: float
 
     def per_rank(self, plan: str | None, n: int, passes: int = 2) -> float:
+        """FLOPs of one rank's share of a step of `passes` passes (cfg: the passes dealt round-robin)."""
+        one = self.block_tokens + self.block_whole + self.outer_tokens + self.outer_whole
         if plan is None:
-            return passes * (self.block_tokens + self.block_whole + self.outer_tokens + self.outer_whole)
+            return passes * one
         if plan == "cfg":
-            return self.block_tokens + self.block_whole + self.outer_tokens + self.outer_whole
+            return math.ceil(passes / n) * one
         if plan == "sequence":
             return passes * ((self.block_tokens + self.outer_tokens) / n + self.block_whole + self.outer_whole)
         return passes * ((self.block_tokens + self.block_whole) / n + self.outer_tokens + self.outer_whole)
@@ -553,6 +558,9 @@ TARGETS = {  # (frames, height, width) per size; LTX-2 needs multiples of 32: it
     "LTX-2 19B": {"480p": (81, 480, 832), "720p": (81, 704, 1280)},
 }
 LTX2_TEXT, WAN_TEXT, LTX2_FPS = 1024, 512, 24.0
+# passes a step: Wan's CFG pair; LTX-2.0's dev recipe: conditional, unconditional, modality-isolated
+# (runtime.pipelines.ltx2_denoise.pass_names; STG adds a fourth on LTX-2.3 only)
+WAN_PASSES, LTX2_PASSES = 2, 3
 
 
 def _ltx2_config() -> dict:
@@ -588,23 +596,24 @@ def target(model: str, size: str) -> dict:
         heads = {"num_attention_heads": WAN_14B["num_attention_heads"], "ffn_dim": WAN_14B["ffn_dim"]}
         flops = wan_flops(WAN_14B, tokens, WAN_TEXT)
         return {"tokens": tokens, "label": f"{width}x{height}, {frames} frames: {tokens} tokens", "flops": flops,
+                "passes": WAN_PASSES,
                 "divides": heads, "collectives": lambda plan, n: wan_collectives(WAN_14B, tokens, WAN_TEXT, plan, n,
                                                                                   BF16)}
     config = _ltx2_config()
     video = ((frames - 1) // 8 + 1) * (height // 32) * (width // 32)
     audio = round(frames / LTX2_FPS * 16000 / 160 / 4)  # runtime.pipelines.ltx2_latents.audio_latent_frames
     divides = {"num_attention_heads": config["num_attention_heads"],
-               "audio_num_attention_heads": config["audio_num_attention_heads"],
-               "ffn width": 4 * config["num_attention_heads"] * config["attention_head_dim"]}
+               "audio_num_attention_heads": config["audio_num_attention_heads"]}
     return {"tokens": video, "label": f"{width}x{height}, {frames} frames: {video} video + {audio} audio tokens",
-            "flops": ltx2_flops(config, video, audio, LTX2_TEXT), "divides": divides,
-            "collectives": lambda plan, n: ltx2_collectives(config, video, audio, LTX2_TEXT, plan, n, BF16)}
+            "flops": ltx2_flops(config, video, audio, LTX2_TEXT), "divides": divides, "passes": LTX2_PASSES,
+            "collectives": lambda plan, n: ltx2_collectives(config, video, audio, LTX2_TEXT, plan, n, BF16,
+                                                            LTX2_PASSES)}
 
 
 def refusal(plan: str, n: int, found: dict) -> str | None:
     """Why `plan` cannot run on `n` machines (the runtime's rules), or None."""
     if plan == "cfg":
-        return None if n == 2 else "cfg: 2 ranks only"
+        return None if n <= found["passes"] else f"cfg: {found['passes']} passes, {n} ranks"
     if plan == "sequence":
         return None if found["tokens"] % n == 0 else f"{found['tokens']} tokens do not split into {n}"
     bad = [k for k, v in found["divides"].items() if v % n]
@@ -619,7 +628,8 @@ def _bytes(value: float) -> str:
 def project(factors: dict[str, float], measured_rate: float, reference_tflops: float) -> list[dict]:
     """The projection table (see the module doc); its assumptions printed above it."""
     rate = reference_tflops * 1e12
-    print("\nProjection: one guided step (2 DiT passes: conditional + unconditional) on N machines, bfloat16")
+    print("\nProjection: one step on N machines, bfloat16: Wan's 2 DiT passes (conditional, unconditional), "
+          "LTX-2.0 dev's 3 (conditional, unconditional, modality-isolated)")
     print(f"  compute/rank: FLOPs per rank from shapes (linears, attention, patch embedding) / {reference_tflops:g} "
           "TFLOPS, x the plan factor measured above (" + ", ".join(f"{p} {f:.2f}" for p, f in factors.items())
           + f"). {reference_tflops:g} TFLOPS: half the peak of an M3 Ultra's 80-core GPU, taken as twice the 40-core "
@@ -633,34 +643,37 @@ def project(factors: dict[str, float], measured_rate: float, reference_tflops: f
           "per rank, pytorch/pytorch#189856), latency 10 us (JACCL: an order of magnitude below TCP, "
           "mlx/distributed/jaccl/lib/README.md)")
     print("  on the wire: activations bf16, the tensor plan's RMS-norm sums of squares f32. Text: Wan 512 tokens, "
-          "LTX-2 1024. LTX-2 has no plan yet: its rows apply the Wan plans' schemes (bench/distributed.py "
-          "ltx2_collectives; the 84-token soundtrack stays whole under sequence); LTX-2's full guidance (CFG + STG "
-          "+ modality) runs up to 4 passes a step, twice these times. cfg runs on 2 ranks only")
+          "LTX-2 1024 and an 84-token soundtrack. LTX-2's plans are runtime.parallel_ltx2's (cfg: the passes "
+          "dealt round-robin to 2-3 ranks; tensor); its sequence plan is not built: that row (sequence*) is the scheme its "
+          "doc describes (video tokens split, the soundtrack whole, video K/V gathered twice a block). The plan factors "
+          "are Wan's")
     rows, records = [], []
     for model in TARGETS:
         blocks, other = parameters(model)
         for size in TARGETS[model]:
             found = target(model, size)
             print(f"  {model} {size}: {found['label']}; {(blocks + other) / 1e9:.1f} B parameters")
-            single = found["flops"].per_rank(None, 1) / rate
+            passes = found["passes"]
+            single = found["flops"].per_rank(None, 1, passes) / rate
             rows.append([model, size, "1 machine", "1", f"{single:.1f}", "-", "-",
                          f"{(blocks + other) * BF16 / GB_:.1f}", "-", f"{single:.1f}", "1.00", "-", f"{single:.1f}",
                          "1.00"])
             records.append({"model": model, "size": size, "plan": None, "n": 1, "step_s": single})
             for plan in PLANS:
                 for n in MACHINES:
-                    if plan == "cfg" and n != 2:
+                    if (plan == "cfg" and n > found["passes"]) or (plan != "cfg" and n == 3):
                         continue
+                    label = f"{plan}*" if model.startswith("LTX") and plan == "sequence" else plan
                     why = refusal(plan, n, found)
                     if why:
-                        rows.append([model, size, plan, str(n), "-", "-", "-", "-", why, "", "", "", "", ""])
+                        rows.append([model, size, label, str(n), "-", "-", "-", "-", why, "", "", "", "", ""])
                         continue
-                    compute = found["flops"].per_rank(plan, n) / rate * factors[plan]
+                    compute = found["flops"].per_rank(plan, n, passes) / rate * factors[plan]
                     collectives = found["collectives"](plan, n)
                     sent = sum(c.sent(n) for c in collectives)
                     calls = sum(c.calls for c in collectives)
                     weights = (blocks / n + other if plan == "tensor" else blocks + other) * BF16
-                    row = [model, size, plan, str(n), f"{compute:.1f}", _bytes(sent), str(calls),
+                    row = [model, size, label, str(n), f"{compute:.1f}", _bytes(sent), str(calls),
                            f"{weights / GB_:.1f}"]
                     record = {"model": model, "size": size, "plan": plan, "n": n, "compute_s": compute,
                               "sent_bytes": sent, "collectives": calls, "weights_bytes": weights}
@@ -672,7 +685,7 @@ def project(factors: dict[str, float], measured_rate: float, reference_tflops: f
                     rows.append(row)
                     records.append(record)
     a, b = (link.name for link in LINKS)
-    common.table(f"Projected seconds per guided step, {reference_tflops:g} TFLOPS per machine",
+    common.table(f"Projected seconds per step, {reference_tflops:g} TFLOPS per machine",
                  ["model", "size", "plan", "N", "compute s", "sent/rank", "collectives", "weights GB",
                   f"{a} comm s", f"{a} step s", f"{a} speed-up", f"{b} comm s", f"{b} step s", f"{b} speed-up"], rows)
     print("  compute s: per rank; speed-up: the 1-machine step / this step; weights GB: bf16 parameters per rank "
