@@ -132,6 +132,19 @@ def test_cfg_on_three_ranks(folder, single, tmp_path):
     assert_same_run(single, tmp_path, 3)
 
 
+@pytest.mark.slow  # 3 more runs; CI runs it (make test under CI=true)
+def test_distilled_recipe_under_tensor(folder, tmp_path):
+    """The distilled recipe's two stages (half size, the latent upsampler, full size) under the
+    tensor plan: every step of both stages as one process runs them."""
+    distilled = ["--set", "recipe=distilled", "--width", "128", "--steps", "8"]
+    done = generate(folder, tmp_path / "one" / "out.mp4", *distilled, "--set", f"dump_steps={tmp_path / 'one'}")
+    assert done.returncode == 0, done.stdout + done.stderr
+    done = generate(folder, tmp_path / "two" / "out.mp4", *distilled, "--set", "parallel=tensor",
+                    "--set", f"dump_steps={tmp_path / 'two'}", "--launch", ring(2))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert_same_run(tmp_path / "one", tmp_path / "two", 8 + 3)
+
+
 @pytest.mark.slow  # 4 more processes on a 2-core machine; CI runs it (make test under CI=true)
 def test_tensor_on_four_ranks(folder, single, tmp_path):
     """2 of 8 video and audio heads on each of 4 ranks: the same run, a quarter of the blocks each."""

@@ -130,6 +130,28 @@ def test_plan_on_four_ranks(folder, plan, tmp_path):
         assert report["cache_bytes"] * (4 if plan == "tensor" else 1) == alone["cache_bytes"]
 
 
+@pytest.mark.slow  # 3 more runs; CI runs it (make test under CI=true)
+def test_rolling_cache_plans_equal_single_process(folder, tmp_path):
+    """A rolling cache (a 6-frame window with 3 sink frames over 4 blocks: frames are evicted) under
+    both plans: the same run as one process, the cache as the plan divides it."""
+    rolling = ["--frames", str(1 + 4 * (3 * 4 - 1)), "--set", "local_attn_size=6", "--set", "sink_size=3"]
+    done = generate(folder, tmp_path / "one/", *rolling, "--set", f"dump_steps={tmp_path / 'one'}")
+    assert done.returncode == 0, done.stdout + done.stderr
+    alone = json.loads((tmp_path / "one" / "rank0_weights.json").read_text())["cache_bytes"]
+    for plan in ("tensor", "sequence"):
+        done = generate(folder, tmp_path / plan / "out/", *rolling, "--set", f"parallel={plan}",
+                        "--set", f"dump_steps={tmp_path / plan}", "--launch", ring(2))
+        assert done.returncode == 0, done.stdout + done.stderr
+        steps = sorted((tmp_path / "one").glob("step_*.npy"))
+        assert len(steps) == 4 * 3
+        for path in steps:
+            assert pcc(np.load(path), np.load(tmp_path / plan / path.name)) >= 0.99999, (plan, path.name)
+        frames = np.load(tmp_path / "one" / "frames.npy"), np.load(tmp_path / plan / "frames.npy")
+        assert psnr(*frames) >= 60.0, plan
+        cache = json.loads((tmp_path / plan / "rank1_weights.json").read_text())["cache_bytes"]
+        assert cache * (2 if plan == "tensor" else 1) == alone, plan
+
+
 @pytest.mark.slow  # 5 more runs; CI runs it (make test under CI=true)
 def test_image_to_video_plans_equal_single_process(folder, tmp_path):
     """i2v: the image's frame is written to the cache by a DiT call of its own (6 tokens, 3 a rank
