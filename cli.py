@@ -501,7 +501,9 @@ def generate(
                                                         "or PNG frames), to watch while later frames are generated; removed if the run fails."),
     low_memory: bool = typer.Option(False, "--low-memory", help="LTX-2: stream the DiT's blocks from disk, one at a time (slower; for models larger than RAM)."),
     set_: list[str] = typer.Option([], "--set", help="A pipeline-specific setting, KEY=VALUE (e.g. Wan: --set max_sequence_length=256; "
-                                                     "LTX-2: --set recipe=distilled; Wan on several processes: --set parallel=cfg|sequence|tensor)."),
+                                                     "LTX-2: --set recipe=distilled; on several processes: --set parallel=cfg|sequence|tensor "
+                                                     "(Wan: all three; LTX-2: cfg, tensor; Self-Forcing: sequence, tensor); "
+                                                     "Wan: --set vae_tiling=true splits the decode's tiles across the ranks)."),
     launch: Optional[str] = typer.Option(None, "--launch", help='Run on several processes through mlx.launch with these arguments, e.g. '
                                                                 '--launch "-n 2 --backend ring" (with --set parallel=PLAN); rank 0 writes --out.'),
 ) -> None:
@@ -549,7 +551,7 @@ def generate(
             extra={**{k: v for k, v in flags.items() if v is not None}, **parse_overrides(set_)}))
         if world().size > 1 and "parallel" not in pipe.settings(request.task):
             raise VidportError(f"the {pipe.name} pipeline has no parallel plans: under mlx.launch every rank would "
-                               "repeat the whole run", hint="run it as one process (Wan has --set parallel=...)")
+                               "repeat the whole run", hint="run it as one process (Wan, LTX-2 and Self-Forcing have --set parallel=...)")
         checked = True
         if wav and not request.extra.get("audio"):
             raise VidportError("--wav: this run makes no soundtrack", hint="drop --wav, or use an LTX-2 folder with audio")

@@ -28,7 +28,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from vidport.converter.core.errors import VidportError, closest
 
@@ -46,6 +46,7 @@ class Watchdog:
         self.rank = rank
         self.timeout = timeout
         self._deadline: tuple[float, str] | None = None
+        self._cleanups: list[Callable[[], None]] = []
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
@@ -62,6 +63,16 @@ class Watchdog:
             with self._lock:
                 self._deadline = None
 
+    @contextmanager
+    def cleanup(self, action: Callable[[], None]) -> Iterator[None]:
+        """Run `action` (remove a partial output) if the deadline passes inside the block: the
+        process then ends with os._exit, which runs no `finally` or `with` exit of the main thread."""
+        self._cleanups.append(action)
+        try:
+            yield
+        finally:
+            self._cleanups.remove(action)
+
     def _watch(self) -> None:
         while True:
             time.sleep(min(1.0, self.timeout / 4))
@@ -72,6 +83,11 @@ class Watchdog:
                 sys.stderr.write(f"error: rank {self.rank}: no answer from the other ranks within {self.timeout:g} s "
                                  f"({what}): a rank died, hangs or cannot be reached; stopping\n")
                 sys.stderr.flush()
+                for action in list(self._cleanups):
+                    try:
+                        action()
+                    except Exception as err:  # the exit goes ahead: say what was left behind
+                        sys.stderr.write(f"rank {self.rank}: cleanup failed: {err}\n")
                 os._exit(1)
 
 

@@ -325,3 +325,28 @@ def test_plan_names():
     assert parse_plan("tensor") == "tensor" and parse_plan(None) is None and parse_plan("none") is None
     with pytest.raises(VidportError, match="did you mean tensor"):
         parse_plan("tensr")
+
+
+def test_watchdog_runs_cleanups_before_it_exits(tmp_path):
+    """A rank that gives up on a hung peer ends with os._exit (its main thread is stuck in a
+    collective), so no `with` exit runs: a partial output registered with `cleanup` is removed by
+    the watchdog itself; one whose block has ended is not."""
+    partial, finished = tmp_path / "video.mp4", tmp_path / "done.mp4"
+    script = f"""
+import time
+from pathlib import Path
+from vidport.runtime.distributed import Watchdog
+watchdog = Watchdog(0, timeout=0.5)
+partial, finished = Path({str(partial)!r}), Path({str(finished)!r})
+finished.write_bytes(b"kept")
+with watchdog.cleanup(finished.unlink):
+    pass
+partial.write_bytes(b"half a video")
+with watchdog.cleanup(partial.unlink), watchdog.guard("step 3"):
+    time.sleep(30)
+"""
+    began = time.monotonic()
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 1 and time.monotonic() - began < 20
+    assert "no answer from the other ranks within 0.5 s (step 3)" in run.stderr
+    assert not partial.exists() and finished.read_bytes() == b"kept"

@@ -303,7 +303,8 @@ class SelfForcingPipeline(WanPipeline):
             stats_out.setdefault("first frame seconds", time.perf_counter() - began)
 
         writing = request.writer(None, None) if request.writer and decode_here else nullcontext()
-        with stop_as_error(ranks), writing as writer:
+        with stop_as_error(ranks), writing as writer, \
+                ranks.watchdog.cleanup(writer.abort if writer is not None else lambda: None):
             if request.task == "i2v":
                 image = self._first_frame(request, stats, dtype, model, context, cache)
                 outputs.append(image)
