@@ -19,13 +19,12 @@ output times (tile / stride)^2 overall, about 1.8x at diffusers' 256/192; the ot
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 
 from vidport.converter.core.errors import VidportError
-from vidport.runtime.wan_vae_tiling import Tiling, _blend
+from vidport.runtime.wan_vae_tiling import Tiling, TileGrid, blend_tiles, tile_sizes
 
 if TYPE_CHECKING:
     from vidport.runtime.distributed import World
@@ -54,42 +53,6 @@ def parse_tiling(value: Any, spatial: int) -> Tiling | None:
         raise VidportError(f"--set vae_tiling={value}: a stride longer than the tile would leave gaps between tiles",
                            hint="give a stride at most the tile size")
     return tiling
-
-
-@dataclass(frozen=True)
-class TileGrid:
-    """The tiles `tiled_decode` cuts a (h, w) latent frame into, as latent (top, left) corners."""
-
-    rows: tuple[int, ...]
-    columns: tuple[int, ...]
-    tile: tuple[int, int]  # latent pixels
-    tiled: bool  # False: the frame fits one tile and tiled_decode is not used (AutoencoderKLWan.decode)
-
-    @classmethod
-    def of(cls, height: int, width: int, tiling: Tiling, spatial: int) -> "TileGrid":
-        tile_h, tile_w = tiling.min_height // spatial, tiling.min_width // spatial
-        rows = tuple(range(0, height, tiling.stride_height // spatial))
-        columns = tuple(range(0, width, tiling.stride_width // spatial))
-        return cls(rows, columns, (tile_h, tile_w), height > tile_h or width > tile_w)
-
-    @property
-    def count(self) -> int:
-        return len(self.rows) * len(self.columns)
-
-    def corners(self) -> list[tuple[int, int]]:
-        """Row-major, the order tiled_decode decodes and blends in."""
-        return [(top, left) for top in self.rows for left in self.columns]
-
-    def describe(self, tiling: Tiling, ranks: int) -> str:
-        """The decode's part of the plan line."""
-        size = (f"{tiling.min_height} px every {tiling.stride_height}" if tiling.min_height == tiling.min_width
-                and tiling.stride_height == tiling.stride_width else
-                f"{tiling.min_height}x{tiling.min_width} px every {tiling.stride_height}x{tiling.stride_width}")
-        if not self.tiled:
-            return f"decode: rank 0 alone, the frame fits one tile of {size}"
-        most = -(-self.count // ranks)
-        return (f"decode: {self.count} tiles ({len(self.rows)}x{len(self.columns)} of {size}) over {ranks} ranks, "
-                f"up to {most} a rank, blended on rank 0")
 
 
 def _decoded_shape(vae: "AutoencoderKLWan", latents: mx.array, tile: tuple[int, int]) -> tuple[int, ...]:
@@ -141,19 +104,5 @@ def split_tiled_decode(vae: "AutoencoderKLWan", latents: mx.array, tiling: Tilin
             tile_h = min(grid.tile[0], height - top) * up
             tile_w = min(grid.tile[1], width - left) * up
             rows[i].append(decoded[i * len(grid.columns) + j][:, :, :tile_h, :tile_w])
-    return _blend_rows(rows, tiling, patch, height * up, width * up)
+    return blend_tiles(rows, *tile_sizes(tiling, patch), (height * up, width * up))
 
-
-def _blend_rows(rows: list[list[mx.array]], tiling: Tiling, patch: int, height: int, width: int) -> mx.array:
-    """tiled_decode's blend, on the decoded tiles: each tile fades in from the one above and the
-    one to its left, keeps a stride of itself, and the kept parts are joined."""
-    keep_h, keep_w = tiling.stride_height // patch, tiling.stride_width // patch
-    blend_h, blend_w = tiling.min_height // patch - keep_h, tiling.min_width // patch - keep_w
-    for i, row in enumerate(rows):
-        for j in range(len(row)):
-            if i > 0:
-                row[j] = _blend(rows[i - 1][j], row[j], blend_h, axis=2)
-            if j > 0:
-                row[j] = _blend(row[j - 1], row[j], blend_w, axis=3)
-    bands = [mx.concatenate([tile[:, :, :keep_h, :keep_w] for tile in row], axis=3) for row in rows]
-    return mx.concatenate(bands, axis=2)[:, :, :height, :width]

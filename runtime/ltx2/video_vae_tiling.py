@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Iterator
 
 import mlx.core as mx
 
-from vidport.runtime.wan_vae_tiling import _blend
+from vidport.runtime.wan_vae_tiling import blend_edge, blend_tiles
 
 if TYPE_CHECKING:
     from vidport.runtime.ltx2.video_vae import AutoencoderKLLTX2Video
@@ -83,15 +83,9 @@ def _spatial(model: "AutoencoderKLLTX2Video", z: mx.array, temb: mx.array | None
             row.append(model.decoder(z[:, :, top:top + tile_h, left:left + tile_w], temb, causal=causal))
             mx.eval(row[-1])
         rows.append(row)
-    blend_h, blend_w = tiling.min_height - tiling.stride_height, tiling.min_width - tiling.stride_width
-    for i, row in enumerate(rows):  # each blend reads its neighbours as already blended, as diffusers' in-place one
-        for j in range(len(row)):
-            if i > 0:
-                row[j] = _blend(rows[i - 1][j], row[j], blend_h, axis=2)
-            if j > 0:
-                row[j] = _blend(row[j - 1], row[j], blend_w, axis=3)
-    bands = [mx.concatenate([t[:, :, :tiling.stride_height, :tiling.stride_width] for t in row], axis=3) for row in rows]
-    return mx.concatenate(bands, axis=2)[:, :, : height * ratio, : width * ratio]
+    keep = (tiling.stride_height, tiling.stride_width)
+    overlap = (tiling.min_height - tiling.stride_height, tiling.min_width - tiling.stride_width)
+    return blend_tiles(rows, keep, overlap, (height * ratio, width * ratio))
 
 
 def _temporal(model: "AutoencoderKLLTX2Video", z: mx.array, temb: mx.array | None, causal: bool | None,
@@ -109,7 +103,7 @@ def _temporal(model: "AutoencoderKLLTX2Video", z: mx.array, temb: mx.array | Non
     for start in range(0, frames, step):
         decoded = _run(model, z[:, start:start + run + 1], temb, causal, tiling)
         if previous is not None:  # diffusers drops a later run's last frame
-            decoded = _blend(previous, decoded[:, :-1], blend, axis=1)
+            decoded = blend_edge(previous, decoded[:, :-1], blend, axis=1)
         chunk = decoded[:, : min(tiling.stride_num_frames + (1 if previous is None else 0), left)]
         previous = decoded[:, decoded.shape[1] - min(blend, decoded.shape[1]):]
         mx.eval(chunk, previous)

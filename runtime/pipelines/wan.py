@@ -27,7 +27,8 @@ import mlx.core as mx
 import numpy as np
 
 from vidport.converter.core.errors import VidportError
-from vidport.runtime.parallel_vae import TileGrid, parse_tiling, split_tiled_decode
+from vidport.runtime.parallel_vae import parse_tiling, split_tiled_decode
+from vidport.runtime.wan_vae_tiling import TileGrid
 from vidport.runtime.parallel_wan import WanPlan, weight_report
 from vidport.runtime.pipelines.folder import PipelineFolder
 from vidport.runtime.pipelines.protocol import DecodeCallback, Generation, Pipeline, Request, Step, StepCallback
