@@ -28,10 +28,10 @@ dim 1536, 12 heads x 128, 30 layers, FFN 8960, text dim 4096):
   the formula from shapes (`wan_collectives`) that the projection uses.
 
 Processes: 1 process with 2 BLAS threads (this machine's two cores) and with 1 thread (the resources
-of one rank), and each plan on 2 ranks of 1 thread each (`mlx.launch -n 2 --backend ring
---starting-port P` through `runtime.distributed.launch`, P a free port: another ring job on this
-machine would otherwise share mlx.launch's default ports and cross ours). Other work shares this
-machine: the load average is printed with every run.
+of one rank), and each plan on 2 ranks of 1 thread each over the ring backend on free local ports,
+each rank given the environment `mlx.launch -n 2 --backend ring` gives it, but started by the bench:
+mlx.launch 0.32.4 keeps most of a core busy while its ranks run (see `launch_run`). Other work
+shares this machine: the load average is printed with every run.
 
 The projection (printed with its assumptions): per-rank FLOPs from shapes (linears, attention,
 patch embedding; elementwise work left out) at a reference machine's achieved FLOP rate, times
@@ -298,9 +298,9 @@ def _timed(step: Callable[[], None], collectives: Collectives, world: Any, repea
 
 
 def rank_main(plan: str | None, size: str, layers: int, repeat: int, out: Path, count_only: bool) -> None:
-    """One process of a run: build, warm up, time `repeat` steps with the collectives real and
-    `repeat` with them local (and the same without the blocks, when some were left out), write
-    this rank's JSON into `out`."""
+    """One process of a run: build, run the counted warm-up step, time `repeat` rounds of a real and
+    a local step (and the same without the blocks, when some were left out), write this rank's JSON
+    into `out`."""
     load_start = os.getloadavg()
     common.start_mlx()
     import mlx.core as mx
@@ -359,8 +359,8 @@ def rank_main(plan: str | None, size: str, layers: int, repeat: int, out: Path, 
 
 
 def free_ports(count: int) -> int:
-    """A first port with `count` consecutive free ones after it: mlx.launch's ring listens on
-    32323 and up unless told, and another ring job on this machine (a test) would cross ours."""
+    """A first port with `count` consecutive free ones after it (mlx.launch's ring listens on 32323
+    and up unless told: another ring job on this machine, a test, would cross ours there)."""
     import random
     import socket
 
@@ -378,31 +378,40 @@ def free_ports(count: int) -> int:
 
 def launch_run(plan: str | None, processes: int, threads: int, size: str, layers: int, repeat: int,
                count_only: bool = False) -> list[dict]:
-    """One run (1 process, or `processes` ranks under mlx.launch --backend ring); each rank's report."""
-    from vidport.runtime.distributed import launch
-
+    """One run: 1 process, or `processes` ranks of the ring backend on this machine, each given the
+    environment `mlx.launch -n N --backend ring` gives it (MLX_RANK, MLX_HOSTFILE) but started here:
+    mlx.launch 0.32.4 itself keeps most of a core busy while its ranks run (each rank's relay thread
+    select()s on the rank's stdin pipe, always writable, so it never sleeps; measured: 36 s of CPU
+    in a 45 s run), which on this 2-core machine would be taken from the ranks. Each rank's report."""
     with tempfile.TemporaryDirectory(prefix="vidport-bench-distributed-") as folder:
         argv = ["--rank-worker", "--plan", plan or "none", "--size", size, "--layers", str(layers),
                 "--repeat", str(repeat), "--out", folder] + (["--count-only"] if count_only else [])
         env = {**os.environ, "OPENBLAS_NUM_THREADS": str(threads)}
-        if processes == 1:
-            done = subprocess.run([sys.executable, __file__, *argv], cwd=common.ROOT, env=env, capture_output=True,
-                                  text=True)
-            status, log = done.returncode, done.stderr
-        else:
-            saved = os.environ.get("OPENBLAS_NUM_THREADS")
-            os.environ["OPENBLAS_NUM_THREADS"] = str(threads)  # mlx.launch passes this environment on
-            try:
-                ring = f"-n {processes} --backend ring --starting-port {free_ports(processes)}"
-                status, log = launch(ring, argv, __file__), ""
-            finally:
-                if saved is None:
-                    os.environ.pop("OPENBLAS_NUM_THREADS")
-                else:
-                    os.environ["OPENBLAS_NUM_THREADS"] = saved
+        if processes > 1:
+            hosts = Path(folder) / "hosts.json"
+            base = free_ports(processes)
+            hosts.write_text(json.dumps([[f"127.0.0.1:{base + rank}"] for rank in range(processes)]))
+            env["MLX_HOSTFILE"] = str(hosts)
+        logs = [tempfile.TemporaryFile(mode="w+") for _ in range(processes)]
+        ranks = [subprocess.Popen([sys.executable, __file__, *argv], cwd=common.ROOT, stdin=subprocess.DEVNULL,
+                                  stdout=log, stderr=log,
+                                  env={**env, "MLX_RANK": str(rank)} if processes > 1 else env)
+                 for rank, log in enumerate(logs)]
+        try:
+            while any(r.poll() is None for r in ranks) and all(r.poll() in (None, 0) for r in ranks):
+                time.sleep(0.5)
+        finally:
+            for r in ranks:  # one rank failed: the others would wait on it (until the watchdog)
+                if r.poll() is None:
+                    r.kill()
+                r.wait()
         reports = [json.loads(p.read_text()) for p in sorted(Path(folder).glob("rank*.json"))]
-        if status != 0 or len(reports) != processes:
-            raise RuntimeError(f"run plan={plan} on {processes} process(es) failed (status {status}):\n{log[-4000:]}")
+        failed = [rank for rank, r in enumerate(ranks) if r.returncode != 0]
+        if failed or len(reports) != processes:
+            log = logs[failed[0] if failed else 0]
+            log.seek(0)
+            raise RuntimeError(f"run plan={plan} on {processes} process(es) failed (ranks {failed}):\n"
+                               f"{log.read()[-4000:]}")
         return reports
 
 
