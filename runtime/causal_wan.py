@@ -29,6 +29,26 @@ from vidport.runtime.wan_dit import WanTransformer3DModel
 from vidport.runtime.wan_rope import WanRotaryPosEmbed
 
 
+class AllTokens:
+    """Every token of a block, in this process: what one process runs. The sequence-parallel plan
+    (runtime.parallel_causal_wan.RankTokens) keeps this rank's share of the tokens, gathers the
+    keys, values and output of every rank, and bounds each block's wait on the others."""
+
+    def part(self, x: mx.array, axis: int) -> mx.array:
+        """This process's tokens of `x` (tokens along `axis`)."""
+        return x
+
+    def gather(self, x: mx.array, axis: int) -> mx.array:
+        """Every process's tokens of `x`, in token order."""
+        return x
+
+    def settle(self, *arrays: Any, what: str) -> None:
+        """Evaluate what waits on other processes (nothing does here: the graph stays lazy)."""
+
+
+ALL_TOKENS = AllTokens()
+
+
 def block_rotary(rope: WanRotaryPosEmbed, grid: tuple[int, int, int], start_frame: int) -> tuple[mx.array, mx.array]:
     """The RoPE tables of a block's post-patch grid, its frames at positions start_frame, ..."""
     cos, sin = rope.tables(*grid, start_frame=start_frame)
@@ -59,14 +79,15 @@ class CausalWanTransformer(WanTransformer3DModel):
 
     def __call__(self, latents: mx.array, timestep: Any, context: mx.array | None, cache: CausalWanCache,
                  start_frame: int | None = None, *, image_context: mx.array | None = None,
-                 write: bool = False) -> mx.array:
+                 write: bool = False, tokens: AllTokens = ALL_TOKENS) -> mx.array:
         """One block: latents [B, F, H, W, C] channels-last (F latent frames), timestep [B, F] or
         [F] (one per frame), text context [B, 512, text_dim] -> the prediction [B, F, H, W, out].
 
         `context` (and `image_context`, CLIP tokens for an I2V checkpoint) is read on the first
         call with an empty cache and its keys/values cached; later calls reuse them (pass None
         or the same prompt). `start_frame` is the block's first frame in the video, which must be
-        `cache.frames` (default). With `write`, the block's keys and values join the cache."""
+        `cache.frames` (default). With `write`, the block's keys and values join the cache.
+        `tokens`: which of the block's tokens this process computes (all, unless split across ranks)."""
         batch, frames, height, width, _ = latents.shape
         grid = self.rope.grid(frames, height, width)
         frame_tokens = grid[1] * grid[2]
@@ -77,15 +98,17 @@ class CausalWanTransformer(WanTransformer3DModel):
                 raise ValueError("the first call with a cache needs the text context")
             cache.cross, cache.dtype = self._cross_keys_values(context, image_context), context.dtype
         temb, modulation = self._frame_embedding(timestep, batch, frames, frame_tokens, cache.dtype)
-        rotary = block_rotary(self.rope, grid, start)
+        temb, modulation = tokens.part(temb, 1), tokens.part(modulation, 1)
+        rotary = tuple(tokens.part(table, 0) for table in block_rotary(self.rope, grid, start))
         x = self.patch_embedding(latents)
-        x = x.reshape(batch, -1, x.shape[-1])  # tokens in (frame, row, column) order
+        x = tokens.part(x.reshape(batch, -1, x.shape[-1]), 1)  # tokens in (frame, row, column) order
 
         past = cache.visible(frames)
         written: list[tuple[mx.array, mx.array]] = []
         for layer, block in enumerate(self.blocks):
             def self_attention(norm: mx.array, attn=block.attn1, layer=layer) -> mx.array:
                 k, v, _ = attn.keys_values(norm, rotary)
+                k, v = tokens.gather(k, 1), tokens.gather(v, 1)
                 written.append((k, v))
                 if past is not None:
                     k = mx.concatenate([past[layer][0], k], axis=1)
@@ -96,8 +119,9 @@ class CausalWanTransformer(WanTransformer3DModel):
                 return attn.output(attn.queries(norm), cache.cross[layer])
 
             x = block.around(x, modulation, self_attention, cross_attention)
+            tokens.settle(x, written[-1], what=f"DiT block {layer}")
 
-        out = self.unpatchify(self.head(x, temb), grid)
+        out = self.unpatchify(tokens.gather(self.head(x, temb), 1), grid)
         if write:
             mx.eval(out, written)
             cache.write(written, frames, frame_tokens)

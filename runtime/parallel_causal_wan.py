@@ -30,7 +30,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from vidport.converter.core.errors import VidportError
-from vidport.runtime.causal_wan import CausalWanTransformer, block_rotary
+from vidport.runtime.causal_wan import AllTokens, CausalWanTransformer
 from vidport.runtime.causal_wan_cache import CausalWanCache
 from vidport.runtime.distributed import World
 from vidport.runtime.parallel_wan import shard_block
@@ -164,60 +164,31 @@ class GuardedCausalBlock(nn.Module):
         return out
 
 
+class RankTokens(AllTokens):
+    """This rank's contiguous share of a block's tokens (see the module doc)."""
+
+    def __init__(self, world: World):
+        self._world = world
+
+    def part(self, x: mx.array, axis: int) -> mx.array:
+        share = x.shape[axis] // self._world.size
+        return x[(slice(None),) * axis + (slice(self._world.rank * share, (self._world.rank + 1) * share),)]
+
+    def gather(self, x: mx.array, axis: int) -> mx.array:
+        """[.., tokens / N, ..] on every rank -> [.., tokens, ..] in rank order."""
+        return mx.distributed.all_gather(x.swapaxes(0, axis), group=self._world.group).swapaxes(0, axis)
+
+    def settle(self, *arrays: Any, what: str) -> None:
+        self._world.evaluate(*arrays, what=what)
+
+
 class SequenceParallelCausalWan(nn.Module):
-    """CausalWanTransformer's block forward with this rank's share of the block's tokens (see the
-    module doc); the same call."""
+    """CausalWanTransformer's block forward with this rank's share of the block's tokens; the same call."""
 
     def __init__(self, dit: CausalWanTransformer, world: World):
         super().__init__()
         self.dit = dit
-        self._world = world
+        self._tokens = RankTokens(world)
 
-    def _gather_tokens(self, x: mx.array) -> mx.array:
-        """[batch, tokens / N, ...] on every rank -> [batch, tokens, ...] in rank order."""
-        return mx.distributed.all_gather(x.swapaxes(0, 1), group=self._world.group).swapaxes(0, 1)
-
-    def __call__(self, latents: mx.array, timestep: Any, context: mx.array | None, cache: CausalWanCache,
-                 start_frame: int | None = None, *, image_context: mx.array | None = None,
-                 write: bool = False) -> mx.array:
-        dit, world = self.dit, self._world
-        batch, frames, height, width, _ = latents.shape
-        grid = dit.rope.grid(frames, height, width)
-        frame_tokens = grid[1] * grid[2]
-        start = cache.frames if start_frame is None else start_frame
-        cache.check_block(start, frames, frame_tokens)
-        if cache.cross is None:
-            if context is None:
-                raise ValueError("the first call with a cache needs the text context")
-            cache.cross, cache.dtype = dit._cross_keys_values(context, image_context), context.dtype
-        temb, modulation = dit._frame_embedding(timestep, batch, frames, frame_tokens, cache.dtype)
-        cos, sin = block_rotary(dit.rope, grid, start)
-        x = dit.patch_embedding(latents)
-        x = x.reshape(batch, -1, x.shape[-1])
-        share = x.shape[1] // world.size
-        own = slice(world.rank * share, (world.rank + 1) * share)
-        x, temb, modulation, rotary = x[:, own], temb[:, own], modulation[:, own], (cos[own], sin[own])
-
-        past = cache.visible(frames)
-        written: list[tuple[mx.array, mx.array]] = []
-        for layer, block in enumerate(dit.blocks):
-            def self_attention(norm: mx.array, attn=block.attn1, layer=layer) -> mx.array:
-                k, v, _ = attn.keys_values(norm, rotary)
-                k, v = self._gather_tokens(k), self._gather_tokens(v)
-                written.append((k, v))
-                if past is not None:
-                    k = mx.concatenate([past[layer][0], k], axis=1)
-                    v = mx.concatenate([past[layer][1], v], axis=1)
-                return attn.output(attn.queries(norm, rotary), (k, v, None))
-
-            def cross_attention(norm: mx.array, attn=block.attn2, layer=layer) -> mx.array:
-                return attn.output(attn.queries(norm), cache.cross[layer])
-
-            x = block.around(x, modulation, self_attention, cross_attention)
-            world.evaluate(x, written[-1], what=f"DiT block {layer}")
-
-        out = dit.unpatchify(self._gather_tokens(dit.head(x, temb)), grid)
-        if write:
-            mx.eval(out, written)
-            cache.write(written, frames, frame_tokens)
-        return out
+    def __call__(self, *args: Any, **kwargs: Any) -> mx.array:
+        return self.dit(*args, **kwargs, tokens=self._tokens)
