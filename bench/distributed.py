@@ -1,7 +1,7 @@
 """The Wan DiT across processes (issue 15): one denoising step under each parallel plan (cfg,
 sequence, tensor; runtime.parallel_wan) on 2 processes over MLX's ring backend against 1 process,
 with every collective counted, then the step time of Wan 14B and LTX-2 19B on 2, 4 and 8 machines
-projected from what was measured.
+(and 3 for LTX-2's cfg) over 10 GbE and Thunderbolt 5, projected from what was measured.
 
 What is measured (this machine, float32, random weights, the real Wan 2.1 T2V 1.3B configuration:
 dim 1536, 12 heads x 128, 30 layers, FFN 8960, text dim 4096):
@@ -17,8 +17,8 @@ dim 1536, 12 heads x 128, 30 layers, FFN 8960, text dim 4096):
 - each rank's compute: the same steps with `mx.distributed.all_sum` / `all_gather` replaced by local
   stand-ins of the same shapes (identity; the local part repeated N times), so the rank computes
   exactly what it does in the real step without waiting or sending; its wall time and its CPU
-  time; real and local steps alternate. Wall - compute is what the collectives cost here (transfer over loopback TCP plus waiting
-  for the slower rank). The plan factor (per-rank compute per FLOP over one process's) is taken
+  time; real and local steps alternate. Wall - compute is what the collectives cost here
+  (transfer over loopback TCP plus waiting for the slower rank). The plan factor (per-rank compute per FLOP over one process's) is taken
   from CPU time: other work time-slices this machine's cores, which wall time counts and CPU time
   (one BLAS thread, no spinning) mostly does not.
 - the traffic: `mx.distributed.all_sum` / `all_gather` wrapped, each call's shape and dtype
@@ -37,8 +37,10 @@ The projection (printed with its assumptions): per-rank FLOPs from shapes (linea
 patch embedding; elementwise work left out) at a reference machine's achieved FLOP rate, times
 the plan's measured per-FLOP cost relative to one process (its "plan factor"); communication from
 the collectives' bytes (bfloat16 activations, float32 norm sums) over a link of bandwidth BW with a
-latency per ring step; no overlap of compute and communication. LTX-2 has no parallel plan yet: its
-rows apply the same three schemes to its blocks (written out in `ltx2_collectives`).
+latency per ring step; no overlap of compute and communication. LTX-2's rows follow
+runtime.parallel_ltx2 (its dev recipe's 3 passes a step; cfg over 2-3 ranks, tensor) with Wan's
+plan factors; its sequence plan is not built, and its row is the scheme that module describes
+(`ltx2_collectives`).
 
     .venv/bin/python bench/distributed.py            # 10 of 30 blocks, 780 tokens, 3 steps per run
     .venv/bin/python bench/distributed.py --layers 30 --repeat 5
