@@ -360,24 +360,6 @@ def rank_main(plan: str | None, size: str, layers: int, repeat: int, out: Path, 
 # parent: the runs
 
 
-def free_ports(count: int) -> int:
-    """A first port with `count` consecutive free ones after it (mlx.launch's ring listens on 32323
-    and up unless told: another ring job on this machine, a test, would cross ours there)."""
-    import random
-    import socket
-
-    for _ in range(100):
-        base = random.randint(20000, 60000)
-        try:
-            for port in range(base, base + count):
-                with socket.socket() as probe:
-                    probe.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-    raise RuntimeError("no free ports for the ring backend")
-
-
 def launch_run(plan: str | None, processes: int, threads: int, size: str, layers: int, repeat: int,
                count_only: bool = False) -> list[dict]:
     """One run: 1 process, or `processes` ranks of the ring backend on this machine, each given the
@@ -385,6 +367,8 @@ def launch_run(plan: str | None, processes: int, threads: int, size: str, layers
     mlx.launch 0.32.4 itself keeps most of a core busy while its ranks run (each rank's relay thread
     select()s on the rank's stdin pipe, always writable, so it never sleeps; measured: 36 s of CPU
     in a 45 s run), which on this 2-core machine would be taken from the ranks. Each rank's report."""
+    from vidport.runtime.distributed import free_ports
+
     with tempfile.TemporaryDirectory(prefix="vidport-bench-distributed-") as folder:
         argv = ["--rank-worker", "--plan", plan or "none", "--size", size, "--layers", str(layers),
                 "--repeat", str(repeat), "--out", folder] + (["--count-only"] if count_only else [])

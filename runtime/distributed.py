@@ -189,10 +189,41 @@ def strip_option(argv: list[str], option: str) -> list[str]:
     return out
 
 
+def free_ports(count: int) -> int:
+    """A first port with `count` consecutive free ones after it on this machine."""
+    import random
+    import socket
+
+    for _ in range(100):
+        base = random.randint(20000, 60000)
+        try:
+            for port in range(base, base + count):
+                with socket.socket() as probe:
+                    probe.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+    raise VidportError("no free ports for the ring backend on this machine",
+                       hint="pass mlx.launch's --starting-port PORT in --launch")
+
+
+def local_ring_args(args: list[str]) -> list[str]:
+    """mlx.launch's arguments, with free ports for a ring on this machine: its ring listens on
+    32323 and up unless told, so two local runs at once (two users, two test files) would
+    otherwise connect to each other's ranks. Runs on hosts, other backends, or a port already
+    given are left as they are."""
+    options = {a.split("=", 1)[0] for a in args if a.startswith("-")}
+    backend = next((b for a, b in zip(args, args[1:]) if a == "--backend"), "ring")
+    if options & {"--hosts", "--hostfile", "--starting-port", "-p"} or backend != "ring":
+        return args
+    ranks = next((b for a, b in zip(args, args[1:]) if a in ("-n", "--repeat-hosts")), "1")
+    return [*args, "--starting-port", str(free_ports(int(ranks) if ranks.isdigit() else 1))]
+
+
 def launch(launcher_args: str, argv: list[str], program: str | Path) -> int:
     """Run `program argv` on the processes `launcher_args` describes (mlx.launch's own options, e.g.
     "-n 2 --backend ring" or "--hostfile hosts.json"), with this interpreter named explicitly (as
-    mlx.launch needs for a non-Python command); its output passes through. Returns 1 if any rank
+    mlx.launch needs for a non-Python command) and free ports for a local ring; its output passes through. Returns 1 if any rank
     failed (mlx.launch itself returns 0 then), else mlx.launch's status. A rank that was killed
     cannot say so itself: that gets one line here."""
     launcher = Path(sys.executable).with_name("mlx.launch")
@@ -202,7 +233,8 @@ def launch(launcher_args: str, argv: list[str], program: str | Path) -> int:
             raise VidportError("--launch: mlx.launch is not installed beside this Python",
                                hint="pip install mlx (it ships mlx.launch)")
         launcher = Path(found)
-    command = [str(launcher), *shlex.split(launcher_args), "--python", sys.executable, "--", str(program), *argv]
+    command = [str(launcher), *local_ring_args(shlex.split(launcher_args)), "--python", sys.executable, "--",
+               str(program), *argv]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, errors="replace")
     failures = []
     for line in process.stderr:

@@ -27,13 +27,12 @@ from typing import Any, Callable
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
 
 from vidport.converter.core.errors import VidportError
 from vidport.runtime.causal_wan import AllTokens, CausalWanTransformer
 from vidport.runtime.causal_wan_cache import CausalWanCache
 from vidport.runtime.distributed import World
-from vidport.runtime.parallel_wan import shard_block
+from vidport.runtime.parallel_wan import read_shards, shard_block
 
 LAUNCH_HINT = ('vidport generate --launch "-n 2 --backend ring" ... (or mlx.launch -n 2 --python PYTHON -- '
                'vidport generate ...)')
@@ -90,9 +89,7 @@ class CausalTensorPlan(_Parallel):
         model = CausalWanTransformer.load(folder)  # lazy: nothing read yet
         for block in model.blocks:
             shard_block(block, self.world)
-        for _, value in tree_flatten(model.parameters()):  # one tensor read, sliced and kept at a time
-            mx.eval(value)
-        mx.clear_cache()
+        read_shards(model)
         model.blocks = [GuardedCausalBlock(block, index, self.world) for index, block in enumerate(model.blocks)]
         return model
 

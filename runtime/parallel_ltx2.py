@@ -38,11 +38,10 @@ from typing import Any, Callable
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.nn.layers.distributed import shard_linear
-from mlx.utils import tree_flatten
 
 from vidport.converter.core.errors import VidportError
 from vidport.runtime.distributed import World
-from vidport.runtime.parallel_wan import GuardedBlock, ShardedRMSNorm
+from vidport.runtime.parallel_wan import GuardedBlock, ShardedRMSNorm, read_shards
 from vidport.runtime.pipelines.ltx2_denoise import Prediction, run_passes
 
 ATTENTIONS = ("attn1", "audio_attn1", "attn2", "audio_attn2", "audio_to_video_attn", "video_to_audio_attn")
@@ -161,9 +160,7 @@ class LTX2TensorPlan(_Parallel):
         model = load_model(folder)  # lazy: nothing read yet
         for block in model.transformer_blocks:
             shard_ltx2_block(block, self.world)
-        for _, value in tree_flatten(model.parameters()):  # one tensor read, sliced and kept at a time
-            mx.eval(value)
-        mx.clear_cache()
+        read_shards(model)
         model.transformer_blocks = [GuardedLTX2Block(block, i, self.world)
                                     for i, block in enumerate(model.transformer_blocks)]
         return model

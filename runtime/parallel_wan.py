@@ -144,9 +144,7 @@ class TensorPlan(_Parallel):
         model = load_model(folder)  # lazy: nothing read yet
         for block in model.blocks:
             shard_block(block, self.world)
-        for _, value in tree_flatten(model.parameters()):  # one tensor read, sliced and kept at a time
-            mx.eval(value)
-        mx.clear_cache()
+        read_shards(model)
         return GuardedBlock.wrap(model, self.world)
 
 
@@ -156,6 +154,14 @@ PLANS: dict[str | None, type[WanPlan]] = {None: WanPlan, "cfg": CfgPlan, "sequen
 
 def wan_plan(name: str | None, world: World) -> WanPlan:
     return PLANS[name](world)
+
+
+def read_shards(model: nn.Module) -> None:
+    """Read a lazily loaded model whose layers were sharded: one tensor read, sliced and kept at a
+    time, so the peak is one whole tensor above this rank's share."""
+    for _, value in tree_flatten(model.parameters()):
+        mx.eval(value)
+    mx.clear_cache()
 
 
 def weight_report(model: nn.Module, blocks_name: str = "blocks") -> dict[str, int]:

@@ -350,3 +350,17 @@ with watchdog.cleanup(partial.unlink), watchdog.guard("step 3"):
     assert run.returncode == 1 and time.monotonic() - began < 20
     assert "no answer from the other ranks within 0.5 s (step 3)" in run.stderr
     assert not partial.exists() and finished.read_bytes() == b"kept"
+
+
+def test_local_ring_gets_ports_of_its_own():
+    """mlx.launch's ring listens on 32323 and up unless told: a local ring launched by vidport gets
+    free ports; hosts, another backend or a port the user gave are left alone."""
+    from vidport.runtime.distributed import local_ring_args
+
+    args = local_ring_args(["-n", "2", "--backend", "ring"])
+    assert args[:4] == ["-n", "2", "--backend", "ring"] and args[4] == "--starting-port"
+    port = int(args[5])
+    assert 20000 <= port < 60000 and port != 32323
+    for given in (["-n", "2", "--starting-port", "4000"], ["--hostfile", "hosts.json"], ["--hosts", "a,b"],
+                  ["-n", "2", "--backend", "mpi"]):
+        assert local_ring_args(given) == given

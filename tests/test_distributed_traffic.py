@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from vidport.runtime.distributed import free_ports
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench" / "distributed.py"
 TOKENS, TEXT, INNER, OUT, LAYERS, PASSES = 8, 16, 48, 64, 2, 2
@@ -38,7 +40,7 @@ def bench():
 def counted(plan: str, ranks: int, tmp_path: Path) -> list[Counter]:
     """Each rank's collectives of one step: (op, shape, itemsize) -> calls."""
     launcher = Path(sys.executable).with_name("mlx.launch")
-    port = str(bench().free_ports(ranks))  # not mlx.launch's default: another ring job may be using it
+    port = str(free_ports(ranks))  # not mlx.launch's default: another ring job may be using it
     done = subprocess.run([str(launcher), "-n", str(ranks), "--backend", "ring", "--starting-port", port,
                            "--python", sys.executable, "--",
                            str(BENCH), "--rank-worker", "--plan", plan, "--size", "tiny", "--count-only", "--out",
