@@ -1,4 +1,4 @@
-"""Parallel plans for the LTX-2 audio-video DiT (`--set parallel=cfg|tensor` under `mlx.launch`), each
+"""Parallel plans for the LTX-2 audio-video DiT (`--set parallel=cfg|sequence|tensor` under `mlx.launch`), each
 giving every rank the same video and audio latents after every step, equal to the single-process
 run:
 
@@ -19,14 +19,21 @@ run:
   all_sum of one value per token); each attention rotates its heads by its slice of the RoPE
   tables (SPLIT tables per head, INTERLEAVED per channel). Video and audio heads must divide by N.
   Tensors are read lazily and sliced one at a time (as the Wan plan does): no rank holds the model.
-- sequence: refused. The video tokens could be split with keys and values all-gathered (the audio
-  stream, a few hundred tokens, kept whole on every rank), but each block couples the streams
-  both ways (audio-to-video and video-to-audio attention, the latter's keys and values the video
-  tokens again), so it needs its own forward of the 48 blocks and two gathers of video keys and
-  values per block; not built. The tensor plan divides the same memory and cfg the same time.
+- sequence: the video tokens are split contiguously across ranks after the input projection
+  (each rank its slice of the video RoPE tables, the cross-modal ones included, and of per-token
+  modulation: i2v's timesteps); the audio tokens (a few hundred) stay whole on every rank. The
+  DiT's own blocks run with a hook (runtime.causal_wan.AllTokens; here RankTokens): in the video
+  self-attention each rank's queries attend to the rotated keys and the values of every rank
+  (all-gathered); the text cross-attention, the audio-to-video attention (video queries, audio
+  keys) and the video FFN are per video token, so local; the video-to-audio attention (audio
+  queries, video keys) gathers the video keys and values too, so every rank computes the same
+  audio stream, whose self-attention, text attention and FFN each rank repeats. The video output
+  tokens are all-gathered before the output projection. Per block 2 x 2 gathers of video tokens
+  (keys and values of the two attentions); full weights on every rank. Every stage's video tokens
+  must divide by N (refused otherwise: padding would change the softmax).
 
-Every DiT block's output is evaluated under the watchdog (runtime.distributed) under tensor, and
-the gather of the passes under cfg, so a lost or hung rank stops the run within
+Every DiT block's output is evaluated under the watchdog (runtime.distributed) under tensor and
+sequence, and the gather of the passes under cfg, so a lost or hung rank stops the run within
 `collective_timeout`.
 """
 from __future__ import annotations
@@ -41,6 +48,7 @@ from mlx.nn.layers.distributed import shard_linear
 
 from vidport.converter.core.errors import VidportError
 from vidport.runtime.distributed import World
+from vidport.runtime.parallel_causal_wan import RankTokens
 from vidport.runtime.parallel_wan import GuardedBlock, ShardedRMSNorm, read_shards
 from vidport.runtime.pipelines.ltx2_denoise import Prediction, run_passes
 
@@ -68,12 +76,13 @@ class LTX2Plan:
     def __init__(self, world: World):
         self.world = world
 
-    def check(self, dit_config: dict[str, Any], passes: list[str], low_memory: bool) -> None:
+    def check(self, dit_config: dict[str, Any], passes: list[str], video_tokens: tuple[int, ...],
+              low_memory: bool) -> None:
         """Refuse, before any weight loads, a plan this run's ranks, model and guidance cannot
-        take; `passes`: the DiT passes of one step."""
+        take; `passes`: the DiT passes of one step, `video_tokens`: each stage's video tokens."""
         if self.world.size > 1:
             raise VidportError(f"{self.world.size} ranks but no parallel plan: every rank would repeat the whole run",
-                               hint="add --set parallel=cfg|tensor")
+                               hint="add --set parallel=cfg|sequence|tensor")
 
     def describe(self, dit_config: dict[str, Any], passes: list[str]) -> str:
         return "single process"
@@ -92,7 +101,8 @@ class LTX2Plan:
 
 
 class _Parallel(LTX2Plan):
-    def check(self, dit_config: dict[str, Any], passes: list[str], low_memory: bool) -> None:
+    def check(self, dit_config: dict[str, Any], passes: list[str], video_tokens: tuple[int, ...],
+              low_memory: bool) -> None:
         if self.world.size == 1:
             raise VidportError(f"--set parallel={self.name}: this process was not started by mlx.launch (1 rank)",
                                hint=LAUNCH_HINT)
@@ -101,8 +111,9 @@ class _Parallel(LTX2Plan):
 class LTX2CfgPlan(_Parallel):
     name = "cfg"
 
-    def check(self, dit_config: dict[str, Any], passes: list[str], low_memory: bool) -> None:
-        super().check(dit_config, passes, low_memory)
+    def check(self, dit_config: dict[str, Any], passes: list[str], video_tokens: tuple[int, ...],
+              low_memory: bool) -> None:
+        super().check(dit_config, passes, video_tokens, low_memory)
         if len(passes) == 1:
             raise VidportError("--set parallel=cfg: this run makes one DiT pass a step (no CFG, STG or modality "
                                "guidance: the distilled recipe, or guidance scales off), so none to give another rank",
@@ -136,8 +147,9 @@ class LTX2CfgPlan(_Parallel):
 class LTX2TensorPlan(_Parallel):
     name = "tensor"
 
-    def check(self, dit_config: dict[str, Any], passes: list[str], low_memory: bool) -> None:
-        super().check(dit_config, passes, low_memory)
+    def check(self, dit_config: dict[str, Any], passes: list[str], video_tokens: tuple[int, ...],
+              low_memory: bool) -> None:
+        super().check(dit_config, passes, video_tokens, low_memory)
         if low_memory:
             raise VidportError("--set parallel=tensor with --low-memory: the streamed DiT reads whole blocks from "
                                "disk, the tensor plan holds each rank's slices of them",
@@ -146,7 +158,8 @@ class LTX2TensorPlan(_Parallel):
         for key in ("num_attention_heads", "audio_num_attention_heads"):
             if dit_config[key] % n:
                 raise VidportError(f"--set parallel=tensor: the DiT's {key} {dit_config[key]} does not split across "
-                                   f"{n} ranks", hint="launch a number of processes that divides it, or use cfg")
+                                   f"{n} ranks",
+                                   hint="launch a number of processes that divides it, or use cfg or sequence")
 
     def describe(self, dit_config: dict[str, Any], passes: list[str]) -> str:
         n, heads, audio = self.world.size, dit_config["num_attention_heads"], dit_config["audio_num_attention_heads"]
@@ -169,12 +182,23 @@ class LTX2TensorPlan(_Parallel):
 class LTX2SequencePlan(_Parallel):
     name = "sequence"
 
-    def check(self, dit_config: dict[str, Any], passes: list[str], low_memory: bool) -> None:
-        raise VidportError("--set parallel=sequence: not built for LTX-2: every block couples the video and audio "
-                           "streams both ways (audio-to-video and video-to-audio attention), so split video tokens "
-                           "need their own forward and two gathers of video keys and values per block",
-                           hint="use --set parallel=tensor (1/N of the blocks' memory) or parallel=cfg (the guidance "
-                                "passes on separate ranks)")
+    def check(self, dit_config: dict[str, Any], passes: list[str], video_tokens: tuple[int, ...],
+              low_memory: bool) -> None:
+        super().check(dit_config, passes, video_tokens, low_memory)
+        for tokens in video_tokens:
+            if tokens % self.world.size:
+                raise VidportError(f"--set parallel=sequence: {tokens} video tokens (latent frames x rows x columns) "
+                                   f"do not split into {self.world.size} equal parts",
+                                   hint="change --frames/--height/--width, or the number of processes")
+
+    def describe(self, dit_config: dict[str, Any], passes: list[str]) -> str:
+        n, layers = self.world.size, dit_config["num_layers"]
+        return (f"sequence over {n} ranks: video tokens split (1/{n} each), keys and values all-gathered in each of "
+                f"{layers} video self-attentions and {layers} video-to-audio attentions; audio tokens whole on every "
+                "rank; full weights on every rank")
+
+    def load(self, folder: Path, low_memory: bool = False) -> nn.Module:
+        return SequenceParallelLTX2(load_dit(folder, low_memory), self.world)
 
 
 PLANS: dict[str | None, type[LTX2Plan]] = {None: LTX2Plan, "cfg": LTX2CfgPlan, "sequence": LTX2SequencePlan,
@@ -239,3 +263,27 @@ class GuardedLTX2Block(GuardedBlock):
     @property
     def perturbed_attn(self) -> bool:
         return self.block.perturbed_attn
+
+
+# ---------------------------------------------------------------------------------------------- sequence
+
+
+class SequenceParallelLTX2(nn.Module):
+    """The LTX-2 DiT's own forward on this rank's share of the video tokens (see the module doc);
+    the same call, and what the pipeline reads of the DiT (its dtype, its blocks)."""
+
+    def __init__(self, dit: nn.Module, world: World):
+        super().__init__()
+        self.dit = dit
+        self._tokens = RankTokens(world)
+
+    @property
+    def proj_in(self) -> nn.Module:
+        return self.dit.proj_in
+
+    @property
+    def transformer_blocks(self) -> list[nn.Module]:
+        return self.dit.transformer_blocks
+
+    def __call__(self, *args: Any, **kwargs: Any) -> tuple[mx.array, mx.array]:
+        return self.dit(*args, **kwargs, tokens=self._tokens)

@@ -1,8 +1,8 @@
 """The LTX-2 pipeline on 2 processes over MLX's ring backend (`vidport generate --launch`), under its
-parallel plans (cfg, tensor), against the same run in one process: every step's video and audio
-latents (PCC), the decoded frames (PSNR) and the waveform, the tensor plan's per-rank weight memory,
-and refusals (sequence; cfg without guidance passes to share; a plan that does not divide) before
-any weight loads.
+parallel plans (cfg, sequence, tensor), against the same run in one process: every step's video and
+audio latents (PCC), the decoded frames (PSNR) and the waveform, the tensor plan's per-rank weight
+memory, and refusals (cfg without guidance passes to share; heads or video tokens that do not
+divide) before any weight loads.
 
 The single-process run is itself held to diffusers' LTX2Pipeline by tests/test_ltx2_generate.py.
 The DiT here is wider than that file's (video 8 heads of 32, audio 8 of 16) so that weight memory is
@@ -98,11 +98,14 @@ def assert_same_run(single: Path, dump: Path, steps: int, min_pcc: float = 0.999
     ("cfg", "cfg over 2 ranks: the 3 guidance passes of each step shared (rank 0 conditional + isolated; "
             "rank 1 unconditional)"),
     ("tensor", "tensor over 2 ranks: each rank 4 of 8 video heads, 4 of 8 audio heads"),
+    ("sequence", "sequence over 2 ranks: video tokens split (1/2 each), keys and values all-gathered in each of 2 "
+                 "video self-attentions and 2 video-to-audio attentions; audio tokens whole on every rank"),
 ])
 def test_plan_equals_single_process(folder, single, plan, described, tmp_path):
     """Two ranks under the plan, the dev recipe (CFG and modality isolation: 3 passes a step): the
     same latents after every step and the same frames and sound as one process; rank 0 alone
-    writes; the plan is printed before the run. Tensor: each rank holds half the blocks' weights."""
+    writes; the plan is printed before the run. Tensor: each rank holds half the blocks' weights.
+    Sequence: 6 of the 12 video tokens each, the audio tokens whole."""
     out = tmp_path / "out.mp4"
     done = generate(folder, out, "--set", f"parallel={plan}", "--set", f"dump_steps={tmp_path}", "--launch", ring(2))
     assert done.returncode == 0, done.stdout + done.stderr
@@ -178,13 +181,15 @@ def test_bfloat16_plans_equal_single_process(source, tmp_path):
 
 
 def test_refusal_on_launch(folder, tmp_path):
-    """sequence under mlx.launch: one error line from rank 0 naming why, no output, no dump."""
+    """sequence under mlx.launch with 3 x 3 x 3 video tokens on 2 ranks: one error line from rank 0
+    naming why, no output, no dump."""
     out = tmp_path / "never.mp4"
-    done = generate(folder, out, "--set", "parallel=sequence", "--set", f"dump_steps={tmp_path / 'dump'}",
-                    "--launch", ring(2))
+    done = generate(folder, out, "--frames", "17", "--height", "96", "--width", "96", "--set", "parallel=sequence",
+                    "--set", f"dump_steps={tmp_path / 'dump'}", "--launch", ring(2))
     assert done.returncode == 1
     errors = [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "not built for LTX-2" in errors[0], done.stdout + done.stderr
+    assert len(errors) == 1 and "27 video tokens (latent frames x rows x columns) do not split into 2" in errors[0], \
+        done.stdout + done.stderr
     assert not out.exists() and not (tmp_path / "dump").exists()
 
 
@@ -199,7 +204,8 @@ def _world(size: int) -> World:
     ("cfg", 4, {}, "4 ranks but 3 DiT passes a step (conditional, unconditional, isolated)"),
     ("tensor", 3, {}, "num_attention_heads 8 does not split across 3 ranks"),
     ("tensor", 2, {"low_memory": True}, "with --low-memory"),
-    ("sequence", 2, {}, "not built for LTX-2"),
+    ("sequence", 3, {}, "16 video tokens (latent frames x rows x columns) do not split into 3 equal parts"),
+    ("sequence", 3, {"recipe": "distilled"}, "4 video tokens (latent frames x rows x columns) do not split into 3"),
     ("tensor", 1, {}, "not started by mlx.launch"),
     (None, 2, {}, "2 ranks but no parallel plan"),
 ])
@@ -224,11 +230,13 @@ def test_refusals_before_weights_load(folder, tmp_path, monkeypatch, plan, size,
 
 
 @pytest.mark.parametrize("rope_type", ["split", "interleaved"])
-def test_tensor_shards_of_an_ltx23_dit(rope_type, tmp_path):
-    """The LTX-2.3 block (per-head gates, STG's perturbed self-attention, prompt modulation) sharded
-    on 2 ranks: the DiT's video and audio outputs, plain and with STG on block 1, equal the whole
-    DiT's on the same rank, for both RoPE layouts (tables sliced per head and per channel). The
-    pipeline folder above is LTX-2.0 (no gates, no perturbed processor, SPLIT tables)."""
+def test_plans_on_an_ltx23_dit(rope_type, tmp_path):
+    """The LTX-2.3 block (per-head gates, STG's perturbed self-attention, prompt modulation) on 2
+    ranks, its video tokens split (sequence: per-token timesteps, as i2v gives, and RoPE tables
+    sliced by token) and its heads sharded (tensor: tables sliced per head and per channel): the
+    DiT's video and audio outputs, plain and with STG on block 1, equal the whole DiT's on the same
+    rank, for both RoPE layouts. The pipeline folder above is LTX-2.0 (no gates, no perturbed
+    processor, SPLIT tables, one timestep for all tokens)."""
     from fixtures.ltx2_dit import ltx2_config
 
     config = ltx2_config("2.3", rope_type=rope_type, caption_channels=64)
@@ -238,13 +246,14 @@ def test_tensor_shards_of_an_ltx23_dit(rope_type, tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "WARN" not in done.stderr, done.stdout + done.stderr
     result = json.loads((tmp_path / "result.json").read_text())
+    assert len(result) == 2 * 2 * 2, result  # plans x (plain, STG) x streams
     for name, value in result.items():
         assert value >= 0.99999, (name, result)
 
 
 def _rank_main(config: dict, out: str) -> None:
-    """One rank of test_tensor_shards_of_an_ltx23_dit: the same random DiT and inputs on every rank
-    (one seed), its outputs whole, then sharded; rank 0 writes the PCCs."""
+    """One rank of test_plans_on_an_ltx23_dit: the same random DiT and inputs on every rank (one
+    seed), its outputs whole, on this rank's video tokens, then sharded; rank 0 writes the PCCs."""
     import math
 
     import mlx.core as mx
@@ -252,6 +261,7 @@ def _rank_main(config: dict, out: str) -> None:
 
     from vidport.runtime.distributed import world
     from vidport.runtime.ltx2.dit import LTX2VideoTransformer3DModel
+    from vidport.runtime.parallel_causal_wan import RankTokens
     from vidport.runtime.parallel_ltx2 import shard_ltx2_block
 
     ranks = world()
@@ -273,16 +283,19 @@ def _rank_main(config: dict, out: str) -> None:
     calls = {"plain": {}, "stg": {"spatio_temporal_guidance_blocks": [1]}}
     whole = {name: model(**inputs, **switches) for name, switches in calls.items()}
     mx.eval(whole)
+    split = RankTokens(ranks)
+    plans = {"sequence": {name: model(**inputs, **switches, tokens=split) for name, switches in calls.items()}}
+    mx.eval(plans)
     for block in model.transformer_blocks:
         shard_ltx2_block(block, ranks)
-    sharded = {name: model(**inputs, **switches) for name, switches in calls.items()}
-    mx.eval(sharded)
+    plans["tensor"] = {name: model(**inputs, **switches) for name, switches in calls.items()}
+    mx.eval(plans)
     if ranks.is_main:
         import numpy as np
 
-        result = {f"{name} {stream}": float(np.corrcoef(np.array(whole[name][i]).ravel(),
-                                                       np.array(sharded[name][i]).ravel())[0, 1])
-                  for name in calls for i, stream in enumerate(("video", "audio"))}
+        result = {f"{plan} {name} {stream}": float(np.corrcoef(np.array(whole[name][i]).ravel(),
+                                                               np.array(outputs[name][i]).ravel())[0, 1])
+                  for plan, outputs in plans.items() for name in calls for i, stream in enumerate(("video", "audio"))}
         Path(out).write_text(json.dumps(result))
 
 
@@ -296,5 +309,5 @@ def test_plan_lines():
         "cfg", _world(2)).describe(config, passes)
 
 
-if __name__ == "__main__":  # a rank under mlx.launch (test_tensor_shards_of_an_ltx23_dit)
+if __name__ == "__main__":  # a rank under mlx.launch (test_plans_on_an_ltx23_dit)
     _rank_main(json.loads(sys.argv[1]), sys.argv[2])

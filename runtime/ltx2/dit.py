@@ -16,6 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from vidport.runtime.causal_wan import ALL_TOKENS, AllTokens
 from vidport.runtime.ltx2.dit_attention import FeedForward, LTX2AdaLayerNormSingle, LTX2Attention, RMSNorm
 from vidport.runtime.ltx2.rope import LTX2AudioVideoRotaryPosEmbed
 from vidport.runtime.wan_embeddings import PixArtAlphaTextProjection
@@ -103,7 +104,9 @@ class LTX2VideoTransformerBlock(nn.Module):
                  audio_self_attention_mask: mx.array | None = None, a2v_cross_attention_mask: mx.array | None = None,
                  v2a_cross_attention_mask: mx.array | None = None, use_a2v_cross_attention: bool = True,
                  use_v2a_cross_attention: bool = True, perturbation_mask: mx.array | None = None,
-                 all_perturbed: Any = None) -> tuple[mx.array, mx.array]:
+                 all_perturbed: Any = None, tokens: AllTokens = ALL_TOKENS) -> tuple[mx.array, mx.array]:
+        """`tokens`: which video tokens this process holds (the audio stream is whole); the two
+        attentions whose keys are video tokens gather every process's."""
         x, a = hidden_states, audio_hidden_states
         video_mod = _mod_params(self.scale_shift_table, temb)
         audio_mod = _mod_params(self.audio_scale_shift_table, temb_audio)
@@ -115,7 +118,8 @@ class LTX2VideoTransformerBlock(nn.Module):
 
         # 1. self-attention
         normed = self.norm1(x) * (1 + scale_msa) + shift_msa
-        x = x + self.attn1(normed, None, self_attention_mask, video_rotary_emb, **perturb) * gate_msa
+        out = self.attn1(normed, None, self_attention_mask, video_rotary_emb, key_tokens=tokens, **perturb)
+        x = x + out * gate_msa
         normed = self.audio_norm1(a) * (1 + a_scale_msa) + a_shift_msa
         a = a + self.audio_attn1(normed, None, audio_self_attention_mask, audio_rotary_emb, **perturb) * a_gate_msa
 
@@ -146,7 +150,8 @@ class LTX2VideoTransformerBlock(nn.Module):
             if use_v2a_cross_attention:
                 out = self.video_to_audio_attn(normed_a * (1 + a_v2a_scale) + a_v2a_shift,
                                                normed_x * (1 + v_v2a_scale) + v_v2a_shift,
-                                               v2a_cross_attention_mask, ca_audio_rotary_emb, ca_video_rotary_emb)
+                                               v2a_cross_attention_mask, ca_audio_rotary_emb, ca_video_rotary_emb,
+                                               key_tokens=tokens)
                 a = a + v2a_gate * out
 
         # 4. feed-forward
@@ -268,10 +273,14 @@ class LTX2VideoTransformer3DModel(nn.Module):
                  video_coords: Any = None, audio_coords: Any = None, isolate_modalities: bool = False,
                  spatio_temporal_guidance_blocks: list[int] | None = None, perturbation_mask: Any = None,
                  use_cross_timestep: bool | None = None, video_self_attention_mask: Any = None,
-                 video_keyframes_mask: Any = None, attention_kwargs: None = None) -> tuple[mx.array, mx.array]:
+                 video_keyframes_mask: Any = None, attention_kwargs: None = None,
+                 tokens: AllTokens = ALL_TOKENS) -> tuple[mx.array, mx.array]:
         """diffusers' forward. `timestep` [B] or [B, video tokens] (already times 1000); `sigma` /
         `audio_sigma` drive LTX-2.3's prompt modulation and, with `use_cross_timestep`, the
-        cross-modal one. `use_cross_timestep=None` takes the config's (the detected version's)."""
+        cross-modal one. `use_cross_timestep=None` takes the config's (the detected version's).
+        `tokens`: which video tokens this process computes, with their RoPE tables and per-token
+        modulation (all; runtime.parallel_ltx2's sequence plan: this rank's share), the output
+        gathered."""
         use_cross_timestep = self.use_cross_timestep if use_cross_timestep is None else use_cross_timestep
         dtype = self.proj_in.weight.dtype
         batch = hidden_states.shape[0]
@@ -290,6 +299,7 @@ class LTX2VideoTransformer3DModel(nn.Module):
         if audio_coords is None:
             audio_coords = self.audio_rope.prepare_audio_coords(batch, audio_num_frames)
         video_coords, audio_coords = np.asarray(video_coords, np.float32), np.asarray(audio_coords, np.float32)
+        video_coords = tokens.part(video_coords, 2)  # [B, axes, tokens, 2]: tables are per token
         video_rotary_emb, audio_rotary_emb = self.rope(video_coords), self.audio_rope(audio_coords)
         ca_video_rotary_emb = self.cross_attn_rope(video_coords[:, 0:1])
         ca_audio_rotary_emb = self.cross_attn_audio_rope(audio_coords[:, 0:1])
@@ -300,6 +310,7 @@ class LTX2VideoTransformer3DModel(nn.Module):
         if "keyframes_abs_pos_embedding" in self and video_keyframes_mask is not None:
             marker = (_array(video_keyframes_mask) > 0).astype(x.dtype)
             x = x + marker * self.keyframes_abs_pos_embedding.astype(x.dtype)
+        x = tokens.part(x, 1)
 
         # 3. timestep modulation: per stream, for the prompt (LTX-2.3) and across streams
         def embed(module: LTX2AdaLayerNormSingle, t: mx.array) -> tuple[mx.array, mx.array]:
@@ -318,6 +329,13 @@ class LTX2VideoTransformer3DModel(nn.Module):
         video_ca_gate = embed(self.av_cross_attn_video_a2v_gate, video_ca_t.astype(mx.float32) * self.gate_scale)[0]
         audio_ca_scale_shift = embed(self.av_cross_attn_audio_scale_shift, audio_ca_t)[0]
         audio_ca_gate = embed(self.av_cross_attn_audio_v2a_gate, audio_ca_t.astype(mx.float32) * self.gate_scale)[0]
+
+        def own(t: mx.array) -> mx.array:  # this process's rows of a per-token tensor (i2v's timesteps)
+            return tokens.part(t, 1) if t.shape[1] > 1 else t
+
+        temb, video_ca_scale_shift, video_ca_gate = own(temb), own(video_ca_scale_shift), own(video_ca_gate)
+        if video_self_attention_mask is not None:
+            video_self_attention_mask = own(video_self_attention_mask)  # [B, queries, keys]: this rank's queries
 
         # 4. text (LTX-2.0 projects it here; LTX-2.3's connectors already did)
         context, audio_context = encoder_hidden_states, audio_encoder_hidden_states
@@ -341,7 +359,9 @@ class LTX2VideoTransformer3DModel(nn.Module):
                          audio_rotary_emb, ca_video_rotary_emb, ca_audio_rotary_emb, encoder_attention_mask,
                          audio_encoder_attention_mask, video_self_attention_mask, None, None, None,
                          not isolate_modalities, not isolate_modalities,
-                         perturbation_mask if stg else None, all_perturbed if stg else False)
+                         perturbation_mask if stg else None, all_perturbed if stg else False, tokens)
+            tokens.settle(x, a, what=f"DiT block {index}")
+        x = tokens.gather(x, 1)
 
         # 6. output modulation and projections
         video = self.proj_out(self._modulate(self.norm_out(x), self.scale_shift_table, embedded_timestep))

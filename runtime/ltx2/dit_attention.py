@@ -9,6 +9,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
+from vidport.runtime.causal_wan import ALL_TOKENS, AllTokens
 from vidport.runtime.layers import attention, gelu_tanh, sigmoid
 from vidport.runtime.ltx2.rope import apply_interleaved_rotary, apply_split_rotary
 from vidport.runtime.sd15_unet import TimestepEmbedding
@@ -135,9 +136,12 @@ class LTX2Attention(nn.Module):
                  attention_mask: mx.array | None = None,
                  query_rotary_emb: tuple[mx.array, mx.array] | None = None,
                  key_rotary_emb: tuple[mx.array, mx.array] | None = None,
-                 perturbation_mask: mx.array | None = None, all_perturbed: Any = None) -> mx.array:
+                 perturbation_mask: mx.array | None = None, all_perturbed: Any = None,
+                 key_tokens: AllTokens = ALL_TOKENS) -> mx.array:
         """`perturbation_mask` [B, 1, 1] (0: skip attention, take the values: STG) and
-        `all_perturbed` are the perturbed processor's (LTX-2.3's `perturbed_attn`)."""
+        `all_perturbed` are the perturbed processor's (LTX-2.3's `perturbed_attn`). `key_tokens`:
+        which of the context's tokens this process holds; the rotated keys and the values of every
+        process are gathered (runtime.parallel_ltx2's sequence plan), STG's shortcut keeps its own."""
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         value = self.to_v(context)
         if all_perturbed is None:
@@ -150,7 +154,8 @@ class LTX2Attention(nn.Module):
             if query_rotary_emb is not None:
                 query = self._rotate(query, query_rotary_emb)
                 key = self._rotate(key, key_rotary_emb if key_rotary_emb is not None else query_rotary_emb)
-            heads = [t.reshape(*t.shape[:2], self.heads, -1).transpose(0, 2, 1, 3) for t in (query, key, value)]
+            key, values = key_tokens.gather(key, 1), key_tokens.gather(value, 1)
+            heads = [t.reshape(*t.shape[:2], self.heads, -1).transpose(0, 2, 1, 3) for t in (query, key, values)]
             out = attention(*heads, self.scale, _expand_mask(attention_mask))
             out = out.transpose(0, 2, 1, 3).reshape(*hidden_states.shape[:2], -1)
             if perturbation_mask is not None:

@@ -15,7 +15,7 @@ audio VAE and the vocoder. The video VAE decodes in tiles and hands frames to th
 are final. Latents are packed tokens inside (runtime/pipelines/ltx2_latents.py), diffusers'
 unpacked layouts at the edges (noise draws, step callbacks).
 
-On several processes (`--set parallel=cfg|tensor` under mlx.launch: runtime.parallel_ltx2) every
+On several processes (`--set parallel=cfg|sequence|tensor` under mlx.launch: runtime.parallel_ltx2) every
 rank denoises; rank 0 alone decodes and writes."""
 from __future__ import annotations
 
@@ -179,7 +179,7 @@ class LTX2Pipeline(Pipeline):
                 raise VidportError(f"noise draw {name} has shape {tuple(np.shape(given))}; this request needs {shape}",
                                    hint="save the draws for the same --frames/--height/--width, or drop --noise")
         self.plan(request).check(self.folder.config("transformer"), self.step_passes(request),
-                                 bool(extra["low_memory"]))
+                                 tuple(grid.tokens for grid in self.stage_grids(request)), bool(extra["low_memory"]))
 
     # ------------------------------------------------------------------ parallel runs
 
