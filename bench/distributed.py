@@ -38,9 +38,8 @@ patch embedding; elementwise work left out) at a reference machine's achieved FL
 the plan's measured per-FLOP cost relative to one process (its "plan factor"); communication from
 the collectives' bytes (bfloat16 activations, float32 norm sums) over a link of bandwidth BW with a
 latency per ring step; no overlap of compute and communication. LTX-2's rows follow
-runtime.parallel_ltx2 (its dev recipe's 3 passes a step; cfg over 2-3 ranks, tensor) with Wan's
-plan factors; its sequence plan is not built, and its row is the scheme that module describes
-(`ltx2_collectives`).
+runtime.parallel_ltx2 (its dev recipe's 3 passes a step; cfg over 2-3 ranks, tensor, sequence) with
+Wan's plan factors (`ltx2_collectives`).
 
     .venv/bin/python bench/distributed.py            # 10 of 30 blocks, 780 tokens, 3 steps per run
     .venv/bin/python bench/distributed.py --layers 30 --repeat 5
@@ -143,9 +142,8 @@ def ltx2_collectives(config: dict, video: int, audio: int, text: int, plan: str,
     """LTX-2's collectives of one step, as runtime.parallel_ltx2 issues them: cfg deals the passes
     round-robin and gathers ceil(passes / N) rows of both streams' predictions from every rank;
     tensor sums the output of every attention and feed-forward of both streams and the q/k RMS
-    norms across heads. Sequence is not built (the runtime refuses it); its row is the scheme
-    parallel_ltx2's doc describes: the video tokens split (the audio stream, 84 tokens for 81
-    frames, whole on every rank), K/V gathered for video self-attention and, at the audio heads'
+    norms across heads; sequence splits the video tokens (the audio stream, 84 tokens for 81
+    frames, whole on every rank) and gathers K/V for video self-attention and, at the audio heads'
     width, for video-to-audio attention."""
     dim = config["num_attention_heads"] * config["attention_head_dim"]
     audio_dim = config["audio_num_attention_heads"] * config["audio_attention_head_dim"]
@@ -639,9 +637,8 @@ def project(factors: dict[str, float], measured_rate: float, reference_tflops: f
           "mlx/distributed/jaccl/lib/README.md)")
     print("  on the wire: activations bf16, the tensor plan's RMS-norm sums of squares f32. Text: Wan 512 tokens, "
           "LTX-2 1024 and an 84-token soundtrack. LTX-2's plans are runtime.parallel_ltx2's (cfg: the passes "
-          "dealt round-robin to 2-3 ranks; tensor); its sequence plan is not built: that row (sequence*) is the scheme its "
-          "doc describes (video tokens split, the soundtrack whole, video K/V gathered twice a block). The plan factors "
-          "are Wan's")
+          "dealt round-robin to 2-3 ranks; tensor; sequence: video tokens split, the soundtrack whole, video K/V "
+          "gathered twice a block). The plan factors are Wan's")
     rows, records = [], []
     for model in TARGETS:
         blocks, other = parameters(model)
@@ -658,7 +655,7 @@ def project(factors: dict[str, float], measured_rate: float, reference_tflops: f
                 for n in MACHINES:
                     if (plan == "cfg" and n > found["passes"]) or (plan != "cfg" and n == 3):
                         continue
-                    label = f"{plan}*" if model.startswith("LTX") and plan == "sequence" else plan
+                    label = plan
                     why = refusal(plan, n, found)
                     if why:
                         rows.append([model, size, label, str(n), "-", "-", "-", "-", why, "", "", "", "", ""])
