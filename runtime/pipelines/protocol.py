@@ -50,7 +50,9 @@ class Request:
     decode: bool = True  # False: stop at the latents
     release_weights: bool = False  # free each model once this run is done with it (one-shot runs: the CLI)
     # a pipeline that `streams_frames`: opens the output once the soundtrack is known, (audio,
-    # sample rate) -> a context manager whose `append(frames)` takes frames as they are decoded
+    # sample rate) -> a context manager whose `append(frames)` takes frames as they are decoded, and
+    # optionally `abort()`, which removes the partial output when the process must exit unwound
+    # (a parallel run's watchdog)
     writer: Callable[[Any, int | None], Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # model-specific settings (`Pipeline.settings` names them)
 

@@ -304,7 +304,7 @@ class SelfForcingPipeline(WanPipeline):
 
         writing = request.writer(None, None) if request.writer and decode_here else nullcontext()
         with stop_as_error(ranks), writing as writer, \
-                ranks.watchdog.cleanup(writer.abort if writer is not None else lambda: None):
+                ranks.watchdog.cleanup(getattr(writer, "abort", None) or (lambda: None)):
             if request.task == "i2v":
                 image = self._first_frame(request, stats, dtype, model, context, cache)
                 outputs.append(image)
