@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -24,6 +25,9 @@ from rich.text import Text
 from vidport.converter.core.errors import VidportError
 
 INTERNAL_ERROR = 70  # EX_SOFTWARE: a bug in vidport, not the input
+# Under mlx.launch every rank refuses a bad request; the first to exit makes mlx.launch stop the
+# rest, so a rank other than 0 (which prints nothing) waits this long for rank 0 to print the error.
+REFUSAL_GRACE_S = 30.0
 
 
 class ErrorBoundary(typer.core.TyperGroup):
@@ -573,6 +577,8 @@ def generate(
         if rank and checked:  # a failure of this rank alone (a refusal is rank 0's to say)
             console.quiet = False
             err = VidportError(f"rank {rank}: {getattr(err, 'message', err)}", getattr(err, "hint", None))
+        elif rank:  # rank 0 refuses the same request: let it say so before mlx.launch stops every rank
+            time.sleep(REFUSAL_GRACE_S)
         fail(err)
     print_generation_summary(request, result, written)
 

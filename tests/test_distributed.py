@@ -31,6 +31,8 @@ from vidport.runtime.distributed import PLANS, Watchdog, World, parse_plan
 from vidport.runtime.parallel_vae import parse_tiling
 from vidport.runtime.parallel_wan import wan_plan
 
+from fixtures.ring import pcc, psnr
+
 VIDPORT = str(Path(sys.executable).with_name("vidport"))
 DIT = {"num_attention_heads": 8, "attention_head_dim": 32, "ffn_dim": 1024}
 
@@ -90,14 +92,6 @@ def tiled_single(folder, tmp_path_factory) -> Path:
     assert done.returncode == 0, done.stdout + done.stderr
     return dump
 
-
-def pcc(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.corrcoef(a.ravel().astype(np.float64), b.ravel().astype(np.float64))[0, 1])
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
 
 
 @pytest.mark.parametrize("plan", PLANS)

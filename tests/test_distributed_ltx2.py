@@ -23,7 +23,7 @@ import pytest
 
 import vidport.runtime  # noqa: F401  (before mlx: the runtime gives MLX its fast BLAS)
 from vidport.converter.core.errors import VidportError
-from fixtures.ring import ring
+from fixtures.ring import pcc, psnr, ring
 from vidport.runtime.distributed import Watchdog, World
 from vidport.runtime.parallel_ltx2 import ltx2_plan
 from vidport.runtime.pipelines.protocol import Request, open_pipeline
@@ -73,14 +73,6 @@ def single(folder, tmp_path_factory) -> Path:
     assert done.returncode == 0, done.stdout + done.stderr
     return dump
 
-
-def pcc(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.corrcoef(a.ravel().astype(np.float64), b.ravel().astype(np.float64))[0, 1])
-
-
-def psnr(a: np.ndarray, b: np.ndarray, peak: float = 1.0) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(peak**2 / mse)
 
 
 def assert_same_run(single: Path, dump: Path, steps: int, min_pcc: float = 0.99999, min_psnr: float = 60.0) -> None:

@@ -23,7 +23,7 @@ import pytest
 
 import vidport.runtime  # noqa: F401  (before mlx: the runtime gives MLX its fast BLAS)
 from vidport.converter.core.errors import VidportError
-from fixtures.ring import ring
+from fixtures.ring import pcc, psnr, ring
 from vidport.converter.pipeline import convert_pipeline, plan_pipeline
 from vidport.runtime.distributed import Watchdog, World
 from vidport.runtime.parallel_causal_wan import causal_plan
@@ -69,14 +69,6 @@ def single(folder, tmp_path_factory) -> Path:
     assert done.returncode == 0, done.stdout + done.stderr
     return dump
 
-
-def pcc(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.corrcoef(a.ravel().astype(np.float64), b.ravel().astype(np.float64))[0, 1])
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
 
 
 @pytest.mark.parametrize("plan", ["tensor", "sequence"])
