@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -25,6 +23,7 @@ from typer.testing import CliRunner
 from vidport.cli import app
 from vidport.converter.convert import convert, plan_conversion
 from vidport.converter.core.errors import VidportError
+from fixtures.tt_dit_rules import Param
 
 ROOT = Path(__file__).resolve().parent.parent
 runner = CliRunner()
@@ -39,20 +38,6 @@ PLANS = [((1, 1), 1, 0, False), ((1, 4), 1, 0, True), ((2, 2), 1, 0, True), ((2,
 
 
 # --------------------------------------------------------------------------- tt_dit, re-derived
-
-
-@dataclass(frozen=True)
-class Param:
-    """layers/module.py Parameter: total_shape, mesh_axes (tensor dim -> mesh axis), dtype, layout
-    (defaults TILE, bfloat16; memory config DRAM)."""
-
-    shape: tuple[int, ...]
-    axes: tuple[int | None, ...]
-    dtype: str = "bfloat16"
-    layout: str = "TILE"
-
-    def local(self, mesh: tuple[int, int]) -> tuple[int, ...]:
-        return tuple(n // mesh[a] if a is not None else n for n, a in zip(self.shape, self.axes))
 
 
 def tt_dit_parameters(config: dict, tp_axis: int, sp_axis: int, mesh: tuple[int, int], fsdp: bool) -> dict[str, Param]:

@@ -32,6 +32,7 @@ from typer.testing import CliRunner
 from vidport.cli import app
 from vidport.converter.convert import convert, plan_conversion
 from vidport.converter.core.errors import VidportError
+from fixtures.tt_dit_rules import Param
 
 ROOT = Path(__file__).resolve().parent.parent
 runner = CliRunner()
@@ -45,19 +46,6 @@ PLAN_IDS = [f"{m[0]}x{m[1]}-tp{t}" for m, t, _ in PLANS]
 
 
 # --------------------------------------------------------------------------- tt_dit, re-derived
-
-
-@dataclass(frozen=True)
-class Param:
-    """layers/module.py Parameter: total shape, mesh_axes, dtype, layout (defaults bfloat16, TILE)."""
-
-    shape: tuple[int, ...]
-    axes: tuple[int | None, ...]
-    layout: str = "TILE"
-    dtype: str = "bfloat16"
-
-    def local(self, mesh: tuple[int, int]) -> tuple[int, ...]:
-        return tuple(n // mesh[a] if a is not None else n for n, a in zip(self.shape, self.axes))
 
 
 ParallelFactor = namedtuple("ParallelFactor", "factor mesh_axis")  # parallel/config.py
@@ -243,7 +231,7 @@ def wan_vae_state(state: dict[str, torch.Tensor], convs: list[Conv], half: str) 
 def umt5_encoder(config: dict, tp_axis: int) -> dict[str, Param]:
     """The Parameters of model_t5.py T5Encoder with UMT5Config (a position table in every layer)."""
     d, ff, heads = config["d_model"], config["d_ff"], config["num_heads"]
-    params = {"token_embeddings.weight": Param((config["vocab_size"], d), (None, None), "ROW_MAJOR"),  # Embedding
+    params = {"token_embeddings.weight": Param((config["vocab_size"], d), (None, None), layout="ROW_MAJOR"),  # Embedding
               "final_layer_norm.weight": Param((1, d), (None, None))}
     for i in range(config["num_layers"]):
         layer = f"encoder.layers.{i}"
@@ -251,7 +239,7 @@ def umt5_encoder(config: dict, tp_axis: int) -> dict[str, Param]:
             params[f"{layer}.self_attn.{p}_proj.weight"] = Param((d, d), (None, tp_axis))
         params[f"{layer}.self_attn.layer_norm.weight"] = Param((1, d), (None, None))
         params[f"{layer}.self_attn.relative_attention_bias.weight"] = Param(
-            (config["relative_attention_num_buckets"], heads), (None, tp_axis), "ROW_MAJOR")
+            (config["relative_attention_num_buckets"], heads), (None, tp_axis), layout="ROW_MAJOR")
         params[f"{layer}.ff.layer_norm.weight"] = Param((1, d), (None, None))
         params[f"{layer}.ff.dense_gated_dense.wi0.weight"] = Param((d, ff), (None, tp_axis))
         params[f"{layer}.ff.dense_gated_dense.wi1.weight"] = Param((d, ff), (None, tp_axis))
