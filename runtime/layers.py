@@ -256,6 +256,35 @@ def conv2d_banded(x: mx.array, weight: mx.array, stride=1, padding=0, dilation=1
     return images[0] if batch == 1 else mx.concatenate(images, axis=0)
 
 
+# Nearest x2 upsampling followed by a 3x3 convolution (padding 1), the decoders' and the UNet's
+# upsamplers, computed on the low-resolution map. Output pixel (2i + a, 2j + b) sees only two rows
+# and two columns of the low-resolution input: for a = 0, kernel row 0 lands on input row i - 1 and
+# rows 1 and 2 both on row i; for a = 1, rows 0 and 1 on row i and row 2 on row i + 1 (columns
+# alike with b). So each of the four output phases is a 2x2 convolution of the input, padded by 1,
+# with kernel taps summed in those groups: 16 instead of 36 multiply-adds per input pixel and
+# channel pair (2.25x fewer), and no 4x upsampled copy to unfold. Exact up to float rounding.
+_PHASE_TAPS = (((0,), (1, 2)), ((0, 1), (2,)))  # phase -> the kernel taps that share each of its two input rows
+
+
+def _phase_kernel(weight: mx.array, a: int, b: int) -> mx.array:
+    """[O, 3, 3, C] -> the [O, 2, 2, C] kernel of output phase (a, b)."""
+    w = weight.astype(F32)
+    rows = mx.stack([sum(w[:, t] for t in taps) for taps in _PHASE_TAPS[a]], axis=1)
+    return mx.stack([sum(rows[:, :, t] for t in taps) for taps in _PHASE_TAPS[b]], axis=2).astype(weight.dtype)
+
+
+def upsample2x_conv3x3(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.array:
+    """conv3x3(nearest_upsample_x2(x), padding 1) for channels-last x (N, H, W, C) and weights
+    [O, 3, 3, C], as four 2x2 convolutions of x interleaved into the (N, 2H, 2W, O) result."""
+    batch, height, width, _ = x.shape
+    padded = mx.pad(x, [(0, 0), (1, 1), (1, 1), (0, 0)])
+    phases = [[conv2d_banded(padded[:, a:a + height + 1, b:b + width + 1], _phase_kernel(weight, a, b))
+               for b in (0, 1)] for a in (0, 1)]
+    out = mx.stack([mx.stack(row, axis=3) for row in phases], axis=2)  # (N, H, 2, W, 2, O)
+    out = out.reshape(batch, 2 * height, 2 * width, weight.shape[0])
+    return out if bias is None else out + bias
+
+
 class SiLU(nn.Module):
     """SiLU on channels-last feature maps (elementwise; the flag keeps the harness's layouts aligned)."""
 

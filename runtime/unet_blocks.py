@@ -14,7 +14,7 @@ import mlx.nn as nn
 import numpy as np
 
 from vidport.runtime.animatediff_motion import TemporalTransformer
-from vidport.runtime.layers import Conv2d, Dropout, GroupNorm, SiLU
+from vidport.runtime.layers import Conv2d, Dropout, GroupNorm, SiLU, upsample2x_conv3x3
 from vidport.runtime.unet_attention import Transformer2DModel
 
 
@@ -58,19 +58,17 @@ class Downsample2D(nn.Module):
         return self.conv(hidden_states)
 
 
-def nearest_resize(x: mx.array, size: tuple[int, int] | None) -> mx.array:
-    """Nearest-neighbour upsampling of a channels-last map: x2, or to `size` as torch picks pixels."""
-    batch, height, width, channels = x.shape
-    if size is None:
-        x = mx.broadcast_to(x[:, :, None, :, None, :], (batch, height, 2, width, 2, channels))
-        return x.reshape(batch, height * 2, width * 2, channels)
+def nearest_resize(x: mx.array, size: tuple[int, int]) -> mx.array:
+    """Nearest-neighbour resizing of a channels-last map to `size`, picking pixels as torch does."""
+    _, height, width, _ = x.shape
     rows = np.minimum(np.floor(np.arange(size[0]) * (height / size[0])).astype(np.int32), height - 1)
     cols = np.minimum(np.floor(np.arange(size[1]) * (width / size[1])).astype(np.int32), width - 1)
     return mx.take(mx.take(x, mx.array(rows), axis=1), mx.array(cols), axis=2)
 
 
 class Upsample2D(nn.Module):
-    """Nearest x2 (or to the skip connection's size), then a 3x3 convolution."""
+    """Nearest x2 (or to the skip connection's size), then a 3x3 convolution; at x2 computed on the
+    low-resolution map (layers.upsample2x_conv3x3)."""
 
     channels_last = True
 
@@ -79,7 +77,10 @@ class Upsample2D(nn.Module):
         self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def __call__(self, hidden_states: mx.array, output_size: tuple[int, int] | None = None) -> mx.array:
-        return self.conv(nearest_resize(hidden_states, None if output_size is None else tuple(output_size)))
+        _, height, width, _ = hidden_states.shape
+        if output_size is None or tuple(output_size) == (2 * height, 2 * width):
+            return upsample2x_conv3x3(hidden_states, self.conv.weight, self.conv.get("bias"))
+        return self.conv(nearest_resize(hidden_states, tuple(output_size)))
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from vidport.runtime.layers import Conv2d, Dropout, SiLU, attention
+from vidport.runtime.layers import Conv2d, Dropout, SiLU, attention, upsample2x_conv3x3
 from vidport.runtime.wan_vae_conv import CACHE_T, BandedConv2d, Cache, WanCausalConv3d, cached_conv, own_copy
 from vidport.runtime.wan_vae_layers import AvgDown3D, DupUp3D, Identity, Sequential, WanRMSNorm, WanUpsample, ZeroPad2d
 
@@ -80,7 +80,12 @@ class WanResample(nn.Module):
         if self.mode == "upsample3d" and feat_cache is not None:
             x = self._double_time(x, feat_cache, feat_idx)
         b, t, h, w, c = x.shape
-        x = self.resample(x.reshape(b * t, h, w, c))
+        frames = x.reshape(b * t, h, w, c)
+        if self.mode in ("upsample2d", "upsample3d"):  # resample = (nearest x2, 3x3 conv), on the small map
+            conv = self.resample[1]
+            x = upsample2x_conv3x3(frames, conv.weight, conv.get("bias"))
+        else:
+            x = self.resample(frames)
         x = x.reshape(b, t, *x.shape[1:])
         if self.mode == "downsample3d" and feat_cache is not None:
             x = self._halve_time(x, feat_cache, feat_idx)

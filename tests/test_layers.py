@@ -203,6 +203,38 @@ def test_banded_conv2d_matches_torch(budget_rows, stride, padding, batch, monkey
     close(ours, theirs, atol=2e-5)
 
 
+@pytest.mark.parametrize("shape, out_channels, budget_rows, bias", [
+    ((2, 5, 7, 6), 4, None, True),   # odd sides, bias
+    ((1, 1, 1, 3), 2, None, False),  # one pixel: every tap but the centre falls on the padding
+    ((2, 6, 4, 8), 8, 2, True),      # each phase in bands of output rows
+])
+def test_upsample2x_conv3x3_matches_torch(shape, out_channels, budget_rows, bias, monkeypatch):
+    """The four-phase form equals F.interpolate(nearest, x2) then F.conv2d(padding=1), diffusers' upsampler."""
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal(shape).astype(np.float32)
+    weight = rng.standard_normal((out_channels, 3, 3, shape[-1])).astype(np.float32)
+    b = rng.standard_normal(out_channels).astype(np.float32) if bias else None
+    if budget_rows is not None:  # bytes of one phase's unfolded input for that many output rows
+        monkeypatch.setattr(layers, "CONV_UNFOLD_BUDGET_BYTES", budget_rows * shape[2] * 4 * shape[-1] * 4)
+    ours = layers.upsample2x_conv3x3(mx.array(x), mx.array(weight), None if b is None else mx.array(b))
+    upsampled = F.interpolate(torch.from_numpy(x).permute(0, 3, 1, 2), scale_factor=2.0, mode="nearest")
+    theirs = F.conv2d(upsampled, torch.from_numpy(weight).permute(0, 3, 1, 2),
+                      None if b is None else torch.from_numpy(b), padding=1).permute(0, 2, 3, 1)
+    assert ours.shape == tuple(theirs.shape)
+    close(ours, theirs, atol=3e-5)
+
+
+def test_upsample2x_conv3x3_keeps_half_precision():
+    rng = np.random.default_rng(10)
+    x = mx.array(rng.standard_normal((1, 4, 3, 8)).astype(np.float32)).astype(mx.bfloat16)
+    weight = mx.array(rng.standard_normal((8, 3, 3, 8)).astype(np.float32) * 0.2).astype(mx.bfloat16)
+    ours = layers.upsample2x_conv3x3(x, weight)
+    assert ours.dtype == mx.bfloat16
+    upsampled = F.interpolate(as_torch(x).permute(0, 3, 1, 2), scale_factor=2.0, mode="nearest")
+    theirs = F.conv2d(upsampled, as_torch(weight).permute(0, 3, 1, 2), padding=1).permute(0, 2, 3, 1)
+    close(ours, theirs, atol=0.05, rtol=2e-2)  # bfloat16 products, and the summed taps rounded once to bfloat16
+
+
 @pytest.mark.parametrize("user_value", [None, "20"])
 def test_configure_cpu_leaves_the_blas_thread_timeout_as_the_user_set_it(user_value, monkeypatch):
     """The short OpenBLAS spin applies to the runtime's own OpenBLAS only, while it loads."""
