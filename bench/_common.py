@@ -97,6 +97,7 @@ def mlx_profile(fn: Callable[[], Any]) -> dict[str, float]:
     import mlx.nn as nn
 
     import vidport.runtime.layers as layers
+    from vidport.runtime.cpu_threads import one_at_a_time
 
     times = {c: 0.0 for c in CATEGORIES}
     calls = {c: 0 for c in CATEGORIES}
@@ -128,7 +129,7 @@ def mlx_profile(fn: Callable[[], Any]) -> dict[str, float]:
             patches += [(getattr(sys.modules[module_name], c), "__call__", category) for c, category in classes.items()]
     patches += [(layers.GroupNorm, "__call__", "group norm"), (layers.Conv2d, "__call__", "conv")]
     functions = {"attention": "attention", "silu": "activation", "gelu": "activation", "gelu_tanh": "activation",
-                 "geglu": "activation", "sigmoid": "activation"}
+                 "geglu": "activation", "sigmoid": "activation", "upsample2x_conv3x3": "conv"}
     for module in [m for name, m in sys.modules.items() if name.startswith("vidport.runtime.") and m is not None]:
         for name, category in functions.items():  # the module's own reference to the runtime.layers function
             if getattr(module, name, None) is getattr(layers, name):
@@ -139,7 +140,8 @@ def mlx_profile(fn: Callable[[], Any]) -> dict[str, float]:
         for (owner, name, category), (_, _, original) in zip(patches, originals):
             setattr(owner, name, wrap(category, original))
         start = time.perf_counter()
-        fn()
+        with one_at_a_time():  # one clock per category: parts in turn, not on threads
+            fn()
         total = time.perf_counter() - start
     finally:
         for owner, name, original in originals:

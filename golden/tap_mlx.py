@@ -12,6 +12,7 @@ import mlx.nn as nn
 import numpy as np
 
 from vidport.golden.records import CallNamer
+from vidport.runtime.cpu_threads import one_at_a_time
 
 _TAPPED: dict[type, type] = {}
 
@@ -56,7 +57,8 @@ def tap(model: nn.Module) -> Iterator[list[tuple[str, nn.Module, Any]]]:
     records: list[tuple[str, nn.Module, Any]] = []
     _TapState.active, _TapState.namer = records, CallNamer()
     try:
-        yield records
+        with one_at_a_time():  # calls recorded in order: a batch's parts in turn, not on threads
+            yield records
     finally:
         _TapState.active, _TapState.namer = None, None
         for name, module in modules.items():

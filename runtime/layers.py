@@ -260,29 +260,50 @@ def conv2d_banded(x: mx.array, weight: mx.array, stride=1, padding=0, dilation=1
 # upsamplers, computed on the low-resolution map. Output pixel (2i + a, 2j + b) sees only two rows
 # and two columns of the low-resolution input: for a = 0, kernel row 0 lands on input row i - 1 and
 # rows 1 and 2 both on row i; for a = 1, rows 0 and 1 on row i and row 2 on row i + 1 (columns
-# alike with b). So each of the four output phases is a 2x2 convolution of the input, padded by 1,
+# alike with b). So each of the four output phases is a 2x2 convolution of the input padded by 1,
 # with kernel taps summed in those groups: 16 instead of 36 multiply-adds per input pixel and
-# channel pair (2.25x fewer), and no 4x upsampled copy to unfold. Exact up to float rounding.
+# channel pair (2.25x fewer), and no 4x upsampled copy. The four phases share one unfolded input
+# (each padded pixel's 2x2 window, 4x the input) and run as one matrix product with all four
+# phase kernels side by side; phase (a, b) is then that product's window (i + a, j + b).
+# Exact up to float rounding. Large maps go in bands of rows (CONV_UNFOLD_BUDGET_BYTES).
 _PHASE_TAPS = (((0,), (1, 2)), ((0, 1), (2,)))  # phase -> the kernel taps that share each of its two input rows
 
 
-def _phase_kernel(weight: mx.array, a: int, b: int) -> mx.array:
-    """[O, 3, 3, C] -> the [O, 2, 2, C] kernel of output phase (a, b)."""
+def _phase_kernels(weight: mx.array) -> mx.array:
+    """[O, 3, 3, C] -> [(r, s, C), (a, b, O)]: phase (a, b)'s 2x2 kernel taps (r, s), as one matrix."""
     w = weight.astype(F32)
-    rows = mx.stack([sum(w[:, t] for t in taps) for taps in _PHASE_TAPS[a]], axis=1)
-    return mx.stack([sum(rows[:, :, t] for t in taps) for taps in _PHASE_TAPS[b]], axis=2).astype(weight.dtype)
+    phases = []
+    for a in (0, 1):
+        rows = mx.stack([sum(w[:, t] for t in taps) for taps in _PHASE_TAPS[a]], axis=1)
+        for b in (0, 1):
+            phases.append(mx.stack([sum(rows[:, :, t] for t in taps) for taps in _PHASE_TAPS[b]], axis=2))
+    out_channels, in_channels = weight.shape[0], weight.shape[-1]
+    return mx.concatenate(phases).reshape(4 * out_channels, 4 * in_channels).T.astype(weight.dtype)
 
 
 def upsample2x_conv3x3(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.array:
     """conv3x3(nearest_upsample_x2(x), padding 1) for channels-last x (N, H, W, C) and weights
-    [O, 3, 3, C], as four 2x2 convolutions of x interleaved into the (N, 2H, 2W, O) result."""
-    batch, height, width, _ = x.shape
+    [O, 3, 3, C]: the (N, 2H, 2W, O) result, computed on x."""
+    batch, height, width, channels = x.shape
+    out_channels = weight.shape[0]
+    kernels = _phase_kernels(weight)
+    bias4 = None if bias is None else mx.tile(bias, 4)
     padded = mx.pad(x, [(0, 0), (1, 1), (1, 1), (0, 0)])
-    phases = [[conv2d_banded(padded[:, a:a + height + 1, b:b + width + 1], _phase_kernel(weight, a, b))
-               for b in (0, 1)] for a in (0, 1)]
-    out = mx.stack([mx.stack(row, axis=3) for row in phases], axis=2)  # (N, H, 2, W, 2, O)
-    out = out.reshape(batch, 2 * height, 2 * width, weight.shape[0])
-    return out if bias is None else out + bias
+    window_row_bytes = batch * (width + 1) * 4 * channels * x.itemsize
+    rows = max(1, CONV_UNFOLD_BUDGET_BYTES // window_row_bytes - 1)
+    bands = []
+    for first in range(0, height, rows):
+        n = min(rows, height - first)
+        windows = mx.concatenate([padded[:, first + r:first + n + 1 + r, s:width + 1 + s]
+                                  for r in (0, 1) for s in (0, 1)], axis=-1).reshape(-1, 4 * channels)
+        y = windows @ kernels if bias4 is None else mx.addmm(bias4, windows, kernels)
+        y = y.reshape(batch, n + 1, width + 1, 2, 2, out_channels)
+        phase = [[y[:, a:a + n, b:b + width, a, b] for b in (0, 1)] for a in (0, 1)]
+        band = mx.stack([mx.stack(row, axis=3) for row in phase], axis=2)  # (N, n, 2, W, 2, O)
+        bands.append(band.reshape(batch, 2 * n, 2 * width, out_channels))
+        if rows < height:
+            mx.eval(bands[-1])
+    return bands[0] if len(bands) == 1 else mx.concatenate(bands, axis=1)
 
 
 class SiLU(nn.Module):

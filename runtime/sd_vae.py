@@ -13,6 +13,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
+from vidport.runtime.cpu_threads import map_parts
 from vidport.runtime.layers import Conv2d, GroupNorm, SiLU, attention
 from vidport.runtime.unet_blocks import ResnetBlock2D, Upsample2D
 
@@ -218,14 +219,13 @@ class AutoencoderKL(nn.Module):
         return cls(**config)
 
     def _sliced(self, fn, x: mx.array, slice_size: int | None) -> mx.array:
+        """fn on `slice_size` frames at a time, each slice evaluated before the next starts (bounded
+        memory); on the CPU two slices at a time, on two threads (runtime.cpu_threads)."""
         if not slice_size or x.shape[0] <= slice_size:
             return fn(x)
-        parts = []
-        for start in range(0, x.shape[0], slice_size):
-            part = fn(x[start:start + slice_size])
-            mx.eval(part)  # bound memory: one slice of activations at a time
-            parts.append(part)
-        return mx.concatenate(parts, axis=0)
+        starts = range(0, x.shape[0], slice_size)
+        return mx.concatenate(map_parts(lambda start: fn(x[start:start + slice_size]), starts, (x, self.parameters())),
+                              axis=0)
 
     def _moments(self, x: mx.array) -> mx.array:
         moments = self.encoder(x)

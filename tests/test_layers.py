@@ -206,7 +206,8 @@ def test_banded_conv2d_matches_torch(budget_rows, stride, padding, batch, monkey
 @pytest.mark.parametrize("shape, out_channels, budget_rows, bias", [
     ((2, 5, 7, 6), 4, None, True),   # odd sides, bias
     ((1, 1, 1, 3), 2, None, False),  # one pixel: every tap but the centre falls on the padding
-    ((2, 6, 4, 8), 8, 2, True),      # each phase in bands of output rows
+    ((2, 6, 4, 8), 8, 2, True),      # in bands of rows
+    ((1, 5, 3, 4), 6, 2, False),     # in bands of rows, the last one shorter
 ])
 def test_upsample2x_conv3x3_matches_torch(shape, out_channels, budget_rows, bias, monkeypatch):
     """The four-phase form equals F.interpolate(nearest, x2) then F.conv2d(padding=1), diffusers' upsampler."""
@@ -214,8 +215,8 @@ def test_upsample2x_conv3x3_matches_torch(shape, out_channels, budget_rows, bias
     x = rng.standard_normal(shape).astype(np.float32)
     weight = rng.standard_normal((out_channels, 3, 3, shape[-1])).astype(np.float32)
     b = rng.standard_normal(out_channels).astype(np.float32) if bias else None
-    if budget_rows is not None:  # bytes of one phase's unfolded input for that many output rows
-        monkeypatch.setattr(layers, "CONV_UNFOLD_BUDGET_BYTES", budget_rows * shape[2] * 4 * shape[-1] * 4)
+    if budget_rows is not None:  # bytes of the 2x2 windows of that many input rows, and the one below them
+        monkeypatch.setattr(layers, "CONV_UNFOLD_BUDGET_BYTES", (budget_rows + 1) * shape[0] * (shape[2] + 1) * 4 * shape[-1] * 4)
     ours = layers.upsample2x_conv3x3(mx.array(x), mx.array(weight), None if b is None else mx.array(b))
     upsampled = F.interpolate(torch.from_numpy(x).permute(0, 3, 1, 2), scale_factor=2.0, mode="nearest")
     theirs = F.conv2d(upsampled, torch.from_numpy(weight).permute(0, 3, 1, 2),

@@ -207,6 +207,24 @@ def test_vae_encode_decode_match_diffusers(sd_sources, mlx_vae):
     np.testing.assert_allclose(np.array(mlx_vae.decode(ours.mean)).transpose(0, 3, 1, 2), decoded, atol=1e-4)
 
 
+def test_vae_decode_on_two_threads_matches_diffusers(sd_sources, mlx_vae, monkeypatch):
+    """Frames decoded one slice at a time, two slices at once on two threads (runtime.cpu_threads),
+    equal diffusers' decode of all of them."""
+    import mlx.core as mx
+    from diffusers import AutoencoderKL
+
+    from vidport.runtime import cpu_threads
+
+    monkeypatch.setattr(cpu_threads.os, "cpu_count", lambda: 2)
+    assert cpu_threads.workers_for(4) == 2
+    reference = AutoencoderKL.from_pretrained(sd_sources["pipeline"] / "vae").eval()
+    z = np.random.default_rng(3).standard_normal((4, 4, 4, 4)).astype(np.float32)
+    with torch.no_grad():
+        decoded = reference.decode(torch.from_numpy(z)).sample.numpy()
+    ours = mlx_vae.decode(mx.array(z.transpose(0, 2, 3, 1)), slice_size=1)
+    np.testing.assert_allclose(np.array(ours).transpose(0, 3, 1, 2), decoded, atol=1e-4)
+
+
 def test_clip_encodes_a_prompt_as_transformers_does(sd_sources, tmp_path):
     """Tokenized prompts through the pipeline's own tokenizer: hidden states and the pooled output
     (end-of-text state) equal transformers', with and without a padding mask."""

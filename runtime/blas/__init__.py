@@ -22,11 +22,13 @@ Set VIDPORT_BLAS=reference to keep the wheel's own BLAS (for benchmarks).
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import subprocess
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 SHIM_SOURCE = Path(__file__).with_name("shim.c")
@@ -111,6 +113,21 @@ def use_fast_blas(stacklevel: int = 1) -> str:
     if shim is not None:
         state["blas"] = f"{FAST_BLAS_PREFIX} {corename() or ''} kernels (scipy-openblas32 via vidport shim)".replace("  ", " ")
     return state["blas"]
+
+
+@contextlib.contextmanager
+def fixed_threads(threads: int) -> Iterator[None]:
+    """Every BLAS product made inside the block uses `threads` threads (nothing changes without
+    the shim): for several MLX streams computing at once, see shim.c."""
+    if not state["blas"].startswith(FAST_BLAS_PREFIX):
+        yield
+        return
+    fix = ctypes.CDLL(str(shim_path())).vidport_blas_fix_threads
+    fix(threads)
+    try:
+        yield
+    finally:
+        fix(0)
 
 
 def corename() -> str | None:

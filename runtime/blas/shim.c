@@ -22,14 +22,34 @@ int scipy_openblas_get_num_threads(void);
 
 static double small_work = 4.0 * 1024 * 1024; /* m*n*k below which one thread is used */
 static int all_threads = -1, threads_now = -1;
+static int fixed_threads = 0; /* > 0: every product uses this many threads (vidport_blas_fix_threads) */
 
-static void pick_threads(blasint m, blasint n, blasint k) {
+static void init_threads(void) {
     if (all_threads < 0) {
         const char *override = getenv("VIDPORT_BLAS_SMALL_WORK");
         if (override) small_work = atof(override);
         all_threads = threads_now = scipy_openblas_get_num_threads();
     }
+}
+
+static void pick_threads(blasint m, blasint n, blasint k) {
+    init_threads();
+    if (fixed_threads > 0) return;
     int want = (double)m * (double)n * (double)k < small_work ? 1 : all_threads;
+    if (want != threads_now) {
+        scipy_openblas_set_num_threads(want);
+        threads_now = want;
+    }
+}
+
+/* While several MLX streams compute at once, each on its own thread (vidport.runtime.cpu_threads),
+ * OpenBLAS's thread count is global: one caller switching it under another's running product is a
+ * race. So the count is fixed for that time (threads > 0: every product uses `threads`), and
+ * threads = 0 restores the choice by size. */
+void vidport_blas_fix_threads(int threads) {
+    init_threads();
+    fixed_threads = threads > 0 ? threads : 0;
+    int want = fixed_threads > 0 ? fixed_threads : all_threads;
     if (want != threads_now) {
         scipy_openblas_set_num_threads(want);
         threads_now = want;

@@ -1,0 +1,72 @@
+"""runtime.cpu_threads: independent parts computed on two threads at once give the parts' own
+results, in order; a failing part's error reaches the caller; the BLAS thread count is given back;
+and the two models that use it (the motion UNet's batch of videos, the SD VAE's slices of frames)
+still equal diffusers."""
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+import pytest
+
+import vidport.runtime  # noqa: F401  (before mlx: the fast BLAS)
+from vidport.runtime import configure_cpu
+import mlx.core as mx
+
+from vidport.runtime import cpu_threads
+
+
+def blas_threads() -> int | None:
+    """OpenBLAS's current thread count, when the shim is loaded."""
+    if not configure_cpu(malloc=False).fast_blas:
+        return None
+    import scipy_openblas32
+    from pathlib import Path
+
+    lib = ctypes.CDLL(str(next(Path(scipy_openblas32.get_lib_dir()).glob("libscipy_openblas*.so*"))))
+    return lib.scipy_openblas_get_num_threads()
+
+
+def test_parts_run_on_two_threads_in_order(monkeypatch):
+    monkeypatch.setattr(cpu_threads.os, "cpu_count", lambda: 2)
+    assert cpu_threads.workers_for(5) == 2
+    rng = np.random.default_rng(0)
+    a = [mx.array(rng.standard_normal((64, 96)).astype(np.float32)) for _ in range(5)]
+    b = mx.array(rng.standard_normal((96, 48)).astype(np.float32))
+    before = blas_threads()
+    threads_seen = set()
+
+    def part(x):
+        import threading
+
+        threads_seen.add(threading.current_thread().name)
+        return mx.tanh(x @ b) + 1.0
+
+    ours = cpu_threads.map_parts(part, a)
+    assert len(threads_seen) == 2 and not any(name == "MainThread" for name in threads_seen)
+    for x, out in zip(a, ours):
+        np.testing.assert_allclose(np.array(out), np.tanh(np.array(x) @ np.array(b)) + 1.0, atol=1e-5)
+    assert blas_threads() == before
+
+
+def test_a_failing_part_raises_in_the_caller(monkeypatch):
+    monkeypatch.setattr(cpu_threads.os, "cpu_count", lambda: 2)
+    before = blas_threads()
+
+    def part(i):
+        if i == 2:
+            raise ValueError("part 2 failed")
+        return mx.ones((4,)) * i
+
+    with pytest.raises(ValueError, match="part 2 failed"):
+        cpu_threads.map_parts(part, list(range(4)))
+    assert blas_threads() == before
+
+
+def test_one_at_a_time_and_the_switch_keep_parts_in_the_calling_thread(monkeypatch):
+    monkeypatch.setattr(cpu_threads.os, "cpu_count", lambda: 2)
+    with cpu_threads.one_at_a_time():
+        assert cpu_threads.workers_for(4) == 1
+    assert cpu_threads.workers_for(4) == 2
+    monkeypatch.setenv("VIDPORT_CPU_THREADS", "1")
+    assert cpu_threads.workers_for(4) == 1
