@@ -5,26 +5,35 @@ still equal diffusers."""
 from __future__ import annotations
 
 import ctypes
+import threading
 
 import numpy as np
 import pytest
 
 import vidport.runtime  # noqa: F401  (before mlx: the fast BLAS)
-from vidport.runtime import configure_cpu
+from vidport.runtime import cpu_settings
 import mlx.core as mx
 
 from vidport.runtime import cpu_threads
 
 
-def blas_threads() -> int | None:
-    """OpenBLAS's current thread count, when the shim is loaded."""
-    if not configure_cpu(malloc=False).fast_blas:
+def blas_threads_after(m: int) -> int | None:
+    """OpenBLAS's thread count after an m x m x m product, when the shim is loaded (it picks one
+    thread for small products and all of them for large ones)."""
+    if not cpu_settings().fast_blas:
         return None
     import scipy_openblas32
     from pathlib import Path
 
+    mx.eval(mx.ones((m, m)) @ mx.ones((m, m)))
     lib = ctypes.CDLL(str(next(Path(scipy_openblas32.get_lib_dir()).glob("libscipy_openblas*.so*"))))
     return lib.scipy_openblas_get_num_threads()
+
+
+def assert_blas_picks_by_size_again(all_threads: int | None) -> None:
+    """After map_parts the shim's thread count is no longer fixed: small products one thread, large all."""
+    assert blas_threads_after(8) in (None, 1)
+    assert blas_threads_after(256) == all_threads
 
 
 def test_parts_run_on_two_threads_in_order(monkeypatch):
@@ -33,25 +42,26 @@ def test_parts_run_on_two_threads_in_order(monkeypatch):
     rng = np.random.default_rng(0)
     a = [mx.array(rng.standard_normal((64, 96)).astype(np.float32)) for _ in range(5)]
     b = mx.array(rng.standard_normal((96, 48)).astype(np.float32))
-    before = blas_threads()
+    all_threads = blas_threads_after(256)
     threads_seen = set()
+    both_started = threading.Barrier(2)  # the first two parts wait for each other: they must be on two threads
 
-    def part(x):
-        import threading
-
+    def part(index):
         threads_seen.add(threading.current_thread().name)
-        return mx.tanh(x @ b) + 1.0
+        if index < 2:
+            both_started.wait(timeout=30)
+        return mx.tanh(a[index] @ b) + 1.0
 
-    ours = cpu_threads.map_parts(part, a)
+    ours = cpu_threads.map_parts(part, list(range(len(a))))
     assert len(threads_seen) == 2 and not any(name == "MainThread" for name in threads_seen)
     for x, out in zip(a, ours):
         np.testing.assert_allclose(np.array(out), np.tanh(np.array(x) @ np.array(b)) + 1.0, atol=1e-5)
-    assert blas_threads() == before
+    assert_blas_picks_by_size_again(all_threads)
 
 
 def test_a_failing_part_raises_in_the_caller(monkeypatch):
     monkeypatch.setattr(cpu_threads.os, "cpu_count", lambda: 2)
-    before = blas_threads()
+    all_threads = blas_threads_after(256)
 
     def part(i):
         if i == 2:
@@ -60,7 +70,7 @@ def test_a_failing_part_raises_in_the_caller(monkeypatch):
 
     with pytest.raises(ValueError, match="part 2 failed"):
         cpu_threads.map_parts(part, list(range(4)))
-    assert blas_threads() == before
+    assert_blas_picks_by_size_again(all_threads)
 
 
 def test_one_at_a_time_and_the_switch_keep_parts_in_the_calling_thread(monkeypatch):
