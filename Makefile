@@ -21,6 +21,7 @@ $(VENV)/.installed: requirements.txt requirements-nodeps.txt pyproject.toml
 	else echo "vidport: ttnn has no wheel for $$($(PY) --version); TTNN tests will be skipped"; fi
 	$(PY) -m pip install -q --no-deps -e .
 	@$(PY) -c 'from vidport.runtime import configure_cpu; print("vidport: MLX BLAS:", configure_cpu(malloc=False).blas)'
+	@$(PY) -c 'from vidport.runtime import native; print("vidport: native CPU kernels:", "built" if native.load() else "off")'
 	@touch $@
 
 # CI (CI=true) runs every suite, the ones marked slow included; a local `make test` leaves those out

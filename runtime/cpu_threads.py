@@ -5,7 +5,7 @@ the matrix products inside it use more cores (OpenBLAS's threads). Everything el
 copies of convolutions, norms, activations, attention's exponentials, residual adds) uses one core,
 while torch runs the same kernels on all of them. Work that splits into independent parts (the frames of
 the SD VAE's sliced decode) can run faster as parts computed at the same time, each on a thread with
-its own MLX stream, with the BLAS threads shared out between them: on the 2-core development machine
+its own MLX stream, with the BLAS (and native convolution) threads shared out between them: on the 2-core development machine
 the SD VAE decode's 16 frames took 59-61 s on two threads against 67-77 s one frame after another.
 Not every model gains: the motion UNet's two guidance halves on two threads took 31-35 s against
 27-28 s as one batch (the threads used less CPU in all, 149% against 161%, so they wait on each
@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 
 import mlx.core as mx
 
+from vidport.runtime import native
 from vidport.runtime.blas import fixed_threads
 
 T = TypeVar("T")
@@ -92,7 +93,8 @@ def map_parts(fn: Callable[[T], mx.array], parts: Sequence[T], shared: Any = ())
         finally:
             mx.clear_streams()
 
-    with fixed_threads(max(1, (os.cpu_count() or 1) // workers)):
+    threads_each = max(1, (os.cpu_count() or 1) // workers)
+    with fixed_threads(threads_each), native.conv_threads(threads_each):
         threads = [threading.Thread(target=worker, name=f"vidport-part-{i}") for i in range(workers)]
         for thread in threads:
             thread.start()

@@ -20,6 +20,8 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
+from vidport.runtime import native
+
 F32 = mx.float32
 
 # MLX's exp (mlx/backend/cpu/simd/math.h): 2^t = 2^k * p(f), t = k + f, |f| <= 1/2, degree-6 p.
@@ -206,24 +208,37 @@ CONV_UNFOLD_BUDGET_BYTES = 128 * 1024**2
 
 
 class Conv2d(nn.Conv2d):
-    """MLX convolution: channels-last input and output, weights [out, kh, kw, in]; banded when
-    its unfolded input would exceed CONV_UNFOLD_BUDGET_BYTES."""
+    """MLX convolution: channels-last input and output, weights [out, kh, kw, in]; the native
+    kernel where it applies, else banded when its unfolded input would exceed
+    CONV_UNFOLD_BUDGET_BYTES."""
 
     channels_last = True
 
     def __call__(self, x: mx.array) -> mx.array:
-        y = conv2d_banded(x, self.weight, self.stride, self.padding, self.dilation, self.groups)
-        return y + self.bias if "bias" in self else y
+        bias = self.bias if "bias" in self else None
+        return conv2d_banded(x, self.weight, self.stride, self.padding, self.dilation, self.groups, bias)
 
 
 def _pair(value) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else tuple(value)
 
 
-def conv2d_banded(x: mx.array, weight: mx.array, stride=1, padding=0, dilation=1, groups: int = 1) -> mx.array:
-    """mx.conv2d, in bands of images and then of output rows (each evaluated on the spot) when its
-    unfolded input is large."""
+def conv2d_banded(x: mx.array, weight: mx.array, stride=1, padding=0, dilation=1, groups: int = 1,
+                  bias: mx.array | None = None) -> mx.array:
+    """conv2d(x, weight) + bias: vidport's native convolution (vidport.runtime.native) where it
+    applies (stride 1, float32, on the CPU), else mx.conv2d, in bands of images and then of output
+    rows (each evaluated on the spot) when its unfolded input is large."""
     stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+    if stride == (1, 1) and dilation == (1, 1) and groups == 1:
+        y = native.conv(x[:, None], weight[:, None], bias, ((0, 0), (padding[0],) * 2, (padding[1],) * 2))
+        if y is not None:
+            return y[:, 0]
+    y = _mlx_conv2d_banded(x, weight, stride, padding, dilation, groups)
+    return y if bias is None else y + bias
+
+
+def _mlx_conv2d_banded(x: mx.array, weight: mx.array, stride: tuple[int, int], padding: tuple[int, int],
+                       dilation: tuple[int, int], groups: int) -> mx.array:
     batch, height, width, channels = x.shape
     kh, kw = weight.shape[1:3]
     if kh * kw == 1 or groups != 1:

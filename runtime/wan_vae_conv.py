@@ -11,6 +11,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from vidport.runtime import native
 from vidport.runtime.layers import Conv2d
 
 CACHE_T = 2
@@ -51,9 +52,7 @@ class WanCausalConv3d(nn.Module):
             x = mx.concatenate([cache_x.astype(x.dtype), x], axis=1)
             past -= cache_x.shape[1]
         pad_h, pad_w = self.space_padding
-        if past or pad_h or pad_w:
-            x = mx.pad(x, [(0, 0), (past, 0), (pad_h, pad_h), (pad_w, pad_w), (0, 0)])
-        return _conv3d_banded(x, self.weight, self.stride) + self.bias
+        return conv3d(x, self.weight, self.stride, ((past, 0), (pad_h, pad_h), (pad_w, pad_w)), self.bias)
 
 
 class BandedConv2d(Conv2d):
@@ -62,10 +61,26 @@ class BandedConv2d(Conv2d):
 
     def __call__(self, x: mx.array) -> mx.array:
         pad_h, pad_w = self.padding
-        if pad_h or pad_w:
-            x = mx.pad(x, [(0, 0), (pad_h, pad_h), (pad_w, pad_w), (0, 0)])
-        out = _conv3d_banded(x[None], self.weight[:, None], (1, *self.stride))[0]
-        return out + self.bias if "bias" in self else out
+        bias = self.bias if "bias" in self else None
+        return conv3d(x[None], self.weight[:, None], (1, *self.stride), ((0, 0), (pad_h, pad_h), (pad_w, pad_w)), bias)[0]
+
+
+Padding = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]  # (before, after) of T, H, W
+
+
+def conv3d(x: mx.array, weight: mx.array, stride: tuple[int, int, int], padding: Padding,
+           bias: mx.array | None = None) -> mx.array:
+    """conv3d(zero-padded x, weight) + bias, channels-last: vidport's native convolution
+    (vidport.runtime.native) where it applies (stride 1, float32, on the CPU), else mx.pad and
+    `_conv3d_banded`."""
+    if stride == (1, 1, 1):
+        y = native.conv(x, weight, bias, padding)
+        if y is not None:
+            return y
+    if any(before or after for before, after in padding):
+        x = mx.pad(x, [(0, 0), *padding, (0, 0)])
+    y = _conv3d_banded(x, weight, stride)
+    return y if bias is None else y + bias
 
 
 def _conv3d_banded(x: mx.array, weight: mx.array, stride: tuple[int, int, int]) -> mx.array:

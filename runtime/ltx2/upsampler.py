@@ -14,7 +14,7 @@ import mlx.nn as nn
 
 from vidport.converter.core.errors import VidportError
 from vidport.runtime.layers import Conv2d, GroupNorm, SiLU
-from vidport.runtime.wan_vae_conv import _conv3d_banded as conv3d_banded
+from vidport.runtime.wan_vae_conv import conv3d
 from vidport.runtime.wan_vae_layers import Sequential
 
 # diffusers' RATIONAL_RESAMPLER_SCALE_MAPPING: scale -> (up by num with a pixel shuffle, down by den)
@@ -30,9 +30,7 @@ class Conv3d(nn.Conv3d):
     channels_last = True
 
     def __call__(self, x: mx.array) -> mx.array:
-        pad_t, pad_h, pad_w = self.padding
-        x = mx.pad(x, [(0, 0), (pad_t, pad_t), (pad_h, pad_h), (pad_w, pad_w), (0, 0)])
-        return conv3d_banded(x, self.weight, self.stride) + self.bias
+        return conv3d(x, self.weight, self.stride, tuple((p, p) for p in self.padding), self.bias)
 
 
 def _conv(dims: int, in_channels: int, out_channels: int) -> nn.Module:

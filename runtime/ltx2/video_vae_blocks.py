@@ -16,7 +16,7 @@ import mlx.nn as nn
 
 from vidport.runtime.layers import Dropout, SiLU
 from vidport.runtime.sd15_unet import TimestepEmbedding, Timesteps
-from vidport.runtime.wan_vae_conv import _conv3d_banded
+from vidport.runtime.wan_vae_conv import conv3d
 
 
 def _triple(value: int | tuple[int, ...]) -> tuple[int, int, int]:
@@ -50,13 +50,13 @@ class Conv3d(nn.Module):
         self.padding_mode = padding_mode
 
     def __call__(self, x: mx.array) -> mx.array:
+        zeros = tuple((p, p) for p in self.padding)
         if self.padding_mode == "reflect":
             for axis, pad in zip((1, 2, 3), self.padding):
                 if pad:
                     x = _reflect(x, axis, pad)
-        elif any(self.padding):
-            x = mx.pad(x, [(0, 0), *((p, p) for p in self.padding), (0, 0)])
-        return _conv3d_banded(x, self.weight, self.stride) + self.bias.astype(x.dtype)
+            zeros = ((0, 0),) * 3
+        return conv3d(x, self.weight, self.stride, zeros, self.bias.astype(x.dtype))
 
 
 class LTX2VideoCausalConv3d(nn.Module):
