@@ -303,6 +303,11 @@ def upsample2x_conv3x3(x: mx.array, weight: mx.array, bias: mx.array | None = No
     out_channels = weight.shape[0]
     kernels = _phase_kernels(weight)
     bias4 = None if bias is None else mx.tile(bias, 4)
+    # natively: one 2x2 convolution over the input padded by 1, the phases as 4 x O output channels
+    phase_weight = kernels.T.reshape(4 * out_channels, 1, 2, 2, channels)
+    y = native.conv(x[:, None], phase_weight, bias4, ((0, 0), (1, 1), (1, 1)))
+    if y is not None:
+        return _interleave_phases(y[:, 0], height, width)
     padded = mx.pad(x, [(0, 0), (1, 1), (1, 1), (0, 0)])
     window_row_bytes = batch * (width + 1) * 4 * channels * x.itemsize
     rows = max(1, CONV_UNFOLD_BUDGET_BYTES // window_row_bytes - 1)
@@ -312,13 +317,20 @@ def upsample2x_conv3x3(x: mx.array, weight: mx.array, bias: mx.array | None = No
         windows = mx.concatenate([padded[:, first + r:first + n + 1 + r, s:width + 1 + s]
                                   for r in (0, 1) for s in (0, 1)], axis=-1).reshape(-1, 4 * channels)
         y = windows @ kernels if bias4 is None else mx.addmm(bias4, windows, kernels)
-        y = y.reshape(batch, n + 1, width + 1, 2, 2, out_channels)
-        phase = [[y[:, a:a + n, b:b + width, a, b] for b in (0, 1)] for a in (0, 1)]
-        band = mx.stack([mx.stack(row, axis=3) for row in phase], axis=2)  # (N, n, 2, W, 2, O)
-        bands.append(band.reshape(batch, 2 * n, 2 * width, out_channels))
+        bands.append(_interleave_phases(y.reshape(batch, n + 1, width + 1, 4 * out_channels), n, width))
         if rows < height:
             mx.eval(bands[-1])
     return bands[0] if len(bands) == 1 else mx.concatenate(bands, axis=1)
+
+
+def _interleave_phases(y: mx.array, height: int, width: int) -> mx.array:
+    """(N, height + 1, width + 1, 4 O) phase outputs -> the (N, 2 height, 2 width, O) image: output
+    pixel (2i + a, 2j + b) is phase (a, b) at window (i + a, j + b)."""
+    batch, out_channels = y.shape[0], y.shape[-1] // 4
+    y = y.reshape(batch, height + 1, width + 1, 2, 2, out_channels)
+    phase = [[y[:, a:a + height, b:b + width, a, b] for b in (0, 1)] for a in (0, 1)]
+    image = mx.stack([mx.stack(row, axis=3) for row in phase], axis=2)  # (N, height, 2, W, 2, O)
+    return image.reshape(batch, 2 * height, 2 * width, out_channels)
 
 
 class SiLU(nn.Module):

@@ -196,6 +196,7 @@ def test_banded_conv2d_matches_torch(budget_rows, stride, padding, batch, monkey
     out_w = (11 + 2 * padding - 3) // stride + 1
     if budget_rows is not None:  # bytes of unfolded input for that many output rows
         monkeypatch.setattr(layers, "CONV_UNFOLD_BUDGET_BYTES", budget_rows * out_w * 9 * 6 * 4)
+    monkeypatch.setattr(layers.native, "conv", lambda *args: None)  # MLX's path (tests/test_native.py: the native one)
     ours = layers.conv2d_banded(mx.array(x), mx.array(weight), stride, padding)
     theirs = F.conv2d(torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(weight).permute(0, 3, 1, 2),
                       stride=stride, padding=padding).permute(0, 2, 3, 1)
@@ -209,8 +210,14 @@ def test_banded_conv2d_matches_torch(budget_rows, stride, padding, batch, monkey
     ((2, 6, 4, 8), 8, 2, True),      # in bands of rows
     ((1, 5, 3, 4), 6, 2, False),     # in bands of rows, the last one shorter
 ])
-def test_upsample2x_conv3x3_matches_torch(shape, out_channels, budget_rows, bias, monkeypatch):
-    """The four-phase form equals F.interpolate(nearest, x2) then F.conv2d(padding=1), diffusers' upsampler."""
+@pytest.mark.parametrize("path", ["native", "mlx"])
+def test_upsample2x_conv3x3_matches_torch(shape, out_channels, budget_rows, bias, path, monkeypatch):
+    """The four-phase form equals F.interpolate(nearest, x2) then F.conv2d(padding=1), diffusers' upsampler:
+    as one native 2x2 convolution (runtime.native), and as MLX's windows and matrix product."""
+    if path == "mlx":
+        monkeypatch.setattr(layers.native, "conv", lambda *args: None)
+    elif layers.native.load() is None:
+        pytest.skip("the native extension is not built here")
     rng = np.random.default_rng(9)
     x = rng.standard_normal(shape).astype(np.float32)
     weight = rng.standard_normal((out_channels, 3, 3, shape[-1])).astype(np.float32)
