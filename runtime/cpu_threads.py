@@ -94,7 +94,7 @@ def map_parts(fn: Callable[[T], mx.array], parts: Sequence[T], shared: Any = ())
             mx.clear_streams()
 
     threads_each = max(1, (os.cpu_count() or 1) // workers)
-    with fixed_threads(threads_each), native.conv_threads(threads_each):
+    with fixed_threads(threads_each), native.threads(threads_each):
         threads = [threading.Thread(target=worker, name=f"vidport-part-{i}") for i in range(workers)]
         for thread in threads:
             thread.start()

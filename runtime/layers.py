@@ -119,8 +119,10 @@ def sigmoid(x: mx.array) -> mx.array:
 
 
 def silu(x: mx.array) -> mx.array:
-    """x * sigmoid(x)."""
-    return _in_f32(_silu32, x)
+    """x * sigmoid(x): on every core where the native kernel applies (float32 on the CPU), else the
+    compiled arithmetic above."""
+    y = native.silu(x)
+    return _in_f32(_silu32, x) if y is None else y
 
 
 def gelu(x: mx.array) -> mx.array:
@@ -176,6 +178,11 @@ class GroupNorm(nn.GroupNorm):
         super().__init__(groups, channels, eps=eps, pytorch_compatible=True)
 
     def __call__(self, x: mx.array) -> mx.array:
+        has_affine = "weight" in self
+        y = native.group_norm(x, self.weight if has_affine else None, self.bias if has_affine else None,
+                              self.num_groups, self.eps)
+        if y is not None:  # float32 on the CPU: the same statistics on every core (runtime.native)
+            return y
         dtype, shape = x.dtype, x.shape
         batch, channels, groups = shape[0], shape[-1], self.num_groups
         size = channels // groups

@@ -33,13 +33,25 @@ def sample_values() -> np.ndarray:
     return np.concatenate([rng.standard_normal(20000).astype(np.float32) * 4, EXTREMES])
 
 
+@pytest.fixture(params=["native", "mlx"])
+def kernels(request, monkeypatch) -> str:
+    """Run a fast path both ways: with vidport's native kernels (runtime.native, float32 on the CPU)
+    and with MLX's own operations (other dtypes and devices, or no extension)."""
+    if request.param == "mlx":
+        for name in ("conv", "silu", "group_norm", "rms_norm"):
+            monkeypatch.setattr(layers.native, name, lambda *args: None)
+    elif layers.native.load() is None:
+        pytest.skip("the native extension is not built here")
+    return request.param
+
+
 @pytest.mark.parametrize("name, reference, atol", [
     ("silu", F.silu, 2e-6),
     ("sigmoid", torch.sigmoid, 1e-6),
     ("gelu", F.gelu, 1e-6),
     ("gelu_tanh", lambda x: F.gelu(x, approximate="tanh"), 2e-6),
 ])
-def test_activation_matches_torch(name, reference, atol):
+def test_activation_matches_torch(name, reference, atol, kernels):
     x = sample_values()
     ours = np.array(getattr(layers, name)(mx.array(x)))
     theirs = reference(torch.from_numpy(x)).numpy()
@@ -152,7 +164,7 @@ def test_attention_keeps_half_precision_and_rejects_unknown_named_mask():
     ((1, 1, 1, 6), 3, True),         # one position: each group's statistics over its channels alone
     ((4, 2, 320), 32, "none"),       # no weight and bias at all
 ])
-def test_group_norm_matches_torch(shape, groups, affine):
+def test_group_norm_matches_torch(shape, groups, affine, kernels):
     rng = np.random.default_rng(6)
     channels = shape[-1]
     x = rng.standard_normal(shape).astype(np.float32) * 5 + 3  # offset: a one-pass variance would drift
@@ -210,14 +222,9 @@ def test_banded_conv2d_matches_torch(budget_rows, stride, padding, batch, monkey
     ((2, 6, 4, 8), 8, 2, True),      # in bands of rows
     ((1, 5, 3, 4), 6, 2, False),     # in bands of rows, the last one shorter
 ])
-@pytest.mark.parametrize("path", ["native", "mlx"])
-def test_upsample2x_conv3x3_matches_torch(shape, out_channels, budget_rows, bias, path, monkeypatch):
+def test_upsample2x_conv3x3_matches_torch(shape, out_channels, budget_rows, bias, kernels, monkeypatch):
     """The four-phase form equals F.interpolate(nearest, x2) then F.conv2d(padding=1), diffusers' upsampler:
     as one native 2x2 convolution (runtime.native), and as MLX's windows and matrix product."""
-    if path == "mlx":
-        monkeypatch.setattr(layers.native, "conv", lambda *args: None)
-    elif layers.native.load() is None:
-        pytest.skip("the native extension is not built here")
     rng = np.random.default_rng(9)
     x = rng.standard_normal(shape).astype(np.float32)
     weight = rng.standard_normal((out_channels, 3, 3, shape[-1])).astype(np.float32)

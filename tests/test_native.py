@@ -1,7 +1,9 @@
-"""vidport.runtime.native (our C++ MLX primitive around oneDNN) against torch: the primitive maps
-MLX's channels-last arrays, asymmetric padding and the bias onto oneDNN's descriptors, so each of
-those is checked against F.conv2d / F.conv3d, and the layers that route to it against the torch
-functions diffusers calls."""
+"""vidport.runtime.native (our C++ MLX primitives) against torch: the convolution maps MLX's
+channels-last arrays, asymmetric padding and the bias onto oneDNN's descriptors; SiLU, group norm
+and the Wan VAE's RMS norm are our own vectorised loops split across threads. Each is checked
+against the torch function diffusers calls (F.conv2d / F.conv3d, F.silu, F.group_norm, WanRMS_norm's
+F.normalize), on the cases the kernels treat specially. tests/test_layers.py runs the layers that
+route here both ways, native and MLX."""
 from __future__ import annotations
 
 import numpy as np
@@ -11,6 +13,7 @@ import vidport.runtime  # noqa: F401  (before mlx: the fast BLAS)
 from vidport.runtime import native
 from vidport.runtime.layers import Conv2d
 from vidport.runtime.wan_vae_conv import WanCausalConv3d
+from vidport.runtime.wan_vae_layers import WanRMSNorm
 import mlx.core as mx
 import torch
 import torch.nn.functional as F
@@ -57,11 +60,11 @@ def test_thread_counts_give_the_same_result(threads):
     rng = np.random.default_rng(5)
     x, weight, b = rand(rng, 2, 1, 13, 11, 8), rand(rng, 7, 1, 3, 3, 8), rand(rng, 7)
     padding = ((0, 0), (1, 1), (1, 1))
-    before = module.conv_threads()
-    with native.conv_threads(threads):
-        assert module.conv_threads() == threads
+    before = module.threads()
+    with native.threads(threads):
+        assert module.threads() == threads
         ours = np.array(native.conv(mx.array(x), mx.array(weight), mx.array(b), padding))
-    assert module.conv_threads() == before
+    assert module.threads() == before
     np.testing.assert_allclose(ours, torch_conv3d(x, weight, b, padding), atol=3e-5, rtol=1e-5)
 
 
@@ -127,3 +130,63 @@ def test_two_streams_convolving_at_once_match_torch():
     outs = map_parts(lambda x: native.conv(mx.array(x), w, bias, padding), xs, (w, bias))
     for x, out in zip(xs, outs):
         np.testing.assert_allclose(np.array(out), torch_conv3d(x, weight, b, padding), atol=3e-5, rtol=1e-5)
+
+
+EXTREMES = np.array([-1e4, -200.0, -88.0, -87.4, -87.2, -30.0, -5.0, -1e-3, -0.0, 0.0, 1e-7, 1e-3, 2.5, 30.0,
+                     88.0, 89.0, 200.0, 1e4, np.inf, -np.inf, np.nan], dtype=np.float32)
+
+
+@pytest.mark.parametrize("size", [1, 37, 200_003])  # one thread's share, and several with a ragged end
+def test_silu_matches_torch(size):
+    """The polynomial exponential near float's underflow (-87.3), infinities (silu(-inf) is nan, as in
+    torch) and nan; one ulp-scale error elsewhere."""
+    rng = np.random.default_rng(12)
+    x = np.concatenate([rng.standard_normal(size).astype(np.float32) * 6, EXTREMES])
+    ours = np.array(native.silu(mx.array(x)))
+    theirs = F.silu(torch.from_numpy(x)).numpy()
+    np.testing.assert_array_equal(np.isnan(ours), np.isnan(theirs))
+    defined = ~np.isnan(theirs)
+    np.testing.assert_allclose(ours[defined], theirs[defined], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("shape, groups, threads", [
+    ((2, 64, 48, 64), 32, 2),    # many positions: sums in several parts and blocks of rows
+    ((1, 3, 4, 5, 40), 8, 1),    # video: statistics over frames and pixels, one thread
+    ((3, 1, 1, 12), 4, 3),       # one position, more threads than positions
+])
+def test_group_norm_matches_torch(shape, groups, threads):
+    rng = np.random.default_rng(13)
+    channels = shape[-1]
+    x = rng.standard_normal(shape).astype(np.float32) * 4 + 50  # a large mean: the variance must not cancel
+    weight, bias = rand(rng, channels), rand(rng, channels)
+    with native.threads(threads):
+        ours = np.array(native.group_norm(mx.array(x), mx.array(weight), mx.array(bias), groups, 1e-6))
+        plain = np.array(native.group_norm(mx.array(x), None, None, groups, 1e-6))
+    # F.group_norm in float64: in float32, torch's own result is off by up to 7e-4 at this mean
+    channels_first = torch.from_numpy(x).double().movedim(-1, 1)
+    theirs = F.group_norm(channels_first, groups, torch.from_numpy(weight).double(), torch.from_numpy(bias).double(),
+                          eps=1e-6)
+    np.testing.assert_allclose(ours, theirs.movedim(1, -1).numpy(), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(plain, F.group_norm(channels_first, groups, eps=1e-6).movedim(1, -1).numpy(),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_wan_rms_norm_matches_diffusers_formula():
+    """WanRMSNorm routes here: F.normalize over channels * sqrt(C) * gamma (diffusers' WanRMS_norm),
+    including an all-zero pixel (the 1e-12 floor)."""
+    rng = np.random.default_rng(14)
+    norm = WanRMSNorm(40)
+    norm.gamma = mx.array(rand(rng, 40))
+    x = rand(rng, 1, 2, 7, 9, 40) * 3
+    x[0, 0, 0, 0] = 0.0
+    theirs = F.normalize(torch.from_numpy(x), dim=-1) * 40**0.5 * torch.from_numpy(np.array(norm.gamma))
+    np.testing.assert_allclose(np.array(norm(mx.array(x))), theirs.numpy(), atol=2e-6, rtol=1e-5)
+
+
+def test_norm_arguments_are_checked():
+    with pytest.raises(ValueError, match="divisible by groups"):
+        native.group_norm(mx.zeros((1, 4, 6)), None, None, 4, 1e-6)
+    with pytest.raises(ValueError, match="both weight and bias"):
+        native.group_norm(mx.zeros((1, 4, 8)), mx.ones(8), None, 4, 1e-6)
+    with pytest.raises(ValueError, match="one value per channel"):
+        native.rms_norm(mx.zeros((2, 8)), mx.ones(4))

@@ -31,7 +31,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
-SOURCE = Path(__file__).with_name("conv.cpp")
+SOURCES = [Path(__file__).with_name(name) for name in ("module.cpp", "conv.cpp", "norms.cpp")]
+HEADER = Path(__file__).with_name("native.h")
 _state: dict[str, ModuleType | None] = {}
 
 
@@ -47,19 +48,19 @@ def build() -> Path:
     import mlx.core as mx
     import nanobind
     target = library_path()
-    if target.exists() and target.stat().st_mtime >= SOURCE.stat().st_mtime:
+    if target.exists() and all(target.stat().st_mtime >= source.stat().st_mtime for source in (*SOURCES, HEADER)):
         return target
     mlx_dir = Path(mx.__file__).parent
     nb_dir = Path(nanobind.__file__).parent
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
     prefix = Path(sys.prefix)  # where the onednn wheels put lib/libdnnl.so and include/oneapi
-    command = ["g++", "-O3", "-std=c++20", "-shared", "-fPIC", "-fvisibility=hidden", "-DNDEBUG",
+    command = ["g++", "-O3", "-std=c++20", "-shared", "-fPIC", "-fvisibility=hidden", "-fopenmp", "-DNDEBUG",
                "-DNB_DOMAIN=mlx", f"-I{nb_dir / 'include'}", f"-I{nb_dir / 'ext' / 'robin_map' / 'include'}",
                f"-I{sysconfig.get_paths()['include']}", f"-I{mlx_dir / 'include'}", f"-I{prefix / 'include'}",
-               str(SOURCE), str(nb_dir / "src" / "nb_combined.cpp"),
+               *map(str, SOURCES), str(nb_dir / "src" / "nb_combined.cpp"),
                f"-L{mlx_dir / 'lib'}", "-lmlx", f"-Wl,-rpath,{mlx_dir / 'lib'}",
-               f"-L{prefix / 'lib'}", "-ldnnl", f"-Wl,-rpath,{prefix / 'lib'}", "-lgomp", "-o", str(partial)]
+               f"-L{prefix / 'lib'}", "-ldnnl", f"-Wl,-rpath,{prefix / 'lib'}", "-o", str(partial)]
     try:
         subprocess.run(command, check=True, capture_output=True, text=True)
         partial.replace(target)
@@ -94,29 +95,53 @@ def load() -> ModuleType | None:
     return module
 
 
+def _module_for(*arrays) -> ModuleType | None:
+    """The extension when it applies to these arrays (all float32, or None, on the CPU), else None."""
+    import mlx.core as mx
+    module = load()
+    if module is None or mx.default_device() != mx.cpu:
+        return None
+    return module if all(a is None or a.dtype == mx.float32 for a in arrays) else None
+
+
 def conv(x, weight, bias, padding: tuple[tuple[int, int], ...]):
     """The native convolution of 5-D channels-last `x` (see conv.cpp), or None when it does not
     apply here (no extension, another dtype or device): the caller then uses MLX's."""
-    import mlx.core as mx
-    module = load()
-    if module is None or mx.default_device() != mx.cpu or x.dtype != mx.float32 or weight.dtype != mx.float32:
-        return None
-    if bias is not None and bias.dtype != mx.float32:
-        return None
-    return module.conv(x, weight, bias, padding)
+    module = _module_for(x, weight, bias)
+    return None if module is None else module.conv(x, weight, bias, padding)
+
+
+def silu(x):
+    """x * sigmoid(x) on every core (norms.cpp), or None where it does not apply."""
+    module = _module_for(x)
+    return None if module is None else module.silu(x)
+
+
+def group_norm(x, weight, bias, groups: int, eps: float):
+    """Group norm of channels-last (N, ..., C) `x` on every core (norms.cpp), or None where it does
+    not apply."""
+    module = _module_for(x, weight, bias)
+    return None if module is None else module.group_norm(x, weight, bias, groups, eps)
+
+
+def rms_norm(x, gamma):
+    """x / max(||x||, 1e-12) * gamma over the last axis on every core (norms.cpp), or None where it
+    does not apply."""
+    module = _module_for(x, gamma)
+    return None if module is None else module.rms_norm(x, gamma)
 
 
 @contextlib.contextmanager
-def conv_threads(threads: int) -> Iterator[None]:
-    """Each convolution uses `threads` threads inside the block (while several MLX streams compute
-    at once; it applies to convolutions evaluated in the block)."""
+def threads(count: int) -> Iterator[None]:
+    """Each native kernel queued inside the block uses `count` threads (while several MLX streams
+    compute at once)."""
     module = load()
     if module is None:
         yield
         return
-    before = module.conv_threads()
-    module.set_conv_threads(threads)
+    before = module.threads()
+    module.set_threads(count)
     try:
         yield
     finally:
-        module.set_conv_threads(before)
+        module.set_threads(before)

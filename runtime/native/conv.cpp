@@ -1,57 +1,25 @@
-// oneDNN's convolution as an MLX primitive, for MLX's CPU backend.
+// oneDNN's direct convolution, for MLX's CPU backend (module.cpp makes it an MLX primitive).
 //
 // MLX's CPU convolution unfolds the input (im2col) on its one stream thread into a buffer the size
 // of the image times the kernel's taps, then makes one GEMM of it. oneDNN (the library torch's
 // CPU convolutions run on) convolves directly, with kernels for the CPU's vector width, on every
-// core. As an MLX primitive it takes part in MLX's lazy graph like mx.conv2d does: MLX allocates
-// the output and calls eval_cpu, which queues the convolution on the stream's thread.
+// core.
 //
 // Layouts are MLX's: input N x T x H x W x C, weight O x kt x kh x kw x C, output
 // N x OT x OH x OW x O (a 2-D convolution is T = kt = 1); oneDNN reads them in place as ndhwc /
 // odhwi. Stride 1, no dilation, one group, float32, zero padding (each axis's before and after
-// counts may differ: the Wan VAE pads time on the past side only); vidport/runtime/native sends
-// only those here. oneDNN's primitive for a shape is built once (it compiles its kernel then) and
-// kept; the weights are reordered into its blocked layout on every call (a few ms at most).
-#include <algorithm>
-#include <array>
-#include <atomic>
+// counts may differ: the Wan VAE pads time on the past side only). oneDNN's primitive for a shape
+// is built once (it compiles its kernel then) and kept; the weights are reordered into its blocked
+// layout on every call (a few ms at most).
 #include <map>
 #include <memory>
 #include <mutex>
-#include <stdexcept>
-#include <thread>
 #include <unordered_map>
-#include <utility>
-#include <vector>
 
-#include <nanobind/nanobind.h>
-#include <nanobind/stl/array.h>
-#include <nanobind/stl/optional.h>
-#include <nanobind/stl/pair.h>
-#include <omp.h>
-
-#include "mlx/allocator.h"
-#include "mlx/array.h"
-#include "mlx/backend/cpu/encoder.h"
-#include "mlx/ops.h"
-#include "mlx/primitives.h"
-#include "mlx/utils.h"
+#include "native.h"
 #include "oneapi/dnnl/dnnl.hpp"
 
-namespace nb = nanobind;
-namespace mx = mlx::core;
-
-// threads per convolution; vidport.runtime.cpu_threads lowers it while several streams run at once
-static std::atomic<int> conv_threads{int(std::max(1u, std::thread::hardware_concurrency()))};
-
-struct ConvShape {
-  int n, t, h, w, c, o, kt, kh, kw, pt, ph, pw, ot, oh, ow;
-  bool bias;
-
-  std::array<int, 16> key() const {
-    return {n, t, h, w, c, o, kt, kh, kw, pt, ph, pw, ot, oh, ow, bias};
-  }
-};
+namespace vidport {
 
 struct Convolution {
   dnnl::convolution_forward::primitive_desc desc;
@@ -68,7 +36,8 @@ static std::shared_ptr<Convolution> convolution_for(const ConvShape& s) {
   static std::mutex mutex;
   static std::map<std::array<int, 16>, std::shared_ptr<Convolution>> built;
   std::lock_guard<std::mutex> lock(mutex);
-  auto& entry = built[s.key()];
+  auto& entry = built[{s.n, s.t, s.h, s.w, s.c, s.o, s.kt, s.kh, s.kw, s.pt, s.ph, s.pw, s.ot, s.oh,
+                       s.ow, s.bias}];
   if (entry) return entry;
   using dnnl::memory;
   using tag = memory::format_tag;
@@ -95,8 +64,8 @@ static std::shared_ptr<Convolution> convolution_for(const ConvShape& s) {
   return entry;
 }
 
-static void run_conv(const float* x, const float* w, const float* bias, float* out,
-                     const ConvShape& s, int threads) {
+void convolve(const float* x, const float* w, const float* bias, float* out, const ConvShape& s,
+              int threads) {
   using dnnl::memory;
   omp_set_num_threads(threads);  // this thread's OpenMP team, which oneDNN runs on
   auto conv = convolution_for(s);
@@ -121,92 +90,4 @@ static void run_conv(const float* x, const float* w, const float* bias, float* o
   stream.wait();
 }
 
-class Conv : public mx::UnaryPrimitive {
- public:
-  // pad_t, pad_h, pad_w: the zeros before the first frame, row and column
-  Conv(mx::Stream stream, int pad_t, int pad_h, int pad_w)
-      : mx::UnaryPrimitive(stream), pad_t_(pad_t), pad_h_(pad_h), pad_w_(pad_w) {}
-
-  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
-    const auto& x = inputs[0];
-    const auto& w = inputs[1];
-    const bool has_bias = inputs.size() > 2;
-    ConvShape s{int(x.shape(0)), int(x.shape(1)), int(x.shape(2)), int(x.shape(3)),
-                int(x.shape(4)), int(w.shape(0)), int(w.shape(1)), int(w.shape(2)),
-                int(w.shape(3)), pad_t_, pad_h_, pad_w_, int(out.shape(1)), int(out.shape(2)),
-                int(out.shape(3)), has_bias};
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    auto& encoder = mx::cpu::get_command_encoder(stream());
-    for (const auto& input : inputs) encoder.set_input_array(input);
-    encoder.set_output_array(out);
-    // data pointers are read when the task runs: an input's producer may set its buffer in its own
-    // task (weak copies: MLX keeps the buffers alive until the stream has run this one)
-    std::vector<mx::array> arrays;
-    for (const auto& input : inputs) arrays.push_back(mx::array::unsafe_weak_copy(input));
-    encoder.dispatch([arrays = std::move(arrays), out = mx::array::unsafe_weak_copy(out), s,
-                      threads = conv_threads.load()]() mutable {
-      const float* bias = arrays.size() > 2 ? arrays[2].data<float>() : nullptr;
-      run_conv(arrays[0].data<float>(), arrays[1].data<float>(), bias, out.data<float>(), s, threads);
-    });
-  }
-
-  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
-    throw std::runtime_error("vidport conv runs on the CPU only");
-  }
-
-  const char* name() const override { return "VidportConv"; }
-
-  bool is_equivalent(const mx::Primitive& other) const override {
-    const auto& conv = static_cast<const Conv&>(other);
-    return pad_t_ == conv.pad_t_ && pad_h_ == conv.pad_h_ && pad_w_ == conv.pad_w_;
-  }
-
- private:
-  int pad_t_, pad_h_, pad_w_;
-};
-
-using Padding = std::array<std::pair<int, int>, 3>;  // (before, after) for T, H, W
-
-static mx::array conv(const mx::array& x, const mx::array& w, std::optional<mx::array> bias,
-                      const Padding& padding) {
-  if (x.ndim() != 5 || w.ndim() != 5 || x.shape(4) != w.shape(4)) {
-    throw std::invalid_argument(
-        "vidport conv: input N x T x H x W x C and weight O x kt x kh x kw x C");
-  }
-  if (x.dtype() != mx::float32 || w.dtype() != mx::float32) {
-    throw std::invalid_argument("vidport conv: float32 only");
-  }
-  int out[3];
-  for (int axis = 0; axis < 3; ++axis) {
-    auto [before, after] = padding[axis];
-    if (before < 0 || after < 0) throw std::invalid_argument("vidport conv: negative padding");
-    out[axis] = x.shape(1 + axis) + before + after - w.shape(1 + axis) + 1;
-    if (out[axis] < 1) {
-      throw std::invalid_argument("vidport conv: kernel larger than the padded input");
-    }
-  }
-  auto stream = mx::to_stream({});
-  std::vector<mx::array> inputs{mx::contiguous(x, false, stream), mx::contiguous(w, false, stream)};
-  if (bias) {
-    if (bias->ndim() != 1 || bias->shape(0) != w.shape(0) || bias->dtype() != mx::float32) {
-      throw std::invalid_argument("vidport conv: bias must be float32, one per output channel");
-    }
-    inputs.push_back(mx::contiguous(*bias, false, stream));
-  }
-  return mx::array({x.shape(0), out[0], out[1], out[2], w.shape(0)}, mx::float32,
-                   std::make_shared<Conv>(stream, padding[0].first, padding[1].first,
-                                          padding[2].first),
-                   std::move(inputs));
-}
-
-NB_MODULE(_native, m) {
-  nb::module_::import_("mlx.core");
-  m.doc() = "vidport's CPU kernels for MLX";
-  m.def("conv", &conv, nb::arg("x"), nb::arg("weight"), nb::arg("bias") = nb::none(),
-        nb::arg("padding"),
-        "Stride-1 float32 convolution: N x T x H x W x C input, O x kt x kh x kw x C weight,\n"
-        "padding ((before, after) of T, H, W).");
-  m.def("set_conv_threads", [](int threads) { conv_threads = std::max(1, threads); },
-        nb::arg("threads"));
-  m.def("conv_threads", []() { return conv_threads.load(); });
-}
+}  // namespace vidport
