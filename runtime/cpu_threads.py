@@ -5,8 +5,10 @@ the matrix products inside it use more cores (OpenBLAS's threads). Everything el
 copies of convolutions, norms, activations, attention's exponentials, residual adds) uses one core,
 while torch runs the same kernels on all of them. Work that splits into independent parts (the frames of
 the SD VAE's sliced decode) can run faster as parts computed at the same time, each on a thread with
-its own MLX stream, with the BLAS (and native convolution) threads shared out between them: on the 2-core development machine
-the SD VAE decode's 16 frames took 59-61 s on two threads against 67-77 s one frame after another.
+its own MLX stream, with the BLAS (and native kernel) threads shared out between them: on a 2-core
+Zen 4 machine the SD VAE decode's 16 frames took 59-61 s on two threads against 67-77 s one frame
+after another. vidport's native kernels (runtime.native) spread that work over the cores
+themselves; where they are loaded, parts run in turn (`workers_for`).
 Not every model gains: the motion UNet's two guidance halves on two threads took 31-35 s against
 27-28 s as one batch (the threads used less CPU in all, 149% against 161%, so they wait on each
 other somewhere in MLX; not found yet), so the UNet keeps its batch whole.
@@ -53,8 +55,13 @@ def one_at_a_time() -> Iterator[None]:
 
 def workers_for(parts: int) -> int:
     """How many threads `map_parts` uses for `parts` parts here (1: run them in turn).
-    VIDPORT_CPU_THREADS=1 turns the threads off."""
+    VIDPORT_CPU_THREADS=1 turns the threads off. With vidport's native kernels loaded
+    (runtime.native: convolutions, SiLU and norms on every core) parts run in turn too: the work
+    the threads were for is already spread over the cores, and two streams at once were slower
+    (8 SD VAE frames: 11.5 s against 9.7 s in turn)."""
     if _one_at_a_time or mx.default_device() != mx.cpu or os.environ.get("VIDPORT_CPU_THREADS") == "1":
+        return 1
+    if native.load() is not None:
         return 1
     return max(1, min(MAX_WORKERS, parts, os.cpu_count() or 1))
 

@@ -36,8 +36,22 @@ def assert_blas_picks_by_size_again(all_threads: int | None) -> None:
     assert blas_threads_after(256) == all_threads
 
 
-def test_parts_run_on_two_threads_in_order(monkeypatch):
+def two_cores_without_native_kernels(monkeypatch) -> None:
+    """A 2-core machine where the native kernels could not be built: parts then run two at once."""
     monkeypatch.setattr(cpu_threads.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(cpu_threads.native, "load", lambda: None)
+
+
+def test_native_kernels_keep_parts_in_turn(monkeypatch):
+    """They already use every core, and two streams at once were slower with them."""
+    if cpu_threads.native.load() is None:
+        pytest.skip("the native extension is not built here")
+    monkeypatch.setattr(cpu_threads.os, "cpu_count", lambda: 2)
+    assert cpu_threads.workers_for(4) == 1
+
+
+def test_parts_run_on_two_threads_in_order(monkeypatch):
+    two_cores_without_native_kernels(monkeypatch)
     assert cpu_threads.workers_for(5) == 2
     rng = np.random.default_rng(0)
     a = [mx.array(rng.standard_normal((64, 96)).astype(np.float32)) for _ in range(5)]
@@ -60,7 +74,7 @@ def test_parts_run_on_two_threads_in_order(monkeypatch):
 
 
 def test_a_failing_part_raises_in_the_caller(monkeypatch):
-    monkeypatch.setattr(cpu_threads.os, "cpu_count", lambda: 2)
+    two_cores_without_native_kernels(monkeypatch)
     all_threads = blas_threads_after(256)
 
     def part(i):
@@ -74,7 +88,7 @@ def test_a_failing_part_raises_in_the_caller(monkeypatch):
 
 
 def test_one_at_a_time_and_the_switch_keep_parts_in_the_calling_thread(monkeypatch):
-    monkeypatch.setattr(cpu_threads.os, "cpu_count", lambda: 2)
+    two_cores_without_native_kernels(monkeypatch)
     with cpu_threads.one_at_a_time():
         assert cpu_threads.workers_for(4) == 1
     assert cpu_threads.workers_for(4) == 2
