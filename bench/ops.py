@@ -2,13 +2,15 @@
 (classifier-free guidance batch 2 x 8 frames = 16 images, 32x32 latents), so the op that loses
 the step is visible:
 
-- conv2d 3x3 at each UNet resolution (MLX: `runtime.layers.Conv2d`, channels-last; torch:
-  F.conv2d, NCHW as diffusers runs it);
+- conv2d 3x3 at each UNet resolution (MLX: `runtime.layers.Conv2d`, channels-last, which runs
+  vidport's native oneDNN primitive where it is built; torch: F.conv2d, NCHW as diffusers runs it);
 - spatial self-attention at 32x32 and 16x16 tokens (and 8x8) with 8 heads, cross-attention to
   77 text tokens, and the motion modules' temporal attention (8 frames per pixel sequence):
   MLX `runtime.layers.attention` (the one attention all the runtime's models call) and, for
   comparison, MLX's own mx.fast.scaled_dot_product_attention; torch F.scaled_dot_product_attention;
-- group norm (32 groups; MLX `runtime.layers.GroupNorm`, torch F.group_norm), layer norm;
+- conv2d 3x3 at the SD VAE decoder's last stage (256x256x128, one frame);
+- group norm (32 groups; MLX `runtime.layers.GroupNorm`, torch F.group_norm), SiLU
+  (`runtime.layers.silu`, F.silu), layer norm;
 - linear layers of the transformer blocks (q/k/v/out, GEGLU in, feed-forward out).
 
 Each side runs in a worker process of its own (float32, the same input values; bench/_common.py),
@@ -49,6 +51,9 @@ def cases(quick: bool) -> list[dict]:
                     "shape": (n, res, res, channels), "out": channels})
     out.append({"name": f"conv2d 3x3 {side}x{side} {2 * widths[0]}->{widths[0]} (up block)", "kind": "conv",
                 "shape": (n, side, side, 2 * widths[0]), "out": widths[0]})
+    vae_side = side * 8 // (4 if quick else 1)  # the SD VAE decoder's last stage, one frame
+    out.append({"name": f"conv2d 3x3 {vae_side}x{vae_side} 128->128 (SD VAE, one frame)", "kind": "conv",
+                "shape": (1, vae_side, vae_side, 128), "out": 128})
     for level in range(3):
         res, channels = side >> level, widths[level]
         tokens = res * res
@@ -70,6 +75,7 @@ def cases(quick: bool) -> list[dict]:
         res, channels = side >> level, widths[level]
         out.append({"name": f"group norm 32 groups {res}x{res}x{channels}", "kind": "group_norm",
                     "shape": (n, res, res, channels)})
+    out.append({"name": f"SiLU {n}x{side}x{side}x{widths[0]}", "kind": "silu", "shape": (n, side, side, widths[0])})
     out.append({"name": f"layer norm {n * side * side} tok x {widths[0]}", "kind": "layer_norm",
                 "shape": (n * side * side, widths[0])})
     tokens = n * side * side
@@ -106,7 +112,7 @@ def build(case: dict, side: str, rng):
         import mlx.core as mx
         import mlx.nn as mnn
 
-        from vidport.runtime.layers import Conv2d, GroupNorm, attention
+        from vidport.runtime.layers import Conv2d, GroupNorm, attention, silu
 
         if kind == "conv":
             x = mx.array(rand(case["shape"]))
@@ -130,6 +136,10 @@ def build(case: dict, side: str, rng):
             layer = mnn.Linear(case["shape"][-1], case["out"])
             mx.eval(x, layer.parameters())
             return lambda: mx.eval(layer(x))
+        if kind == "silu":
+            x = mx.array(rand(case["shape"]))
+            mx.eval(x)
+            return lambda: mx.eval(silu(x))
         raise ValueError(kind)
 
     import torch
@@ -155,6 +165,9 @@ def build(case: dict, side: str, rng):
         x = torch.from_numpy(rand(case["shape"]))
         layer = torch.nn.Linear(case["shape"][-1], case["out"])
         return lambda: layer(x)
+    if kind == "silu":
+        x = torch.from_numpy(rand(case["shape"]).transpose(0, 3, 1, 2).copy())
+        return lambda: F.silu(x)
     raise ValueError(kind)
 
 
