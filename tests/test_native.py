@@ -193,3 +193,10 @@ def test_norm_arguments_are_checked():
         native.group_norm(mx.zeros((1, 4, 8)), mx.ones(8), None, 4, 1e-6)
     with pytest.raises(ValueError, match="one value per channel"):
         native.rms_norm(mx.zeros((2, 8)), mx.ones(4))
+
+
+def test_large_weights_over_few_pixels_are_left_to_mlx():
+    """oneDNN reorders the weights on every call: over few output pixels MLX's product is faster."""
+    few = native.conv(mx.zeros((1, 1, 4, 4, 2048)), mx.zeros((256, 1, 3, 3, 2048)), None, ((0, 0), (1, 1), (1, 1)))
+    many = native.conv(mx.zeros((1, 1, 64, 64, 64)), mx.zeros((64, 1, 3, 3, 64)), None, ((0, 0), (1, 1), (1, 1)))
+    assert few is None and many is not None

@@ -65,9 +65,10 @@ class Conv : public mx::UnaryPrimitive {
                 int(x.shape(4)), int(w.shape(0)), int(w.shape(1)), int(w.shape(2)),
                 int(w.shape(3)), pad_t_, pad_h_, pad_w_, int(out.shape(1)), int(out.shape(2)),
                 int(out.shape(3)), inputs.size() > 2};
-    queue(stream(), inputs, out, [s](std::vector<mx::array>& in, mx::array& o, int threads) {
+    const double multiply_adds = double(out.size()) * s.kt * s.kh * s.kw * s.c;
+    queue(stream(), inputs, out, [s, multiply_adds](std::vector<mx::array>& in, mx::array& o, int threads) {
       convolve(in[0].data<float>(), in[1].data<float>(), s.bias ? in[2].data<float>() : nullptr,
-               o.data<float>(), s, threads);
+               o.data<float>(), s, multiply_adds < kMinConvMultiplyAdds ? 1 : threads);
     });
   }
 

@@ -15,6 +15,13 @@ namespace vidport {
 // threads per kernel; vidport.runtime.cpu_threads lowers it while several MLX streams run at once
 extern std::atomic<int> kernel_threads;
 
+// Work per thread below which a kernel stays on one thread. Threads meet at the end of every
+// parallel region; beside another busy process one of them is often descheduled for a whole time
+// slice, so short regions lose more by waiting than they gain (the OpenBLAS shim's rule for
+// products, 4 M multiply-adds, is the same idea).
+constexpr size_t kMinElementsPerThread = size_t(1) << 18;
+constexpr double kMinConvMultiplyAdds = 16.0 * 1024 * 1024;
+
 // body(begin, end) over [0, count) in contiguous parts, one per thread, each at least `grain` long
 template <class Body>
 void parallel_for(size_t count, int threads, size_t grain, Body body) {

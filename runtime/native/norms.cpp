@@ -53,7 +53,8 @@ VECTOR_CLONES static void silu_range(const float* x, float* y, size_t begin, siz
 }
 
 void silu(const float* x, float* y, size_t size, int threads) {
-  parallel_for(size, threads, 1 << 16, [&](size_t begin, size_t end) { silu_range(x, y, begin, end); });
+  parallel_for(size, threads, kMinElementsPerThread,
+               [&](size_t begin, size_t end) { silu_range(x, y, begin, end); });
 }
 
 // y = x * scale[c] + shift[c] over rows of `channels` values
@@ -98,7 +99,8 @@ void group_norm(const float* x, const float* weight, const float* bias, float* y
                 size_t positions, size_t channels, size_t groups, float eps, int threads) {
   const size_t per_group = channels / groups;
   // the rows are summed in `parts` fixed ranges, added in order: the result does not depend on timing
-  const size_t parts = std::max<size_t>(1, std::min<size_t>(size_t(threads), positions / 64));
+  const size_t rows_per_thread = std::max<size_t>(1, kMinElementsPerThread / channels);
+  const size_t parts = std::max<size_t>(1, std::min<size_t>(size_t(threads), positions / rows_per_thread));
   std::vector<float> scale(channels), shift(channels);
   std::vector<double> sums(parts * channels * 2);
   for (size_t n = 0; n < batch; ++n) {
@@ -139,7 +141,7 @@ void group_norm(const float* x, const float* weight, const float* bias, float* y
         shift[c] = float(b - mean * inv_std * w);
       }
     }
-    parallel_for(positions, threads, 256, [&](size_t begin, size_t end) {
+    parallel_for(positions, threads, rows_per_thread, [&](size_t begin, size_t end) {
       scale_shift_rows(xn + begin * channels, yn + begin * channels, scale.data(), shift.data(),
                        end - begin, channels);
     });
@@ -168,7 +170,8 @@ VECTOR_CLONES static void rms_rows(const float* x, const float* gamma, float* y,
 
 void rms_norm(const float* x, const float* gamma, float* y, size_t rows, size_t channels,
               int threads) {
-  parallel_for(rows, threads, 256, [&](size_t begin, size_t end) {
+  parallel_for(rows, threads, std::max<size_t>(1, kMinElementsPerThread / channels),
+               [&](size_t begin, size_t end) {
     rms_rows(x, gamma, y, begin, end, channels);
   });
 }
