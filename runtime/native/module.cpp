@@ -52,11 +52,21 @@ static void queue(mx::Stream stream, const std::vector<mx::array>& inputs, mx::a
   });
 }
 
-class Conv : public mx::UnaryPrimitive {
+// The primitives here compute on the CPU only (MLX's GPU backends have their own kernels).
+class CpuPrimitive : public mx::UnaryPrimitive {
+ public:
+  using mx::UnaryPrimitive::UnaryPrimitive;
+
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("vidport's native kernels run on the CPU only");
+  }
+};
+
+class Conv : public CpuPrimitive {
  public:
   // pad_t, pad_h, pad_w: the zeros before the first frame, row and column
   Conv(mx::Stream stream, int pad_t, int pad_h, int pad_w)
-      : mx::UnaryPrimitive(stream), pad_t_(pad_t), pad_h_(pad_h), pad_w_(pad_w) {}
+      : CpuPrimitive(stream), pad_t_(pad_t), pad_h_(pad_h), pad_w_(pad_w) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
     const auto& x = inputs[0];
@@ -70,10 +80,6 @@ class Conv : public mx::UnaryPrimitive {
       convolve(in[0].data<float>(), in[1].data<float>(), s.bias ? in[2].data<float>() : nullptr,
                o.data<float>(), s, multiply_adds < kMinConvMultiplyAdds ? 1 : threads);
     });
-  }
-
-  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
-    throw std::runtime_error("vidport conv runs on the CPU only");
   }
 
   const char* name() const override { return "VidportConv"; }
@@ -122,12 +128,12 @@ static mx::array conv(const mx::array& x, const mx::array& w, std::optional<mx::
 }
 
 // SiLU, group norm or channel RMS norm (norms.cpp) over a float32 array, channels last
-class RowKernel : public mx::UnaryPrimitive {
+class RowKernel : public CpuPrimitive {
  public:
   enum class Kind { silu, group_norm, rms_norm };
 
   RowKernel(mx::Stream stream, Kind kind, int groups = 0, float eps = 0.0f)
-      : mx::UnaryPrimitive(stream), kind_(kind), groups_(groups), eps_(eps) {}
+      : CpuPrimitive(stream), kind_(kind), groups_(groups), eps_(eps) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
     const size_t size = out.size(), channels = size_t(out.shape(-1));
@@ -146,10 +152,6 @@ class RowKernel : public mx::UnaryPrimitive {
         rms_norm(x, in[1].data<float>(), y, size / channels, channels, threads);
       }
     });
-  }
-
-  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
-    throw std::runtime_error("vidport's native kernels run on the CPU only");
   }
 
   const char* name() const override { return "VidportRowKernel"; }
