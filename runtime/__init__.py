@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from vidport.runtime import blas as _blas, malloc as _malloc
+from vidport.runtime import blas as _blas, cpu_load as _cpu_load, malloc as _malloc
 
 # How long (2^n CPU cycles) an idle OpenBLAS worker thread spins before it sleeps. OpenBLAS's
 # default, 2^28 (about 0.1 s here), keeps MLX's BLAS worker spinning through the elementwise work
@@ -30,9 +30,11 @@ class CpuSettings:
         return self.blas.startswith(_blas.FAST_BLAS_PREFIX)
 
 
-def configure_cpu(*, blas: bool = True, malloc: bool = True) -> CpuSettings:
+def configure_cpu(*, blas: bool = True, malloc: bool = True, follow_load: bool = True) -> CpuSettings:
     """Set this process up for MLX on the CPU: load the OpenBLAS shim MLX binds to (Linux; see
-    vidport.runtime.blas) and keep freed memory in the process (glibc; see vidport.runtime.malloc).
+    vidport.runtime.blas), keep freed memory in the process (glibc; see vidport.runtime.malloc),
+    and keep the kernels' threads on the cores other processes leave free (see
+    vidport.runtime.cpu_load; `follow_load=False` or VIDPORT_FOLLOW_LOAD=off leaves them fixed).
 
     Call it before mlx is first imported: libmlx binds its BLAS when it loads, so a later call
     warns and leaves `fast_blas` False. `malloc=False` leaves glibc alone (for a process that also
@@ -52,6 +54,8 @@ def configure_cpu(*, blas: bool = True, malloc: bool = True) -> CpuSettings:
                 del os.environ["OPENBLAS_THREAD_TIMEOUT"]
     if malloc:
         _malloc.tune_malloc()
+    if follow_load:
+        _cpu_load.follow_load()
     return cpu_settings()
 
 

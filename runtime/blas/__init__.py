@@ -130,6 +130,13 @@ def fixed_threads(threads: int) -> Iterator[None]:
         fix(0)
 
 
+def limit_threads(threads: int) -> None:
+    """Products use at most `threads` threads from now on (0 lifts the cap; see
+    vidport.runtime.cpu_load); nothing changes without the shim."""
+    if state["blas"].startswith(FAST_BLAS_PREFIX):
+        ctypes.CDLL(str(shim_path())).vidport_blas_limit_threads(threads)
+
+
 def corename() -> str | None:
     """The kernel set OpenBLAS chose (after use_fast_blas loaded it), e.g. "SkylakeX"."""
     try:

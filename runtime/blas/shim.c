@@ -23,6 +23,7 @@ int scipy_openblas_get_num_threads(void);
 static double small_work = 4.0 * 1024 * 1024; /* m*n*k below which one thread is used */
 static int all_threads = -1, threads_now = -1;
 static int fixed_threads = 0; /* > 0: every product uses this many threads (vidport_blas_fix_threads) */
+static int thread_limit = 0;  /* > 0: at most this many threads (vidport_blas_limit_threads) */
 
 static void init_threads(void) {
     if (all_threads < 0) {
@@ -36,6 +37,8 @@ static void pick_threads(blasint m, blasint n, blasint k) {
     init_threads();
     if (fixed_threads > 0) return;
     int want = (double)m * (double)n * (double)k < small_work ? 1 : all_threads;
+    int limit = __atomic_load_n(&thread_limit, __ATOMIC_RELAXED);
+    if (limit > 0 && want > limit) want = limit;
     if (want != threads_now) {
         scipy_openblas_set_num_threads(want);
         threads_now = want;
@@ -54,6 +57,13 @@ void vidport_blas_fix_threads(int threads) {
         scipy_openblas_set_num_threads(want);
         threads_now = want;
     }
+}
+
+/* The cores other processes leave free (vidport.runtime.cpu_load, from its own thread): products
+ * use at most `threads` threads, 0 lifts the cap. It takes effect at the next product, on the
+ * thread that makes it; counts fixed by vidport_blas_fix_threads are already shared out and stay. */
+void vidport_blas_limit_threads(int threads) {
+    __atomic_store_n(&thread_limit, threads > 0 ? threads : 0, __ATOMIC_RELAXED);
 }
 
 void scipy_cblas_sgemm(int, int, int, blasint, blasint, blasint, float, const float *, blasint,

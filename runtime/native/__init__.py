@@ -41,6 +41,7 @@ OPENMP_SPIN = "10000"
 SOURCES = [Path(__file__).with_name(name) for name in ("module.cpp", "conv.cpp", "norms.cpp")]
 HEADER = Path(__file__).with_name("native.h")
 _state: dict[str, ModuleType | None] = {}
+_limit = {"threads": 0}  # the cap vidport.runtime.cpu_load set (0: none), applied when the module loads
 
 
 def library_path() -> Path:
@@ -93,6 +94,7 @@ def load() -> ModuleType | None:
         spin = {} if "OMP_WAIT_POLICY" in os.environ else {"GOMP_SPINCOUNT": OPENMP_SPIN}
         with _environment(**spin):  # libgomp reads it once, as it loads
             spec.loader.exec_module(module)
+        module.set_thread_limit(_limit["threads"])
         one = mx.ones((1, 1, 1, 1, 1))
         mx.eval(module.conv(one, one, None, ((0, 0), (0, 0), (0, 0))))
     except (ImportError, OSError, TypeError, RuntimeError, subprocess.CalledProcessError) as err:
@@ -163,6 +165,14 @@ def rms_norm(x, gamma):
     does not apply."""
     module = _module_for(x, gamma)
     return None if module is None else module.rms_norm(x, gamma)
+
+
+def limit_threads(count: int) -> None:
+    """Each native kernel that starts from now on uses at most `count` threads (0 lifts the cap;
+    see vidport.runtime.cpu_load). Loads nothing: a module loaded later starts with the cap."""
+    _limit["threads"] = count
+    if _state.get("module") is not None:
+        _state["module"].set_thread_limit(count)
 
 
 @contextlib.contextmanager

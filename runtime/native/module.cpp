@@ -33,6 +33,8 @@ namespace mx = mlx::core;
 namespace vidport {
 
 std::atomic<int> kernel_threads{int(std::max(1u, std::thread::hardware_concurrency()))};
+// at most this many threads when > 0: the cores other processes leave free (vidport.runtime.cpu_load)
+std::atomic<int> thread_limit{0};
 
 // Allocate `out`, then run kernel(inputs, out, threads) on the primitive's stream.
 using Kernel = std::function<void(std::vector<mx::array>&, mx::array&, int)>;
@@ -48,7 +50,8 @@ static void queue(mx::Stream stream, const std::vector<mx::array>& inputs, mx::a
   encoder.set_output_array(out);
   encoder.dispatch([weak = std::move(weak), out = mx::array::unsafe_weak_copy(out),
                     kernel = std::move(kernel), threads = kernel_threads.load()]() mutable {
-    kernel(weak, out, threads);
+    int limit = thread_limit.load();  // read as the kernel starts: the load may have changed since
+    kernel(weak, out, limit > 0 ? std::min(threads, limit) : threads);
   });
 }
 
@@ -224,4 +227,7 @@ NB_MODULE(_native, m) {
         "x / max(||x||, 1e-12) * gamma over the last axis, float32.");
   m.def("set_threads", [](int threads) { kernel_threads = std::max(1, threads); }, nb::arg("threads"));
   m.def("threads", []() { return kernel_threads.load(); });
+  m.def("set_thread_limit", [](int threads) { thread_limit = std::max(0, threads); }, nb::arg("threads"),
+        "At most `threads` threads per kernel from now on; 0 lifts the cap.");
+  m.def("thread_limit", []() { return thread_limit.load(); });
 }
