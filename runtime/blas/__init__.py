@@ -115,14 +115,19 @@ def use_fast_blas(stacklevel: int = 1) -> str:
     return state["blas"]
 
 
+def _shim_function(name: str):
+    """One of the shim's own thread controls (shim.c), or None while the shim is not loaded."""
+    return getattr(ctypes.CDLL(str(shim_path())), name) if state["blas"].startswith(FAST_BLAS_PREFIX) else None
+
+
 @contextlib.contextmanager
 def fixed_threads(threads: int) -> Iterator[None]:
     """Every BLAS product made inside the block uses `threads` threads (nothing changes without
     the shim): for several MLX streams computing at once, see shim.c."""
-    if not state["blas"].startswith(FAST_BLAS_PREFIX):
+    fix = _shim_function("vidport_blas_fix_threads")
+    if fix is None:
         yield
         return
-    fix = ctypes.CDLL(str(shim_path())).vidport_blas_fix_threads
     fix(threads)
     try:
         yield
@@ -133,8 +138,9 @@ def fixed_threads(threads: int) -> Iterator[None]:
 def limit_threads(threads: int) -> None:
     """Products use at most `threads` threads from now on (0 lifts the cap; see
     vidport.runtime.cpu_load); nothing changes without the shim."""
-    if state["blas"].startswith(FAST_BLAS_PREFIX):
-        ctypes.CDLL(str(shim_path())).vidport_blas_limit_threads(threads)
+    limit = _shim_function("vidport_blas_limit_threads")
+    if limit is not None:
+        limit(threads)
 
 
 def corename() -> str | None:
